@@ -1,0 +1,115 @@
+"""Backend selection: which implementation of each op the runtime calls.
+
+``torch``  the references in :mod:`eagle_kernels.reference` (any device; the CPU path).
+``triton`` the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); tree-buffer
+           construction comes from the native extension where it is built, else from the reference.
+``auto``   ``triton`` where CUDA is available, else ``torch``; the fallback is reported once.
+
+An explicitly requested backend that cannot run raises :class:`BackendUnavailable`. Nothing here touches a GPU
+at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+from . import reference
+
+__all__ = ["Ops", "BackendUnavailable", "get_ops", "triton_available", "native_available"]
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run on this machine."""
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op table of one backend. Every field follows the contract of its reference."""
+
+    name: str
+    tree_attention: Callable
+    topk_expand: Callable
+    accept_tree: Callable
+    sample_tokens: Callable
+    kv_compact: Callable
+    build_tree_buffers: Callable
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> tuple[bool, str]:
+    """Whether Triton kernels can run here, and why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton ships with torch on Linux
+        return False, f"triton is not importable ({e})"
+    import torch
+
+    if torch.cuda.is_available() or interpreter_enabled():
+        return True, ""
+    return False, "no CUDA device and TRITON_INTERPRET is not set"
+
+
+def native_available() -> bool:
+    try:
+        importlib.import_module("eagle_kernels._C")
+    except ImportError:
+        return False
+    return True
+
+
+def _native_tree_buffers() -> Callable:
+    if native_available():
+        from .tree_buffers import build_tree_buffers
+
+        return build_tree_buffers
+    return reference.build_tree_buffers
+
+
+_TORCH = Ops(
+    "torch",
+    reference.tree_attention,
+    reference.topk_expand,
+    reference.accept_tree,
+    reference.sample_tokens,
+    reference.kv_compact,
+    reference.build_tree_buffers,
+)
+_warned_fallback = False
+
+
+def _triton_ops() -> Ops:
+    from .acceptance import accept_tree, sample_tokens
+    from .kv_compact import kv_compact
+    from .topk_expand import topk_expand
+    from .tree_attention import tree_attention
+
+    return Ops("triton", tree_attention, topk_expand, accept_tree, sample_tokens, kv_compact, _native_tree_buffers())
+
+
+def get_ops(backend: str = "auto") -> Ops:
+    """The op table for ``backend`` in ``{"auto", "torch", "triton"}``."""
+    global _warned_fallback
+    if backend == "torch":
+        return _TORCH
+    if backend == "triton":
+        ok, why = triton_available()
+        if not ok:
+            raise BackendUnavailable(f"backend 'triton' was requested but cannot run: {why}")
+        return _triton_ops()
+    if backend == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return _triton_ops()
+        if not _warned_fallback:
+            warnings.warn("eagle_kernels: no CUDA device, using the 'torch' reference backend", stacklevel=2)
+            _warned_fallback = True
+        return _TORCH
+    raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'torch' or 'triton'")

@@ -1,0 +1,415 @@
+"""Plain PyTorch references of every op in the package.
+
+Written for clarity, not speed. The runtime's ``torch`` backend runs these; the Triton kernels and the native
+extension are tested against them. Every function here is the *contract* of its op: shapes, dtypes, padding
+values and tie rules stated in the docstring hold for every backend.
+
+Conventions used throughout:
+
+* Batch first. ``B`` sequences, ``T`` tree tokens per sequence (node 0 is the root), ``V`` vocabulary.
+* A tree is given by ``parents [B, T] int64``: ``parents[:, 0] == -1`` and ``0 <= parents[:, i] < i`` for
+  ``i >= 1`` (nodes are topologically ordered). Siblings are ordered by node index: the lower index is the
+  draft's higher-ranked candidate and is tried first by stochastic acceptance.
+* KV caches are ``[L, B, H_kv, S, D]`` tensors (``L`` stacked K/V planes, e.g. ``2 * num_layers``) or, for
+  attention, one plane ``[B, H_kv, S, D]``.
+* Random numbers come from a counter-based hash of ``(seed, offset, ...)`` held in tensors (see
+  :func:`hash_uniform`), so the same seed gives the same samples on every backend and inside CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "tree_attention",
+    "topk_expand",
+    "TopkExpandOutput",
+    "build_tree_buffers",
+    "TreeBuffers",
+    "process_logits",
+    "sample_tokens",
+    "accept_tree",
+    "AcceptOutput",
+    "kv_compact",
+    "hash_uniform",
+]
+
+_M32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tree attention
+# --------------------------------------------------------------------------------------------------------------
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``T`` new tokens over a cached prefix plus tree-masked new slots.
+
+    Args:
+        q: ``[B, T, Hq, D]`` queries (already rotated).
+        k_cache, v_cache: ``[B, Hkv, S, D]``; ``Hq % Hkv == 0``, query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+            The new tokens' keys/values must already be written at slots ``prefix_len[b] + m``.
+        prefix_len: ``[B]`` integer; slots ``[0, prefix_len[b])`` are visible to every query of sequence ``b``.
+        tree_mask: ``[B, T, M]`` bool; query ``t`` also sees slot ``prefix_len[b] + m`` iff ``tree_mask[b, t, m]``.
+            ``prefix_len[b] + M <= S``. ``M == T`` for verification, ``M >= T`` while the draft grows its tree.
+        sm_scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, T, Hq, D]`` in ``q.dtype`` (computed in float32). A query that sees no slot gets zeros.
+
+    Mask example, a root ``r`` with children ``a``, ``b`` and ``a``'s child ``c`` (prefix of 3 slots ``p``)::
+
+                 p p p | r a b c
+            r    1 1 1 | 1 . . .
+            a    1 1 1 | 1 1 . .
+            b    1 1 1 | 1 . 1 .
+            c    1 1 1 | 1 1 . 1
+
+    ``T == 1`` with ``tree_mask = [[[True]]]`` is plain decoding; a lower-triangular mask is causal prefill.
+    """
+    B, T, Hq, D = q.shape
+    _, Hkv, S, _ = k_cache.shape
+    M = tree_mask.shape[-1]
+    group = Hq // Hkv
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    slots = torch.arange(S, device=q.device)
+    out = torch.empty_like(q)
+    for b in range(B):
+        p = int(prefix_len[b])
+        visible = torch.zeros(T, S, dtype=torch.bool, device=q.device)
+        visible[:, :p] = True
+        visible[:, p : p + M] = tree_mask[b]
+        k = k_cache[b].float().repeat_interleave(group, dim=0)  # [Hq, S, D]
+        v = v_cache[b].float().repeat_interleave(group, dim=0)
+        qb = q[b].float().transpose(0, 1)  # [Hq, T, D]
+        scores = (qb @ k.transpose(-1, -2)) * scale  # [Hq, T, S]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[b] = (probs @ v).transpose(0, 1).to(q.dtype)
+    del slots
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fused top-k tree expansion
+# --------------------------------------------------------------------------------------------------------------
+class TopkExpandOutput(NamedTuple):
+    child_tokens: torch.Tensor  # [B, N, k] int64 (target ids when a token map is given)
+    child_scores: torch.Tensor  # [B, N, k] float32, parent + log_softmax, descending per row
+    top_scores: torch.Tensor  # [B, out_k] float32, descending
+    top_index: torch.Tensor  # [B, out_k] int64, flat index into the N * k children
+    top_parent: torch.Tensor  # [B, out_k] int64, frontier row of each selected child (top_index // k)
+    top_tokens: torch.Tensor  # [B, out_k] int64
+
+
+def topk_expand(
+    logits: torch.Tensor,
+    parent_scores: torch.Tensor,
+    k: int,
+    out_k: int | None = None,
+    token_map: torch.Tensor | None = None,
+) -> TopkExpandOutput:
+    """Expand a draft frontier: each row's top-``k`` children, then the top-``out_k`` of all children.
+
+    Args:
+        logits: ``[B, N, V]`` draft logits of the ``N`` frontier nodes (any float dtype; math in float32).
+        parent_scores: ``[B, N]`` float cumulative log-probabilities of the frontier nodes.
+        k: children per row, ``1 <= k <= V``.
+        out_k: how many of the ``N * k`` children to keep, default ``k``; ``out_k <= N * k``.
+        token_map: optional ``[V]`` int64 draft-id -> target-id map (EAGLE-3 reduced vocabulary).
+
+    Child score = ``parent_score + logit - logsumexp(row)``. Children of a row are sorted by descending score;
+    the final selection is sorted by descending score, flat index ``row * k + j``. Ties resolve to the lower
+    index (so a parent always precedes an equal-scored child).
+
+    Example: ``logits = [[[0, ln 3]]]`` (one row, V=2), ``parent_scores = [[0]]``, ``k = 1`` gives child token 1
+    with score ``ln 0.75``.
+    """
+    B, N, V = logits.shape
+    out_k = k if out_k is None else out_k
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    vals, idx = _topk_stable(logp, k)
+    child_scores = vals + parent_scores.float().unsqueeze(-1)
+    flat = child_scores.reshape(B, N * k)
+    top_scores, top_index = _topk_stable(flat, out_k)
+    child_tokens = idx if token_map is None else token_map[idx]
+    top_tokens = child_tokens.reshape(B, N * k).gather(1, top_index)
+    return TopkExpandOutput(child_tokens, child_scores, top_scores, top_index, top_index // k, top_tokens)
+
+
+def _topk_stable(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim, ties broken towards the lower index (torch.topk leaves ties unspecified)."""
+    order = torch.sort(x, dim=-1, descending=True, stable=True)
+    return order.values[..., :k], order.indices[..., :k]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tree buffers
+# --------------------------------------------------------------------------------------------------------------
+class TreeBuffers(NamedTuple):
+    mask: torch.Tensor  # [B, T, T] bool: node i sees node j iff j is i or an ancestor of i
+    depth: torch.Tensor  # [B, T] int64: root 0; position id of node i = prefix_len + depth[i]
+    first_child: torch.Tensor  # [B, T] int64, -1 for a leaf
+    next_sibling: torch.Tensor  # [B, T] int64, -1 for the last child
+    paths: torch.Tensor  # [B, T, max_depth + 1] int64: root-to-node path of node i, -1 padded
+
+
+def build_tree_buffers(parents: torch.Tensor, max_depth: int | None = None) -> TreeBuffers:
+    """Attention mask, depths, child links and root paths of a batch of trees.
+
+    Args:
+        parents: ``[B, T]`` int64, ``parents[:, 0] == -1``, ``0 <= parents[:, i] < i`` for ``i >= 1``.
+        max_depth: width of ``paths`` minus one, default ``T - 1``. A tree deeper than this is an error.
+
+    Example, ``parents = [[-1, 0, 0, 1]]``: depth ``[0, 1, 1, 2]``, first_child ``[1, 3, -1, -1]``,
+    next_sibling ``[-1, 2, -1, -1]``, paths rows ``[0,-1,-1]``, ``[0,1,-1]``, ``[0,2,-1]``, ``[0,1,3]``
+    (``max_depth = 2``), and the mask drawn in :func:`tree_attention`.
+    """
+    B, T = parents.shape
+    max_depth = T - 1 if max_depth is None else max_depth
+    _check_parents(parents)
+    dev = parents.device
+    mask = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
+    depth = torch.zeros(B, T, dtype=torch.int64, device=dev)
+    first_child = torch.full((B, T), -1, dtype=torch.int64, device=dev)
+    next_sibling = torch.full((B, T), -1, dtype=torch.int64, device=dev)
+    paths = torch.full((B, T, max_depth + 1), -1, dtype=torch.int64, device=dev)
+    par = parents.tolist()
+    for b in range(B):
+        last_child = [-1] * T
+        mask[b, 0, 0] = True
+        paths[b, 0, 0] = 0
+        for i in range(1, T):
+            p = par[b][i]
+            mask[b, i] = mask[b, p]
+            mask[b, i, i] = True
+            depth[b, i] = depth[b, p] + 1
+            d = int(depth[b, i])
+            if d > max_depth:
+                raise ValueError(f"tree of sequence {b} has depth {d} > max_depth {max_depth}")
+            paths[b, i] = paths[b, p]
+            paths[b, i, d] = i
+            if last_child[p] < 0:
+                first_child[b, p] = i
+            else:
+                next_sibling[b, last_child[p]] = i
+            last_child[p] = i
+    return TreeBuffers(mask, depth, first_child, next_sibling, paths)
+
+
+def _check_parents(parents: torch.Tensor) -> None:
+    if parents.dim() != 2 or parents.shape[1] < 1:
+        raise ValueError(f"parents must be [B, T] with T >= 1, got {tuple(parents.shape)}")
+    if bool((parents[:, 0] != -1).any()):
+        raise ValueError("parents[:, 0] must be -1 (node 0 is the root)")
+    T = parents.shape[1]
+    if T > 1:
+        idx = torch.arange(1, T, device=parents.device)
+        rest = parents[:, 1:]
+        if bool(((rest < 0) | (rest >= idx)).any()):
+            raise ValueError("parents[:, i] must lie in [0, i) for i >= 1 (topological order)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Random numbers: a counter-based hash shared by every backend
+# --------------------------------------------------------------------------------------------------------------
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def hash_uniform(seed: torch.Tensor, offset: torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 numbers in (0, 1) from ``(seed, offset, c0, c1, ...)``, broadcast together.
+
+    ``h = fmix32(seed); h = fmix32(h ^ offset); for c in counters: h = fmix32(h ^ (c + 0x9E3779B9))``, each value
+    taken modulo 2**32, then ``u = ((h >> 8) + 0.5) / 2**24``. Kernels implement the same function so a seed gives
+    identical draws on every backend.
+    """
+    h = _fmix32(seed.to(torch.int64) & _M32)
+    h = _fmix32(h ^ (offset.to(torch.int64) & _M32))
+    for c in counters:
+        h = _fmix32(h ^ ((c.to(torch.int64) + 0x9E3779B9) & _M32))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling and acceptance
+# --------------------------------------------------------------------------------------------------------------
+def process_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
+) -> torch.Tensor:
+    """Target probabilities after temperature, top-k and top-p, float32, rows summing to 1.
+
+    Args:
+        logits: ``[B, ..., V]``.
+        temperature, top_p, top_k: ``[B]`` per sequence. ``temperature == 0`` gives a one-hot at the argmax
+            (lowest index on ties). ``top_k <= 0`` or ``>= V`` disables top-k; ``top_p == 1`` disables top-p.
+            Top-p keeps the smallest prefix of tokens sorted by descending probability whose mass reaches
+            ``top_p`` (the token that crosses the threshold is kept).
+    """
+    B, V = logits.shape[0], logits.shape[-1]
+    shape = (B,) + (1,) * (logits.dim() - 1)
+    x = logits.float()
+    t = temperature.float().reshape(shape)
+    greedy = t <= 0
+    probs = torch.softmax(x / torch.where(greedy, torch.ones_like(t), t), dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    rank = torch.arange(V, device=logits.device)
+    kk = top_k.to(torch.int64).reshape(shape)
+    kk = torch.where((kk <= 0) | (kk > V), torch.full_like(kk, V), kk)
+    keep = (rank < kk).expand_as(sorted_p).clone()
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each token
+    keep &= before < top_p.float().reshape(shape)
+    keep[..., 0] = True
+    kept_sorted = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    out = torch.zeros_like(probs).scatter(-1, order, kept_sorted)
+    out = out / out.sum(-1, keepdim=True)
+    onehot = torch.zeros_like(out).scatter(-1, _argmax_low(x).unsqueeze(-1), 1.0)
+    return torch.where(greedy, onehot, out)
+
+
+def _argmax_low(x: torch.Tensor) -> torch.Tensor:
+    """Argmax along the last dim, lowest index on ties (the rule every backend follows)."""
+    V = x.shape[-1]
+    mx = x.max(dim=-1, keepdim=True).values
+    idx = torch.arange(V, device=x.device).expand_as(x)
+    return torch.where(x == mx, idx, torch.full_like(idx, V)).min(dim=-1).values
+
+
+def _race(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample index ``argmax_v probs_v / E_v`` with ``E_v = -log u_v`` (exponential race); zero-prob never wins."""
+    score = torch.where(probs > 0, torch.log(probs) - torch.log(-torch.log(u)), torch.full_like(probs, -math.inf))
+    return _argmax_low(score)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row of ``logits [B, V]`` (plain decoding). Greedy where ``temperature == 0``.
+
+    Random stream: ``hash_uniform(seed, offset, b, 2**31 - 1, 1, v)`` (node ``2**31 - 1`` keeps it apart from
+    the streams of :func:`accept_tree`). ``seed`` and ``offset`` are scalar int64 tensors.
+    """
+    B, V = logits.shape
+    probs = process_logits(logits, temperature, top_p, top_k)
+    bb = torch.arange(B, device=logits.device).view(B, 1)
+    vv = torch.arange(V, device=logits.device).view(1, V)
+    u = hash_uniform(seed, offset, bb, torch.tensor(2**31 - 1), torch.tensor(1), vv)
+    return _race(probs, u)
+
+
+class AcceptOutput(NamedTuple):
+    accept_path: torch.Tensor  # [B, T] int64: node indices of the accepted path, root first, -1 padded
+    accept_len: torch.Tensor  # [B] int64: accepted draft nodes (root excluded); tokens emitted = accept_len + 1
+    next_token: torch.Tensor  # [B] int64: bonus (after a full match) or residual (after a rejection) token
+
+
+def accept_tree(
+    target_logits: torch.Tensor,
+    tree_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+) -> AcceptOutput:
+    """Verify a draft tree against the target and pick the emitted tokens; exact in distribution.
+
+    Args:
+        target_logits: ``[B, T, V]``; row ``i`` is the target's next-token logits after node ``i``.
+        tree_tokens: ``[B, T]`` int64; ``tree_tokens[:, 0]`` (the root) is already decided.
+        parents: ``[B, T]`` tree (see module docstring); siblings are tried in node-index order.
+        temperature, top_p, top_k: ``[B]``; ``temperature == 0`` is greedy.
+        seed, offset: scalar int64 tensors; the caller advances ``offset`` once per cycle.
+
+    Greedy: from the root, move to the child whose token equals the target argmax; stop when none does; the
+    next token is the argmax at the last node. Stochastic (multi-draft speculative sampling with the
+    deterministic top-k drafts of EAGLE-2, so each draft ``q`` is a point mass): at node ``u`` with processed
+    target distribution ``p``, try the children in order; child ``c`` with token ``x`` is accepted iff
+    ``hash_uniform(seed, offset, b, c, 0) < p(x)``; on rejection ``p <- normalise(p with p(x) = 0)``. If no child
+    is accepted (or ``u`` is a leaf) the next token is sampled from the current ``p`` by an exponential race with
+    ``hash_uniform(seed, offset, b, u, 1, v)``. Every emitted token then follows the target's processed
+    distribution exactly.
+    """
+    B, T, V = target_logits.shape
+    dev = target_logits.device
+    probs_all = process_logits(target_logits, temperature, top_p, top_k)  # [B, T, V]
+    path = torch.full((B, T), -1, dtype=torch.int64, device=dev)
+    acc_len = torch.zeros(B, dtype=torch.int64, device=dev)
+    nxt = torch.zeros(B, dtype=torch.int64, device=dev)
+    par = parents.tolist()
+    vv = torch.arange(V, device=dev)
+    for b in range(B):
+        children: list[list[int]] = [[] for _ in range(T)]
+        for i in range(1, T):
+            children[par[b][i]].append(i)
+        bt = torch.tensor(b)
+        u_node, n = 0, 0
+        path[b, 0] = 0
+        while True:
+            p = probs_all[b, u_node].clone()
+            moved = False
+            for c in children[u_node]:
+                x = int(tree_tokens[b, c])
+                r = hash_uniform(seed, offset, bt, torch.tensor(c), torch.tensor(0))
+                if float(r) < float(p[x]):
+                    moved = True
+                    break
+                p[x] = 0.0
+                total = p.sum()
+                p = p / total if float(total) > 0 else p
+            if not moved:
+                u = hash_uniform(seed, offset, bt, torch.tensor(u_node), torch.tensor(1), vv)
+                nxt[b] = _race(p, u)
+                break
+            n += 1
+            path[b, n] = c
+            u_node = c
+        acc_len[b] = n
+    return AcceptOutput(path, acc_len, nxt)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KV compaction
+# --------------------------------------------------------------------------------------------------------------
+def kv_compact(
+    cache: torch.Tensor, prefix_len: torch.Tensor, accept_path: torch.Tensor, accept_len: torch.Tensor
+) -> torch.Tensor:
+    """Move the accepted path's cache entries to contiguous slots, in place.
+
+    Args:
+        cache: ``[L, B, H, S, D]`` (``L`` stacked planes: K and V of every layer).
+        prefix_len: ``[B]``; the tree's node ``i`` was written at slot ``prefix_len[b] + i``.
+        accept_path, accept_len: from :func:`accept_tree`; entries ``0 .. accept_len[b]`` of the path are moved.
+
+    After the call slot ``prefix_len[b] + j`` holds what slot ``prefix_len[b] + accept_path[b, j]`` held, for
+    ``j <= accept_len[b]``; other slots are unspecified beyond the new length. Because ``accept_path[b, j] >= j``
+    and the path is increasing, copying in increasing ``j`` never reads a slot already overwritten; a parallel
+    implementation must read every source before writing (or go in that order).
+    """
+    B = cache.shape[1]
+    for b in range(B):
+        n = int(accept_len[b]) + 1
+        p = int(prefix_len[b])
+        src = accept_path[b, :n] + p
+        cache[:, b, :, p : p + n] = cache[:, b, :, src].clone()
+    return cache
