@@ -76,25 +76,23 @@ def tree_attention(
     ``T == 1`` with ``tree_mask = [[[True]]]`` is plain decoding; a lower-triangular mask is causal prefill.
     """
     B, T, Hq, D = q.shape
-    _, Hkv, S, _ = k_cache.shape
+    Hkv = k_cache.shape[1]
     M = tree_mask.shape[-1]
     group = Hq // Hkv
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    slots = torch.arange(S, device=q.device)
     out = torch.empty_like(q)
     for b in range(B):
         p = int(prefix_len[b])
-        visible = torch.zeros(T, S, dtype=torch.bool, device=q.device)
-        visible[:, :p] = True
-        visible[:, p : p + M] = tree_mask[b]
-        k = k_cache[b].float().repeat_interleave(group, dim=0)  # [Hq, S, D]
-        v = v_cache[b].float().repeat_interleave(group, dim=0)
+        n = p + M  # slots past the tree are never visible: skip them
+        visible = torch.ones(T, n, dtype=torch.bool, device=q.device)
+        visible[:, p:] = tree_mask[b]
+        k = k_cache[b, :, :n].float().repeat_interleave(group, dim=0)  # [Hq, n, D]
+        v = v_cache[b, :, :n].float().repeat_interleave(group, dim=0)
         qb = q[b].float().transpose(0, 1)  # [Hq, T, D]
-        scores = (qb @ k.transpose(-1, -2)) * scale  # [Hq, T, S]
+        scores = (qb @ k.transpose(-1, -2)) * scale  # [Hq, T, n]
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out[b] = (probs @ v).transpose(0, 1).to(q.dtype)
-    del slots
     return out
 
 
