@@ -1,0 +1,126 @@
+"""The EAGLE-1 draft head: one decoder layer over [token embedding, target feature].
+
+Published checkpoint format (e.g. ``yuhuili/EAGLE-llama2-chat-7B``): ``config.json`` (a LLaMA config) plus
+``pytorch_model.bin`` or ``model.safetensors`` with keys ``fc.weight [H, 2H]``, ``fc.bias [H]``,
+``layers.0.self_attn.{q,k,v,o}_proj.weight``, ``layers.0.mlp.{gate,up,down}_proj.weight``,
+``layers.0.post_attention_layernorm.weight`` and optionally ``embed_tokens.weight``. The layer has no
+input_layernorm and there is no final norm; logits come from the target's ``lm_head``.
+
+At draft position ``i`` the head reads ``(feature f_i, token t_{i+1})`` and predicts ``f_{i+1}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .loading import CheckpointError, load_state_dict, resolve_dir
+from .model import DecoderLayer, Rotary, Transformer
+
+EAGLE1_WEIGHTS = "pytorch_model.bin"
+
+
+class EagleHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int, own_embedding: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, input_norm=False)])
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, h) if own_embedding else None
+        self.rotary = Rotary(cfg, max_len)
+        self.max_len = max_len
+
+    def new_cache(self, batch: int, max_len: int | None = None, like: torch.Tensor | None = None) -> torch.Tensor:
+        cfg, w = self.cfg, self.fc.weight
+        s = max_len or self.max_len
+        return torch.zeros(2, batch, cfg.num_kv_heads, s, cfg.head_dim, dtype=w.dtype, device=w.device)
+
+    def forward(self, features, tokens, target: Transformer, positions, cache, prefix_len, write_pos, mask):
+        """Predicted next features ``[B, T, H]`` from target features and the tokens one step ahead."""
+        embed = self.embed_tokens if self.embed_tokens is not None else target.embed_tokens
+        x = self.fc(torch.cat([embed(tokens), features.to(self.fc.weight.dtype)], dim=-1))
+        rope = self.rotary(positions, x.dtype)
+        write_idx = write_pos[:, None] + torch.arange(x.shape[1], device=x.device)
+        return self.layers[0](x, rope, cache[0], cache[1], prefix_len, write_idx, mask, target.ops)
+
+
+def head_config(target_cfg: ModelConfig, **overrides) -> ModelConfig:
+    """A head config matching a target (same widths, heads, vocab, rope), dense MLP."""
+    d = dict(target_cfg.raw, model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=1)
+    d.update(overrides)
+    for key in ("num_local_experts", "num_experts_per_tok"):
+        d.pop(key, None)
+    return ModelConfig.from_dict(d)
+
+
+def check_compatible(head_cfg: ModelConfig, target_cfg: ModelConfig, where: str) -> None:
+    if head_cfg.hidden_size != target_cfg.hidden_size:
+        raise CheckpointError(
+            f"draft head {where} has hidden_size {head_cfg.hidden_size}, the target has {target_cfg.hidden_size}"
+        )
+    if head_cfg.vocab_size != target_cfg.vocab_size:
+        raise CheckpointError(f"draft head {where} has vocab_size {head_cfg.vocab_size}, the target has {target_cfg.vocab_size}")
+
+
+def load_head(name_or_path: str | Path, target: Transformer, dtype=None, device=None) -> EagleHead:
+    """Load a published-format EAGLE-1 head and check it fits ``target``."""
+    d = resolve_dir(name_or_path, allow_patterns=["*.json", "*.bin", "*.safetensors"])
+    cfg = ModelConfig.from_file(d / "config.json")
+    check_compatible(cfg, target.cfg, str(name_or_path))
+    state = load_state_dict(d)
+    if any(k.startswith("midlayer.") or k == "d2t" for k in state):
+        raise CheckpointError(f"{name_or_path} is an EAGLE-3 head; this runtime loads EAGLE-1 heads")
+    if "fc.weight" not in state:
+        raise CheckpointError(f"{name_or_path} has no fc.weight: not an EAGLE-1 draft head")
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    cfg.attention_bias = "layers.0.self_attn.q_proj.bias" in state
+    head = EagleHead(cfg, target.max_len, own_embedding="embed_tokens.weight" in state)
+    expected = head.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"draft head {name_or_path}: missing {missing}, unexpected {unexpected}")
+    for k, v in expected.items():
+        if v.shape != state[k].shape:
+            raise CheckpointError(f"draft head {name_or_path}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    head.load_state_dict(state)
+    w = target.embed_tokens.weight
+    return head.to(device=device or w.device, dtype=dtype or w.dtype).eval().requires_grad_(False)
+
+
+def save_head(head: EagleHead, directory: str | Path, safetensors: bool = False) -> Path:
+    """Write ``head`` in the published EAGLE-1 format (config.json + pytorch_model.bin or model.safetensors)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = dict(head.cfg.raw, num_hidden_layers=1, architectures=["LlamaForCausalLM"], model_type="llama")
+    with open(d / "config.json", "w") as f:
+        json.dump(cfg, f, indent=2)
+    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(state, str(d / "model.safetensors"))
+    else:
+        torch.save(state, d / EAGLE1_WEIGHTS)
+    return d
+
+
+def random_head(target: Transformer, seed: int = 0, std: float = 0.02) -> EagleHead:
+    """A randomly initialised head shaped for ``target`` (tests, and the start of training)."""
+    g = torch.Generator().manual_seed(seed)
+    head = EagleHead(head_config(target.cfg), target.max_len)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    w = target.embed_tokens.weight
+    return head.to(device=w.device, dtype=w.dtype).eval().requires_grad_(False)

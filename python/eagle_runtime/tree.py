@@ -1,0 +1,158 @@
+"""Draft trees: the static EAGLE-1 tree and the EAGLE-2 dynamic tree, drafted batch-first on device.
+
+A drafted tree is ``(tokens [B, T], parents [B, T])`` with node 0 the root (the token already chosen by the
+target) and nodes in topological order; siblings are ordered by the draft's rank (lower index = more likely),
+the order in which stochastic acceptance tries them.
+
+Drafting calls ``step(hidden_in, tokens, positions, write_pos, mask) -> (hidden_out, logits)``: the draft head
+over ``n`` tree nodes, all attending to the draft cache's prefix plus the tree slots drafted so far. A node at
+tree depth ``d`` runs at draft position ``L + d - 1`` with the predicted feature of its parent as input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from eagle_kernels import Ops
+
+# EAGLE-1's default static tree for 7B models ("mc_sim_7b_63"): each entry is a path of child ranks from the
+# root, e.g. [0, 1] = the second-ranked child of the top-ranked first token. 25 draft nodes, depth 5.
+MC_SIM_7B_63 = [
+    [0], [1], [2], [3],
+    [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [2, 1], [3, 0],
+    [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 2, 0], [0, 2, 1], [1, 0, 0],
+    [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2],
+    [0, 0, 0, 0, 0], [0, 0, 0, 0, 1],
+]  # fmt: skip
+
+DraftStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class StaticTree:
+    """A fixed tree given as rank paths (EAGLE-1). ``choices`` default to ``MC_SIM_7B_63``."""
+
+    choices: list[list[int]] = field(default_factory=lambda: [list(c) for c in MC_SIM_7B_63])
+
+    def __post_init__(self):
+        if not self.choices:
+            raise ValueError("a static tree needs at least one draft node")
+        self.choices = sorted((list(c) for c in self.choices), key=lambda c: (len(c), c))
+        index = {(): 0}
+        parents = [-1]
+        for i, c in enumerate(self.choices, start=1):
+            if tuple(c[:-1]) not in index:
+                raise ValueError(f"tree path {c} has no parent path {c[:-1]} in the tree")
+            if tuple(c) in index:
+                raise ValueError(f"tree path {c} appears twice")
+            index[tuple(c)] = i
+            parents.append(index[tuple(c[:-1])])
+        self.parents = parents
+        self.ranks = [-1] + [c[-1] for c in self.choices]
+        self.depths = [0] + [len(c) for c in self.choices]
+        self.max_depth = max(self.depths)
+        self.num_nodes = len(parents)
+        self.max_rank = max(self.ranks) + 1
+        self._levels = [(self.depths.index(d), len(self.depths) - self.depths[::-1].index(d)) for d in range(self.max_depth + 1)]
+
+    def draft_slots(self) -> int:
+        return self.num_nodes
+
+    def draft(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops):
+        """Draft the fixed tree: level by level, children picked by rank from each parent's top-k."""
+        B, dev = root.shape[0], root.device
+        T = self.num_nodes
+        parents = torch.tensor(self.parents, device=dev)
+        ranks = torch.tensor(self.ranks, device=dev)
+        full_mask = ops.build_tree_buffers(parents[None].cpu(), self.max_depth).mask[0, 1:, 1:].to(dev)
+        tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
+        tokens[:, 0] = root
+        hidden = torch.zeros(B, T, d_hidden.shape[-1], dtype=d_hidden.dtype, device=dev)
+        hidden[:, 0] = d_hidden  # the draft's prediction after the root feeds the root's children
+        logits = d_logits[:, None]
+        for d in range(1, self.max_depth + 1):
+            lo, hi = self._levels[d]  # levels are contiguous in node order
+            plo, phi = self._levels[d - 1]
+            e = ops.topk_expand(logits, torch.zeros(B, phi - plo, device=dev), self.max_rank)
+            tokens[:, lo:hi] = e.child_tokens[:, parents[lo:hi] - plo, ranks[lo:hi]]
+            if d == self.max_depth:
+                break
+            mask = full_mask[lo - 1 : hi - 1, : hi - 1].expand(B, -1, -1)
+            pos = (L + d - 1)[:, None].expand(B, hi - lo)
+            h_out, logits = step(hidden[:, parents[lo:hi]], tokens[:, lo:hi], pos, L + lo - 1, mask)
+            hidden[:, lo:hi] = h_out
+        return tokens, parents[None].expand(B, T).contiguous()
+
+
+@dataclass
+class DynamicTree:
+    """EAGLE-2's context-aware tree: grow the ``top_k`` best frontier nodes for ``depth`` draft passes, then keep
+    the ``total_tokens`` candidates with the highest cumulative draft log-probability (tree size
+    ``total_tokens + 1`` with the root; deepest node at depth ``depth + 1``)."""
+
+    total_tokens: int = 60
+    depth: int = 6
+    top_k: int = 10
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.depth < 0 or self.total_tokens < 1:
+            raise ValueError(f"invalid dynamic tree {self}")
+        pool = self.top_k + self.depth * self.top_k**2
+        if self.total_tokens > pool:
+            raise ValueError(f"total_tokens {self.total_tokens} exceeds the {pool} candidates top_k/depth produce")
+        self.num_nodes = self.total_tokens + 1
+        self.max_depth = self.depth + 1
+
+    def draft_slots(self) -> int:
+        return max(self.depth, 1) * self.top_k
+
+    def draft(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops):
+        B, dev = root.shape[0], root.device
+        k = self.top_k
+        e = ops.topk_expand(d_logits[:, None], torch.zeros(B, 1, device=dev), k)
+        pool_tok, pool_score = [e.top_tokens], [e.top_scores]
+        pool_parent = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
+        front_idx = torch.arange(k, device=dev).expand(B, k)
+        front_tok, front_score = e.top_tokens, e.top_scores
+        h_in = d_hidden[:, None].expand(B, k, d_hidden.shape[-1])
+        eye = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)
+        parent_rows = torch.zeros(B, k, 0, dtype=torch.bool, device=dev)
+        size = k
+        for s in range(1, self.depth + 1):
+            mask = torch.cat([parent_rows, eye], dim=2)  # [B, k, s * k]
+            pos = (L + s - 1)[:, None].expand(B, k)
+            h_out, logits = step(h_in, front_tok, pos, L + (s - 1) * k, mask)
+            e = ops.topk_expand(logits, front_score, k, out_k=k)
+            pool_tok.append(e.child_tokens.reshape(B, k * k))
+            pool_score.append(e.child_scores.reshape(B, k * k))
+            pool_parent.append(front_idx.repeat_interleave(k, dim=1))
+            front_idx = size + e.top_index
+            size += k * k
+            front_tok, front_score = e.top_tokens, e.top_scores
+            h_in = h_out.gather(1, e.top_parent[..., None].expand(-1, -1, h_out.shape[-1]))
+            parent_rows = mask.gather(1, e.top_parent[..., None].expand(-1, -1, mask.shape[-1]))
+        tok, score, par = torch.cat(pool_tok, 1), torch.cat(pool_score, 1), torch.cat(pool_parent, 1)
+        # Rerank: ancestors always survive (a child never outscores its parent; ties keep the lower index).
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, : self.total_tokens]
+        sel = torch.sort(order, dim=1).values  # pool order is topological
+        node_of = torch.zeros(B, tok.shape[1], dtype=torch.long, device=dev)
+        node_of.scatter_(1, sel, torch.arange(1, self.total_tokens + 1, device=dev).expand(B, -1))
+        sel_par = par.gather(1, sel)
+        parents = torch.where(sel_par < 0, 0, node_of.gather(1, sel_par.clamp(min=0)))
+        root_par = torch.full((B, 1), -1, dtype=torch.long, device=dev)
+        tokens = torch.cat([root[:, None], tok.gather(1, sel)], dim=1)
+        return tokens, torch.cat([root_par, parents], dim=1)
+
+
+def make_tree(spec) -> StaticTree | DynamicTree:
+    """``"dynamic"`` (EAGLE-2 defaults 60/6/10), ``"static"`` (mc_sim_7b_63), or a tree object."""
+    if isinstance(spec, (StaticTree, DynamicTree)):
+        return spec
+    if spec == "dynamic":
+        return DynamicTree()
+    if spec in ("static", "mc_sim_7b_63"):
+        return StaticTree()
+    raise ValueError(f"unknown tree {spec!r}; use 'dynamic', 'static' or a StaticTree/DynamicTree")
