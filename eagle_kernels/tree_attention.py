@@ -1,0 +1,311 @@
+"""Tree attention: ``T`` new tokens attend to a cached prefix plus tree-masked new slots (Triton).
+
+Contract: :func:`eagle_kernels.reference.tree_attention` (same arguments, same result up to float rounding).
+
+Mask format (dense bool, ``tree_mask [B, T, M]``, row ``t`` = query token, column ``m`` = cache slot
+``prefix_len[b] + m``). The prefix columns are implicit: every query sees every slot below ``prefix_len[b]``,
+so only the ``M`` tree columns are stored. A draft tree ``x -> {y, z}``, ``z -> w`` after a 2-slot prefix::
+
+    cache slot         0 1 | 2 3 4 5        tree_mask[b] (what is passed)
+    token              P P | x y z w            x y z w
+    query x            1 1 | 1 0 0 0        x [ 1 0 0 0 ]
+    query y            1 1 | 1 1 0 0        y [ 1 1 0 0 ]
+    query z            1 1 | 1 0 1 0        z [ 1 0 1 0 ]
+    query w            1 1 | 1 0 1 1        w [ 1 0 1 1 ]
+                    (implicit)  (stored)
+
+A row of zeros with ``prefix_len[b] == 0`` is a query that sees nothing: its output is zeros.
+
+Kernel layout (flash-decoding):
+
+* One program owns one KV head of one sequence and a tile of ``BLOCK_R`` query rows, where a row is a
+  ``(token t, query head g of this KV head)`` pair, ``row = t * group + g``. All query heads of a KV head (GQA)
+  and all tree tokens share one tile, so each K/V block is loaded once for all of them.
+* The prefix ``[0, prefix_len[b])`` is cut into up to ``num_splits`` chunks along the grid's third axis
+  (split-K), so that batch 1 still fills the GPU. Each chunk keeps an online softmax (running max, sum, and
+  unnormalised output, in float32, base-2 exponent) with no mask loads. The last active split also handles the
+  ``M`` tree slots, reading ``tree_mask``. A second small kernel merges the chunks' ``(max, sum, acc)``.
+* A chunk is never shorter than ``min_chunk`` slots: the merge costs about ``2 * R * D * 4`` bytes per split and
+  KV head, against ``4 * chunk * D`` bytes of fp16 K/V read, so short chunks would spend more on partials than on
+  the cache. The number of active splits is decided in the kernel from the device-side ``prefix_len`` (no host
+  synchronisation); the launcher only sets the maximum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._registry import launch, register_op
+
+__all__ = ["tree_attention"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_base, v_base, offs_n, kv_ok, visible, offs_d, d_ok,
+                  stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, PRECISION: tl.constexpr):
+    """One online-softmax step over a block of slots ``offs_n``; scores in the base-2 domain."""
+    ld_mask = kv_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=ld_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen nothing yet keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=ld_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _tree_attention_kernel(
+    Q, K, V, PREFIX, MASK, O, PART_ACC, PART_M, PART_L,
+    qk_scale, T, M, R, HKV, D,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb, stride_mt, stride_mm,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < R
+    t = offs_r // GROUP
+    h = kvh * GROUP + offs_r % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    prefix = tl.load(PREFIX + b).to(tl.int32)
+    # Split-K plan, from the device-side prefix length: n_active chunks of `chunk` slots (a BLOCK_N multiple).
+    n_blocks = tl.cdiv(prefix, BLOCK_N)
+    n_active = tl.minimum(tl.maximum(tl.cdiv(prefix, MIN_CHUNK), 1), NUM_SPLITS)
+    chunk = tl.maximum(tl.cdiv(n_blocks, n_active), 1) * BLOCK_N
+    n_active = tl.maximum(tl.cdiv(prefix, chunk), 1)  # rounding up `chunk` can leave trailing splits idle
+    if pid_s < n_active:
+        q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, prefix)
+        for start in range(lo, hi, BLOCK_N):  # prefix: every slot visible, no mask loads
+            offs_n = start + tl.arange(0, BLOCK_N)
+            kv_ok = offs_n < hi
+            visible = tl.broadcast_to(kv_ok[None, :], (BLOCK_R, BLOCK_N))
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, offs_n, kv_ok, visible, offs_d, d_ok,
+                                          stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, PRECISION)
+
+        if pid_s == n_active - 1:  # the tree slots [prefix, prefix + M), masked
+            mask_base = MASK + b * stride_mb + t[:, None] * stride_mt
+            for start in range(0, M, BLOCK_N):
+                offs_m = start + tl.arange(0, BLOCK_N)
+                m_ok = offs_m < M
+                visible = tl.load(mask_base + offs_m[None, :] * stride_mm,
+                                  mask=row_ok[:, None] & m_ok[None, :], other=0) != 0
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, prefix + offs_m, m_ok, visible,
+                                              offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                              PRECISION)
+
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l == 0 <=> nothing seen; acc is 0 there
+            tl.store(O + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                     out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        else:
+            part = (pid_s * tl.num_programs(1) + pid_bh) * R + offs_r
+            tl.store(PART_M + part, m_i, mask=row_ok)
+            tl.store(PART_L + part, l_i, mask=row_ok)
+            tl.store(PART_ACC + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _tree_attention_merge_kernel(
+    PREFIX, O, PART_ACC, PART_M, PART_L, R, HKV, D,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Combine the splits' partial (max, sum, acc) of one tile of rows into the normalised output."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < R
+    t = offs_r // GROUP
+    h = kvh * GROUP + offs_r % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+
+    prefix = tl.load(PREFIX + b).to(tl.int32)  # same plan as the attention kernel
+    n_blocks = tl.cdiv(prefix, BLOCK_N)
+    n_active = tl.minimum(tl.maximum(tl.cdiv(prefix, MIN_CHUNK), 1), NUM_SPLITS)
+    chunk = tl.maximum(tl.cdiv(n_blocks, n_active), 1) * BLOCK_N
+    n_active = tl.maximum(tl.cdiv(prefix, chunk), 1)
+
+    stride_split = tl.num_programs(1) * R
+    m_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in range(0, n_active):
+        m_max = tl.maximum(m_max, tl.load(PART_M + s * stride_split + pid_bh * R + offs_r, mask=row_ok,
+                                          other=float("-inf")))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_tot = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in range(0, n_active):
+        part = s * stride_split + pid_bh * R + offs_r
+        w = tl.exp2(tl.load(PART_M + part, mask=row_ok, other=float("-inf")) - m_safe)
+        l_tot += w * tl.load(PART_L + part, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(PART_ACC + part[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
+                                    other=0.0)
+    out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+    tl.store(O + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: any small number; the split logic is still exercised
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _plan(q: torch.Tensor, k_cache: torch.Tensor, M: int, num_splits: int | None) -> dict:
+    B, T, Hq, D = q.shape
+    _, Hkv, S, _ = k_cache.shape
+    R = T * (Hq // Hkv)
+    BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16: head dim 8 (stories260k) is zero-padded
+    BLOCK_R = min(max(16, triton.next_power_of_2(R)), 64)
+    BLOCK_N = 64
+    # A chunk must be long enough that reading its K/V (4*chunk*D bytes at fp16) outweighs writing and
+    # re-reading its partials (about 8*BLOCK_R*D bytes): chunk >= 16 * BLOCK_R keeps partials under ~15%.
+    min_chunk = max(256, 16 * BLOCK_R)
+    tiles = triton.cdiv(R, BLOCK_R)
+    if num_splits is None:
+        programs = tiles * B * Hkv
+        want = triton.cdiv(2 * _sm_count(q.device), programs)  # about two programs per SM
+        num_splits = max(1, min(want, triton.cdiv(max(S - M, 1), min_chunk), 64))
+    return dict(R=R, tiles=tiles, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, MIN_CHUNK=min_chunk,
+                NUM_SPLITS=int(num_splits), num_warps=4 if BLOCK_D <= 64 else 8)
+
+
+def _check(q, k_cache, v_cache, prefix_len, tree_mask, num_splits) -> None:
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError(f"q, k_cache, v_cache must be 4-D; got {tuple(q.shape)}, {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    B, T, Hq, D = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache/v_cache must be [B={B}, Hkv, S, D={D}] and equal; got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    Hkv = k_cache.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
+    if tree_mask.dim() != 3 or tree_mask.shape[:2] != (B, T) or tree_mask.dtype != torch.bool:
+        raise ValueError(f"tree_mask must be bool [B={B}, T={T}, M]; got {tree_mask.dtype} {tuple(tree_mask.shape)}")
+    if tree_mask.shape[2] > k_cache.shape[2]:
+        raise ValueError(f"tree_mask has M={tree_mask.shape[2]} columns but the cache only S={k_cache.shape[2]} slots")
+    if prefix_len.shape != (B,) or prefix_len.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"prefix_len must be int32/int64 [B={B}]; got {prefix_len.dtype} {tuple(prefix_len.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k_cache.dtype != q.dtype or \
+            v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache, v_cache must share one of float16/bfloat16/float32; got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    devs = {t.device for t in (q, k_cache, v_cache, prefix_len, tree_mask)}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(str(d) for d in devs)}")
+    if num_splits is not None and not (1 <= num_splits <= 1024):
+        raise ValueError(f"num_splits must lie in [1, 1024]; got {num_splits}")
+
+
+def _tree_attention_fake(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=None, num_splits=None):
+    return torch.empty_like(q)
+
+
+@register_op("tree_attention", fake=_tree_attention_fake)
+def _tree_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    _check(q, k_cache, v_cache, prefix_len, tree_mask, num_splits)
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    M = tree_mask.shape[2]
+    cfg = _plan(q, k_cache, M, num_splits)
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * _LOG2E
+    out = torch.empty_like(q)
+    mask_u8 = tree_mask.view(torch.uint8)  # same bytes; a plain integer pointer on every Triton version
+    R, S_ = cfg["R"], cfg["NUM_SPLITS"]
+    if S_ > 1:
+        part_acc = torch.empty((S_, B * Hkv, R, cfg["BLOCK_D"]), device=q.device, dtype=torch.float32)
+        part_m = torch.empty((S_, B * Hkv, R), device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = out  # unused
+    launch(_tree_attention_kernel, (cfg["tiles"], B * Hkv, S_))(
+        q, k_cache, v_cache, prefix_len, mask_u8, out, part_acc, part_m, part_l,
+        scale, T, M, R, Hkv, D,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_u8.stride(), *out.stride(),
+        GROUP=Hq // Hkv, NUM_SPLITS=S_, MIN_CHUNK=cfg["MIN_CHUNK"], BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=2,
+    )
+    if S_ > 1:
+        launch(_tree_attention_merge_kernel, (cfg["tiles"], B * Hkv))(
+            prefix_len, out, part_acc, part_m, part_l, R, Hkv, D, *out.stride(),
+            GROUP=Hq // Hkv, NUM_SPLITS=S_, MIN_CHUNK=cfg["MIN_CHUNK"], BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+        )
+    return out
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of ``T`` new tokens over a cached prefix plus tree-masked slots; see the module docstring.
+
+    Args:
+        q: ``[B, T, Hq, D]`` float16/bfloat16/float32 queries (already rotated), any strides.
+        k_cache, v_cache: ``[B, Hkv, S, D]``, same dtype; ``Hq % Hkv == 0``, query head ``h`` reads KV head
+            ``h // (Hq // Hkv)``. The tree tokens' K/V must already sit at slots ``prefix_len[b] + m``.
+        prefix_len: ``[B]`` int32/int64 on the same device, ``prefix_len[b] + M <= S`` (not checked: no sync).
+        tree_mask: ``[B, T, M]`` bool, the tree columns only (drawn in the module docstring).
+        sm_scale: softmax scale, default ``1 / sqrt(D)``.
+        num_splits: maximum split-K factor over the prefix; default: enough programs for about two per SM,
+            never chunks shorter than ``max(256, 16 * BLOCK_R)`` slots of the cache capacity.
+
+    Returns:
+        ``[B, T, Hq, D]`` in ``q.dtype``, accumulated in float32; zeros for a query that sees no slot.
+    """
+    return _tree_attention_op(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale, num_splits)
