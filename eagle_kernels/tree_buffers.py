@@ -1,0 +1,89 @@
+"""Tree bookkeeping ops backed by the native extension ``eagle_kernels._C`` (sources in ``csrc/``).
+
+The ops are registered by the extension as ``torch.ops.eagle_kernels.*`` (C++ on CPU tensors, CUDA kernels on
+CUDA tensors, meta kernels for tracing) and can be captured in CUDA graphs. The wrappers here add the
+:class:`~eagle_kernels.reference.TreeBuffers` result type and a clear error when the extension is missing.
+
+Validation differs by device. The CPU op checks the tree (``parents[:, 0] == -1``, ``0 <= parents[:, i] < i``,
+depth ``<= max_depth``) and raises ``ValueError`` like the reference. The CUDA op never synchronises with the
+host, so it checks only shapes and dtypes: an invalid tree gives unspecified (in-bounds) outputs, and a tree
+deeper than ``max_depth`` gets truncated paths. Validate on the CPU op (or the reference) when unsure.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import BackendUnavailable
+from .reference import TreeBuffers
+
+try:
+    from . import _C
+except ImportError as e:  # not built: pure-Python install, no compiler, or EAGLE_KERNELS_NO_NATIVE=1
+    _C = None
+    _IMPORT_ERROR: ImportError | None = e
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["build_tree_buffers", "tree_positions", "advance_seq_lens_", "native_cuda_available"]
+
+
+def native_cuda_available() -> bool:
+    """Whether the extension was built with its CUDA ops (says nothing about a GPU being present)."""
+    return _C is not None and bool(_C.with_cuda)
+
+
+def _require_native(t: torch.Tensor) -> None:
+    if _C is None:
+        raise BackendUnavailable(
+            "eagle_kernels._C (the native extension) is not built: reinstall with "
+            "`pip install --no-build-isolation -e .` where a C++ compiler is present (see csrc/README.md), "
+            f"or use eagle_kernels.reference instead. Import error: {_IMPORT_ERROR}"
+        )
+    if t.is_cuda and not _C.with_cuda:
+        raise BackendUnavailable(
+            "eagle_kernels._C was built without CUDA (torch had no CUDA or nvcc was not found at install time); "
+            "rebuild it on a machine with nvcc, or move the tensors to the CPU"
+        )
+
+
+def build_tree_buffers(parents: torch.Tensor, max_depth: int | None = None) -> TreeBuffers:
+    """Native :func:`eagle_kernels.reference.build_tree_buffers`: same contract, outputs on ``parents.device``.
+
+    Args:
+        parents: ``[B, T]`` int64, ``parents[:, 0] == -1``, ``0 <= parents[:, i] < i`` for ``i >= 1``.
+        max_depth: width of ``paths`` minus one, default ``T - 1``.
+
+    Returns:
+        ``TreeBuffers(mask [B,T,T] bool, depth [B,T], first_child [B,T], next_sibling [B,T],
+        paths [B,T,max_depth+1])``, int64 with ``-1`` padding. ``parents = [[-1, 0, 0, 1]]`` gives depth
+        ``[0, 1, 1, 2]``, first_child ``[1, 3, -1, -1]``, next_sibling ``[-1, 2, -1, -1]``.
+    """
+    _require_native(parents)
+    return TreeBuffers(*torch.ops.eagle_kernels.build_tree_buffers(parents, max_depth))
+
+
+def tree_positions(prefix_len: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """Position ids of the tree tokens: ``prefix_len[:, None] + depth``.
+
+    Args:
+        prefix_len: ``[B]`` int32 or int64, cached tokens per sequence.
+        depth: ``[B, T]`` int64 (``TreeBuffers.depth``).
+
+    Returns:
+        ``[B, T]`` int64. ``prefix_len = [10]``, ``depth = [[0, 1, 1, 2]]`` gives ``[[10, 11, 11, 12]]``.
+    """
+    _require_native(depth)
+    return torch.ops.eagle_kernels.tree_positions(prefix_len, depth)
+
+
+def advance_seq_lens_(seq_len: torch.Tensor, accept_len: torch.Tensor) -> torch.Tensor:
+    """After acceptance, in place: ``seq_len += accept_len + 1`` (accepted drafts plus the bonus token).
+
+    Args:
+        seq_len: ``[B]`` int32 or int64, contiguous; updated in place and returned.
+        accept_len: ``[B]`` int64 (``AcceptOutput.accept_len``).
+    """
+    _require_native(seq_len)
+    torch.ops.eagle_kernels.advance_seq_lens_(seq_len, accept_len)
+    return seq_len
