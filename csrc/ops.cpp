@@ -2,7 +2,9 @@
 // ops_cuda.cpp (compiled only in a CUDA build) and register under the same schemas.
 #include <tuple>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "ops_common.h"

@@ -3,7 +3,9 @@
 // No host synchronisation: only metadata (shape, dtype, device) is checked; tree validity is NOT (that would
 // need a copy back). An invalid tree gives unspecified, in-bounds outputs; validate on the CPU op when in
 // doubt. Kernels run on the current stream, so the ops can be captured in a CUDA graph.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

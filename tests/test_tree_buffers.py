@@ -13,7 +13,8 @@ native = pytest.mark.skipif(
     tree_buffers._C is None, reason=f"eagle_kernels._C is not built ({tree_buffers._IMPORT_ERROR}); see csrc/README.md"
 )
 native_cuda = pytest.mark.skipif(
-    not tree_buffers.native_cuda_available(), reason="eagle_kernels._C was built without its CUDA ops"
+    not tree_buffers.native_cuda_available(),
+    reason="eagle_kernels._C is not built" if tree_buffers._C is None else "eagle_kernels._C was built without CUDA",
 )
 
 # EAGLE-1 static tree mc_sim_7b_63: root + 25 drafted nodes, depth 5.
