@@ -80,19 +80,16 @@ def tree_attention(
     M = tree_mask.shape[-1]
     group = Hq // Hkv
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    out = torch.empty_like(q)
-    for b in range(B):
-        p = int(prefix_len[b])
-        n = p + M  # slots past the tree are never visible: skip them
-        visible = torch.ones(T, n, dtype=torch.bool, device=q.device)
-        visible[:, p:] = tree_mask[b]
-        k = k_cache[b, :, :n].float().repeat_interleave(group, dim=0)  # [Hq, n, D]
-        v = v_cache[b, :, :n].float().repeat_interleave(group, dim=0)
-        qb = q[b].float().transpose(0, 1)  # [Hq, T, D]
-        scores = (qb @ k.transpose(-1, -2)) * scale  # [Hq, T, n]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out[b] = (probs @ v).transpose(0, 1).to(q.dtype)
+    n = int(prefix_len.max()) + M  # slots past every tree are never visible: skip them
+    rel = torch.arange(n, device=q.device) - prefix_len.view(B, 1)  # slot index relative to each prefix
+    in_tree = tree_mask.gather(2, rel.clamp(0, M - 1).view(B, 1, n).expand(B, T, n))
+    visible = (rel < 0).view(B, 1, n) | ((rel < M).view(B, 1, n) & in_tree)  # [B, T, n]
+    k = k_cache[:, :, :n].float().repeat_interleave(group, dim=1)  # [B, Hq, n, D]
+    v = v_cache[:, :, :n].float().repeat_interleave(group, dim=1)
+    scores = (q.float().transpose(1, 2) @ k.transpose(-1, -2)) * scale  # [B, Hq, T, n]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = (probs @ v).transpose(1, 2).to(q.dtype)
     return out
 
 

@@ -49,6 +49,14 @@ class EagleHead(nn.Module):
         return self.layers[0](x, rope, cache[0], cache[1], prefix_len, write_idx, mask, target.ops)
 
 
+    def forward_causal(self, features, tokens, target: Transformer):
+        """Training forward over whole sequences: position ``i`` reads ``(features[:, i], tokens[:, i])``."""
+        embed = self.embed_tokens if self.embed_tokens is not None else target.embed_tokens
+        x = self.fc(torch.cat([embed(tokens), features.to(self.fc.weight.dtype)], dim=-1))
+        rope = self.rotary(torch.arange(x.shape[1], device=x.device)[None], x.dtype)
+        return self.layers[0].forward_causal(x, rope)
+
+
 def head_config(target_cfg: ModelConfig, **overrides) -> ModelConfig:
     """A head config matching a target (same widths, heads, vocab, rope), dense MLP."""
     d = dict(target_cfg.raw, model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=1)

@@ -80,6 +80,20 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(B, T, -1))
 
 
+    def forward_causal(self, x, rope):
+        """Plain causal self-attention over whole sequences (training and feature extraction; no cache)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+        group = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.transpose(1, 2).repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -134,6 +148,11 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(h, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_causal(self, x, rope):
+        h = self.input_layernorm(x) if self.input_layernorm is not None else x
+        x = x + self.self_attn.forward_causal(h, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Transformer(nn.Module):
     """A LLaMA-family or Mixtral causal LM. ``forward`` returns the final-norm features; ``logits`` the head."""
@@ -172,6 +191,14 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache[2 * i], cache[2 * i + 1], prefix_len, write_idx, mask, self.ops)
         return x
+
+    def forward_causal(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Features of whole sequences ``[B, T]`` from position 0, causal, without a cache (training)."""
+        x = self.embed_tokens(tokens)
+        rope = self.rotary(torch.arange(tokens.shape[1], device=tokens.device)[None], x.dtype)
+        for layer in self.layers:
+            x = layer.forward_causal(x, rope)
+        return self.norm(x)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.lm_head(features)
