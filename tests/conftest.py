@@ -39,3 +39,16 @@ def stories_dir() -> Path:
 @pytest.fixture
 def stories_moe_dir() -> Path:
     return require(STORIES_MOE)
+
+
+@pytest.fixture(scope="session")
+def trained_head_dir(tmp_path_factory) -> Path:
+    """A head for stories260k trained by the project's own training code (about a minute on 2 cores)."""
+    require(STORIES)
+    require(CORPUS / "tinystories_val.txt")
+    from eagle_runtime.train import TrainConfig, train_head
+
+    out = tmp_path_factory.mktemp("head")
+    cfg = TrainConfig(steps=120, batch_size=8, seq_len=128, lr=3e-3, warmup=10, eval_every=120, eval_batches=2)
+    train_head(STORIES, CORPUS / "tinystories_val.txt", out, cfg, progress=False)
+    return out

@@ -116,13 +116,15 @@ def load_target(
     with torch.device("meta"):
         model = Transformer(cfg, max_len)
     state = _to_internal(load_state_dict(d), cfg)
-    _load_strict(model, state, d)
+    _load_strict(model, state, d, skip=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary = type(model.rotary)(cfg, max_len)  # buffers were created on meta
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path, skip=()) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in skip}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -130,4 +132,4 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
     for k, shape in expected.items():
         if tuple(state[k].shape) != tuple(shape):
             raise CheckpointError(f"{k} in {where} has shape {tuple(state[k].shape)}, the config implies {tuple(shape)}")
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state, assign=True, strict=not skip)

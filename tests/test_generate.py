@@ -1,0 +1,226 @@
+"""End-to-end exactness of EAGLE decoding: greedy token-for-token, sampling in distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eagle_kernels import reference
+from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target, random_head
+from eagle_runtime.generate import _load_tokenizer
+
+PROMPTS = [
+    "Once upon a time", "The little dog", "Tom and Sue went to the park", "One day, a bird", "Lily had a big",
+    "The sun was", "A boy named Tim", "In the forest there", "Mom said", "The cat wanted to", "It was a rainy day",
+    "Ben and his friend", "The princess", "There was a tree", "Sam liked to eat", "The red car", "Anna saw a",
+    "Grandpa told a story", "The fish swam", "At night, the moon",
+]
+TREES = {"dynamic": DynamicTree(), "static": StaticTree(), "small": DynamicTree(total_tokens=12, depth=3, top_k=4)}
+
+
+def _model(path, head_dir=None, tree="dynamic"):
+    target = load_target(path, max_len=320)
+    head = load_head(head_dir, target) if head_dir else random_head(target, seed=1)
+    return EagleModel(target, head, _load_tokenizer(path), tree=TREES[tree], backend="torch")
+
+
+def _check_greedy(model, prompts, batch, n=48):
+    plain = model.generate(prompts, n, speculative=False)
+    taus = []
+    for i in range(0, len(prompts), batch):
+        spec = model.generate(prompts[i : i + batch], n)
+        for j, toks in enumerate(spec.tokens):
+            assert toks == plain.tokens[i + j], f"prompt {prompts[i + j]!r}: speculative output differs from greedy"
+        assert all(1 <= a <= model.tree.max_depth + 1 for seq in spec.accept_lengths for a in seq)
+        # the first token comes from the prefill, every later one from a cycle
+        assert sum(map(sum, spec.accept_lengths)) + len(spec.tokens) >= sum(map(len, spec.tokens))
+        taus.append(spec.tau)
+    return sum(taus) / len(taus)
+
+
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_exact_random_head(stories_dir, tree, batch):
+    model = _model(stories_dir, tree=tree)
+    _check_greedy(model, PROMPTS, batch, n=24)
+
+
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_exact_trained_head(stories_dir, trained_head_dir, tree, batch):
+    model = _model(stories_dir, trained_head_dir, tree=tree)
+    tau = _check_greedy(model, PROMPTS, batch)
+    assert tau > 1.8, f"the trained head should draft well, tau = {tau:.2f}"
+
+
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+def test_greedy_exact_moe(stories_moe_dir, stories_dir, trained_head_dir, tree):
+    # the MoE model has the dense model's weights in every expert, so the dense model's head drafts well for it
+    model = _model(stories_moe_dir, trained_head_dir, tree=tree)
+    tau = _check_greedy(model, PROMPTS, 3, n=32)
+    assert tau > 1.8
+    model.head = random_head(model.target)
+    _check_greedy(model, PROMPTS[:6], 3, n=16)
+
+
+def test_batch_rows_equal_their_own_runs(stories_dir, trained_head_dir):
+    model = _model(stories_dir, trained_head_dir, tree="small")
+    prompts = ["Once upon a time there was a girl", "Hi", "The dog ran to the big tree and"]
+    for temperature in (0.0, 1.0):
+        batched = model.generate(prompts, 30, temperature=temperature, seed=5)
+        assert len(batched.accept_lengths) == 3
+        if temperature == 0:
+            for p, toks in zip(prompts, batched.tokens):
+                assert model.generate([p], 30).tokens[0] == toks
+
+
+def test_draft_attention_follows_the_tree(stories_dir, trained_head_dir):
+    """Each drafted node's head output equals running the head along the node's own root path as a chain."""
+    model = _model(stories_dir, trained_head_dir, tree="small")
+    tgt, head, ops = model.target, model.head, model.ops
+    ids = model.encode(["Once upon a time, there was"])
+    state = model._prefill(ids, _sampling(), True)
+    recorded = []
+    step = model._draft_step(state)
+
+    def spy(h_in, tokens, positions, write_pos, mask):
+        out = step(h_in, tokens, positions, write_pos, mask)
+        recorded.append((h_in.clone(), tokens.clone(), positions.clone(), mask.clone(), out[0].clone()))
+        return out
+
+    L = state["L"]
+    model.tree.draft(spy, state["d_hidden"], state["d_logits"], state["next_tok"], L, ops)
+    # Replay every node of the last step: a chain over its ancestors' slots only must give the same output.
+    h_in, tokens, positions, mask, out = recorded[-1]
+    k = model.tree.top_k
+    all_h = torch.cat([r[0] for r in recorded], 1)
+    all_t = torch.cat([r[1] for r in recorded], 1)
+    all_p = torch.cat([r[2] for r in recorded], 1)
+    for i in range(k):
+        anc = mask[0, i].nonzero().flatten()
+        cache = head.new_cache(1, tgt.max_len)
+        cache[:, :, :, : int(L)] = state["d_cache"][:, :, :, : int(L)]
+        chain = torch.tril(torch.ones(len(anc), len(anc), dtype=torch.bool))[None]
+        ref = head(all_h[:, anc], all_t[:, anc], tgt, all_p[:, anc], cache, L, L, chain)
+        torch.testing.assert_close(ref[0, -1], out[0, i], rtol=1e-4, atol=1e-5)
+
+
+def _sampling():
+    from eagle_runtime.generate import _Sampling
+
+    return _Sampling(torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor(0), torch.tensor(0))
+
+
+def _exact_joint(model, ids, temperature, top_k, n=3):
+    """Exact distribution of the first ``n`` tokens of direct sampling from the target (processed support)."""
+    tgt = model.target
+    T0 = len(ids)
+    joint = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        seqs = list(joint)
+        toks = torch.tensor([ids + list(s) for s in seqs])
+        probs = reference.process_logits(
+            tgt.logits(tgt.forward_causal(toks))[:, -1], torch.full((len(seqs),), temperature),
+            torch.ones(len(seqs)), torch.full((len(seqs),), top_k))
+        for s, p in zip(seqs, probs):
+            for t in p.nonzero().flatten().tolist():
+                nxt[s + (t,)] = joint[s] * float(p[t])
+        joint = nxt
+    assert len(joint) == top_k**n and T0 > 0
+    return joint
+
+
+def _spec_counts(model, prompt, samples, temperature, top_k, seed):
+    out = model.generate([prompt] * samples, 3, temperature=temperature, top_k=top_k, seed=seed, stop_on_eos=False)
+    counts = {}
+    for toks in out.tokens:
+        counts[tuple(toks[:3])] = counts.get(tuple(toks[:3]), 0) + 1
+    return counts, out
+
+
+def _chi2_pvalue(counts, joint, n):
+    from scipy.stats import chisquare
+
+    keys = sorted(joint, key=lambda k: -joint[k])
+    exp = [joint[k] * n for k in keys]
+    obs = [counts.get(k, 0) for k in keys]
+    assert sum(obs) == n, "a sample fell outside the target's support"
+    big = [i for i, e in enumerate(exp) if e >= 5]
+    small = [i for i, e in enumerate(exp) if e < 5]
+    o = [obs[i] for i in big] + [sum(obs[i] for i in small)]
+    e = [exp[i] for i in big] + [sum(exp[i] for i in small)]
+    return chisquare(o, [x * sum(o) / sum(e) for x in e]).pvalue
+
+
+SAMPLES = 3000
+
+
+@pytest.fixture(scope="module")
+def sampling_model(stories_dir, trained_head_dir):
+    model = _model(stories_dir, trained_head_dir, tree="small")
+    prompt = model.encode("Once upon a time, there was a little")[0]
+    return model, prompt, _exact_joint(model, prompt, 1.0, 4)
+
+
+def test_speculative_sampling_matches_target_distribution(sampling_model):
+    model, prompt, joint = sampling_model
+    counts, out = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
+    assert out.tau > 1.3, "the test must exercise accepted draft tokens"
+    p = _chi2_pvalue(counts, joint, SAMPLES)
+    assert p > 1e-3, f"speculative sampling deviates from the target distribution: chi-square p = {p:.2e}"
+
+
+def test_broken_residual_rule_is_detected(sampling_model, monkeypatch):
+    """Control: a rule that forgets to remove rejected draft tokens from the residual must fail the same test."""
+    model, prompt, joint = sampling_model
+    original = reference.accept_tree
+
+    def broken(target_logits, tree_tokens, parents, temperature, top_p, top_k, seed, offset):
+        # Try only the first child, and on rejection sample from p itself (not the residual): biased towards it.
+        res = original(target_logits, tree_tokens, parents, temperature, top_p, top_k, seed, offset)
+        probs = reference.process_logits(target_logits, temperature, top_p, top_k)
+        B, T, V = target_logits.shape
+        nxt = res.next_token.clone()
+        for b in range(B):
+            node = int(res.accept_path[b, int(res.accept_len[b])])
+            u = reference.hash_uniform(seed, offset, torch.tensor(b), torch.tensor(node), torch.tensor(1), torch.arange(V))
+            nxt[b] = reference._race(probs[b, node], u)
+        return reference.AcceptOutput(res.accept_path, res.accept_len, nxt)
+
+    monkeypatch.setattr(model, "ops", type(model.ops)(**{**model.ops.__dict__, "accept_tree": broken}))
+    counts, _ = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
+    p = _chi2_pvalue(counts, joint, SAMPLES)
+    assert p < 1e-6, f"the broken rule went undetected (p = {p:.2e})"
+
+
+def test_bad_input_errors(stories_dir):
+    model = _model(stories_dir)
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.generate("", 4)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate("Hi", 4, temperature=-0.5)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate("Hi", 4, top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate("Hi", 4, top_p=1.5)
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        model.generate("Hi", 10_000)
+    with pytest.raises(ValueError, match="token ids"):
+        model.generate([[1, 99999]], 4)
+
+
+def test_head_refused_when_it_does_not_fit(tmp_path, stories_dir, trained_head_dir):
+    import json
+    import shutil
+
+    from eagle_runtime.loading import CheckpointError
+
+    for key, val in (("hidden_size", 128), ("vocab_size", 1000)):
+        d = tmp_path / key
+        shutil.copytree(trained_head_dir, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[key] = val
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=key):
+            load_head(d, load_target(stories_dir, max_len=64))

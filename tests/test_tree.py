@@ -1,0 +1,133 @@
+"""Tree buffers against a brute-force construction, and the trees the runtime drafts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from eagle_kernels.reference import build_tree_buffers
+from eagle_runtime.tree import MC_SIM_7B_63, DynamicTree, StaticTree
+
+
+def random_parents(T: int, kind: str, rng: random.Random) -> list[int]:
+    if kind == "chain":
+        return [-1] + list(range(T - 1))
+    if kind == "star":
+        return [-1] + [0] * (T - 1)
+    if kind == "deep":
+        return [-1] + [max(0, i - 1 - rng.randrange(2)) for i in range(1, T)]
+    return [-1] + [rng.randrange(i) for i in range(1, T)]  # wide / random
+
+
+def brute_force(parents: list[int]):
+    T = len(parents)
+    anc = []
+    for i in range(T):
+        chain, j = [], i
+        while j >= 0:
+            chain.append(j)
+            j = parents[j]
+        anc.append(chain[::-1])
+    mask = [[j in anc[i] for j in range(T)] for i in range(T)]
+    depth = [len(a) - 1 for a in anc]
+    children = [[c for c in range(T) if parents[c] == i] for i in range(T)]
+    first = [ch[0] if ch else -1 for ch in children]
+    nxt = [-1] * T
+    for ch in children:
+        for a, b in zip(ch, ch[1:]):
+            nxt[a] = b
+    return mask, depth, first, nxt, anc
+
+
+@pytest.mark.parametrize("kind", ["chain", "star", "deep", "wide", "single"])
+def test_tree_buffers_match_brute_force(kind):
+    rng = random.Random(hash(kind) % 1000)
+    T = 1 if kind == "single" else 23
+    batch = [random_parents(T, kind if kind != "single" else "wide", rng) for _ in range(3)]
+    bufs = build_tree_buffers(torch.tensor(batch))
+    for b, parents in enumerate(batch):
+        mask, depth, first, nxt, anc = brute_force(parents)
+        assert bufs.mask[b].tolist() == mask
+        assert bufs.depth[b].tolist() == depth
+        assert bufs.first_child[b].tolist() == first
+        assert bufs.next_sibling[b].tolist() == nxt
+        for i in range(T):
+            assert bufs.paths[b, i].tolist() == anc[i] + [-1] * (T - len(anc[i]))
+
+
+def test_tree_buffers_reject_bad_parents():
+    with pytest.raises(ValueError):
+        build_tree_buffers(torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError):
+        build_tree_buffers(torch.tensor([[-1, 1]]))
+    with pytest.raises(ValueError, match="depth"):
+        build_tree_buffers(torch.tensor([[-1, 0, 1]]), max_depth=1)
+
+
+def test_static_tree_is_mc_sim_7b_63():
+    t = StaticTree()
+    assert t.num_nodes == 26 and t.max_depth == 5 and len(MC_SIM_7B_63) == 25
+    with pytest.raises(ValueError, match="parent"):
+        StaticTree([[0, 1]])
+
+
+class _FakeStep:
+    """A draft 'head' whose logits depend on the hidden state, to check the drafted tree's structure."""
+
+    def __init__(self, V, H, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(H, V, generator=g)
+        self.E = torch.randn(V, H, generator=g)
+
+    def __call__(self, h_in, tokens, positions, write_pos, mask):
+        h = torch.tanh(h_in + self.E[tokens])
+        return h, h @ self.W
+
+
+def test_dynamic_tree_keeps_best_connected_candidates():
+    from eagle_kernels import get_ops
+
+    ops = get_ops("torch")
+    V, H, B = 37, 8, 2
+    step = _FakeStep(V, H)
+    tree = DynamicTree(total_tokens=15, depth=3, top_k=4)
+    d_hidden = torch.randn(B, H)
+    root = torch.tensor([3, 5])
+    tokens, parents = tree.draft(step, d_hidden, d_hidden @ step.W, root, torch.tensor([4, 9]), ops)
+    assert tokens.shape == parents.shape == (B, 16)
+    build_tree_buffers(parents)  # valid topological tree
+    assert (tokens[:, 0] == root).all()
+    # Brute force: every candidate path's score; the kept set must be the 15 best.
+    for b in range(B):
+        scores = {}
+
+        def expand(path_tokens, h, score, depth):
+            logp = torch.log_softmax(h @ step.W, -1)
+            top = torch.topk(logp, tree.top_k)
+            kids = []
+            for v, t in zip(top.values.tolist(), top.indices.tolist()):
+                scores[tuple(path_tokens + [t])] = score + v
+                kids.append((path_tokens + [t], score + v, torch.tanh(h + step.E[t])))
+            if depth < tree.depth:
+                best = sorted(kids, key=lambda k: -k[1])  # frontier of this level is chosen globally below
+                return best
+            return []
+
+        # level-synchronous expansion like EAGLE-2: the frontier is the global top_k of each level
+        frontier = [([], 0.0, d_hidden[b])]
+        for depth in range(tree.depth + 1):
+            kids = []
+            for path, score, h in frontier:
+                kids += expand(path, h, score, 0)
+            frontier = sorted(kids, key=lambda k: -k[1])[: tree.top_k]
+        best = sorted(scores.values(), reverse=True)[: tree.total_tokens]
+        got = []
+        for i in range(1, 16):
+            path, j = [], i
+            while j > 0:
+                path.append(int(tokens[b, j]))
+                j = int(parents[b, j])
+            got.append(scores[tuple(path[::-1])])
+        assert sorted(got, reverse=True) == pytest.approx(best, abs=1e-5)
