@@ -2,7 +2,9 @@
 
 The ops are registered by the extension as ``torch.ops.eagle_kernels.*`` (C++ on CPU tensors, CUDA kernels on
 CUDA tensors, meta kernels for tracing) and can be captured in CUDA graphs. The wrappers here add the
-:class:`~eagle_kernels.reference.TreeBuffers` result type and a clear error when the extension is missing.
+:class:`~eagle_kernels.reference.TreeBuffers` result type and a clear error (:class:`BackendUnavailable`) when
+the extension is missing; CUDA tensors given to an extension built without CUDA fall back to the reference with
+one warning.
 
 Validation differs by device. The CPU op checks the tree (``parents[:, 0] == -1``, ``0 <= parents[:, i] < i``,
 depth ``<= max_depth``) and raises ``ValueError`` like the reference. The CUDA op never synchronises with the
@@ -12,8 +14,11 @@ deeper than ``max_depth`` gets truncated paths. Validate on the CPU op (or the r
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from . import reference
 from .backend import BackendUnavailable
 from .reference import TreeBuffers
 
@@ -33,7 +38,16 @@ def native_cuda_available() -> bool:
     return _C is not None and bool(_C.with_cuda)
 
 
-def _require_native(t: torch.Tensor) -> None:
+_warned_no_cuda = False
+
+
+def _use_reference(t: torch.Tensor) -> bool:
+    """True (after one warning) for a CUDA tensor when ``_C`` was built without CUDA; raises when ``_C`` is missing.
+
+    ``backend`` picks these wrappers whenever ``_C`` imports, so a CPU-only build on a GPU machine falls back to
+    the reference rather than failing the decode loop (the design's rule for automatic choices).
+    """
+    global _warned_no_cuda
     if _C is None:
         raise BackendUnavailable(
             "eagle_kernels._C (the native extension) is not built: reinstall with "
@@ -41,10 +55,15 @@ def _require_native(t: torch.Tensor) -> None:
             f"or use eagle_kernels.reference instead. Import error: {_IMPORT_ERROR}"
         )
     if t.is_cuda and not _C.with_cuda:
-        raise BackendUnavailable(
-            "eagle_kernels._C was built without CUDA (torch had no CUDA or nvcc was not found at install time); "
-            "rebuild it on a machine with nvcc, or move the tensors to the CPU"
-        )
+        if not _warned_no_cuda:
+            warnings.warn(
+                "eagle_kernels._C was built without CUDA (torch had no CUDA or nvcc was not found at install "
+                "time): using the PyTorch reference for CUDA tensors; rebuild on a machine with nvcc",
+                stacklevel=3,
+            )
+            _warned_no_cuda = True
+        return True
+    return False
 
 
 def build_tree_buffers(parents: torch.Tensor, max_depth: int | None = None) -> TreeBuffers:
@@ -59,7 +78,8 @@ def build_tree_buffers(parents: torch.Tensor, max_depth: int | None = None) -> T
         paths [B,T,max_depth+1])``, int64 with ``-1`` padding. ``parents = [[-1, 0, 0, 1]]`` gives depth
         ``[0, 1, 1, 2]``, first_child ``[1, 3, -1, -1]``, next_sibling ``[-1, 2, -1, -1]``.
     """
-    _require_native(parents)
+    if _use_reference(parents):
+        return reference.build_tree_buffers(parents, max_depth)
     return TreeBuffers(*torch.ops.eagle_kernels.build_tree_buffers(parents, max_depth))
 
 
@@ -73,7 +93,8 @@ def tree_positions(prefix_len: torch.Tensor, depth: torch.Tensor) -> torch.Tenso
     Returns:
         ``[B, T]`` int64. ``prefix_len = [10]``, ``depth = [[0, 1, 1, 2]]`` gives ``[[10, 11, 11, 12]]``.
     """
-    _require_native(depth)
+    if _use_reference(depth):
+        return prefix_len.to(torch.int64)[:, None] + depth
     return torch.ops.eagle_kernels.tree_positions(prefix_len, depth)
 
 
@@ -84,6 +105,7 @@ def advance_seq_lens_(seq_len: torch.Tensor, accept_len: torch.Tensor) -> torch.
         seq_len: ``[B]`` int32 or int64, contiguous; updated in place and returned.
         accept_len: ``[B]`` int64 (``AcceptOutput.accept_len``).
     """
-    _require_native(seq_len)
+    if _use_reference(seq_len):
+        return seq_len.add_(accept_len + 1)
     torch.ops.eagle_kernels.advance_seq_lens_(seq_len, accept_len)
     return seq_len

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -154,6 +156,14 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(tree_buffers, "_C", None)
     with pytest.raises(BackendUnavailable, match="native extension.*is not built"):
         build_tree_buffers(torch.tensor([[-1, 0]]))
+
+
+def test_cuda_tensor_without_cuda_build_falls_back(monkeypatch):
+    monkeypatch.setattr(tree_buffers, "_C", types.SimpleNamespace(with_cuda=False))
+    monkeypatch.setattr(tree_buffers, "_warned_no_cuda", False)
+    with pytest.warns(UserWarning, match="built without CUDA"):
+        assert tree_buffers._use_reference(types.SimpleNamespace(is_cuda=True))
+    assert not tree_buffers._use_reference(torch.zeros(1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
