@@ -20,8 +20,9 @@ tokens sorted by ``(p desc, index asc)``; instead of sorting, the kernel finds t
 * top-p: bisection over the float32 bit patterns of ``p`` (non-negative floats order like their bits) for the
   smallest value ``tau`` whose strictly-greater mass is below ``top_p`` (the crossing token is kept); ties at
   ``tau`` are kept lowest index first while the mass before them stays below ``top_p``;
-* top-k (or the shorter of the two cuts): bisection for the ``L``-th largest value, then, only when ties
-  straddle the cut, a bisection over the index to keep the lowest-index tied tokens.
+* top-k (or the shorter of the two cuts): bisection for the ``L``-th largest value, stopping as soon as exactly
+  ``L`` values lie above the probe; only when ties straddle the cut, a bisection over the index keeps the
+  lowest-index tied tokens.
 
 Each bisection step is one pass over the row (about 31 passes for a cut), paid only on rows where top-k or
 top-p is active and only at nodes the walk visits. ``top_p >= 1`` disables top-p (the reference's float
@@ -191,15 +192,23 @@ def _filter_cut(row, stride_v, V, t, m, s, top_k, top_p, BLOCK_V: tl.constexpr):
         if (L < n_p) | (not use_p):  # the top-k cut is the shorter one: find the L-th largest p
             lo = tl.full([], 0, tl.int32)
             hi = p_max_bits + 1
-            while hi - lo > 1:
+            exact = tl.full([], 0, tl.int32)
+            while (hi - lo > 1) & (exact == 0):
                 mid = (lo + hi) // 2
-                if _count_at_least(row, stride_v, V, t, m, s, mid.to(tl.float32, bitcast=True), BLOCK_V) >= L:
+                cnt = _count_at_least(row, stride_v, V, t, m, s, mid.to(tl.float32, bitcast=True), BLOCK_V)
+                exact = (cnt == L).to(tl.int32)  # exactly L values >= v(mid): that is the cut, stop early
+                if cnt >= L:
                     lo = mid
                 else:
                     hi = mid
-            tau = lo.to(tl.float32, bitcast=True)
-            mass_gt, c_gt, c_eq = _tie_stats(row, stride_v, V, t, m, s, tau, BLOCK_V)
-            need = L - c_gt
+            if exact != 0:
+                tau = (lo - 1).to(tl.float32, bitcast=True)  # p > the float below v(lo)  <=>  p >= v(lo)
+                need = tl.full([], 0, tl.int32)
+                c_eq = tl.full([], 0, tl.int32)
+            else:
+                tau = lo.to(tl.float32, bitcast=True)
+                mass_gt, c_gt, c_eq = _tie_stats(row, stride_v, V, t, m, s, tau, BLOCK_V)
+                need = L - c_gt
         if need < c_eq:  # ties straddle the cut: keep the `need` lowest indices among them
             lo = tl.full([], -1, tl.int32)
             hi = tl.full([], 0, tl.int32) + V - 1

@@ -197,7 +197,8 @@ def _plan(q: torch.Tensor, k_cache: torch.Tensor, M: int, num_splits: int | None
     R = T * (Hq // Hkv)
     BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16: head dim 8 (stories260k) is zero-padded
     BLOCK_R = min(max(16, triton.next_power_of_2(R)), 64)
-    BLOCK_N = 64
+    # fp32 at D=128 with BLOCK_N=64 needs ~180 KB of shared memory at 3 stages (sm_90 compile): halve it
+    BLOCK_N = 32 if (q.dtype == torch.float32 and BLOCK_D > 64) else 64
     # A chunk must be long enough that reading its K/V (4*chunk*D bytes at fp16) outweighs writing and
     # re-reading its partials (about 8*BLOCK_R*D bytes): chunk >= 16 * BLOCK_R keeps partials under ~15%.
     min_chunk = max(256, 16 * BLOCK_R)

@@ -55,16 +55,16 @@ PARENTS = {
 
 
 @pytest.mark.parametrize("shape", list(PARENTS))
-@pytest.mark.parametrize("V", [111, 300])
+@pytest.mark.parametrize("V", [111])
 def test_accept_identical_to_reference(shape, V):
     parents_row = PARENTS[shape]
-    B, T = 14, len(parents_row)
+    B, T = 7, len(parents_row)
     g = torch.Generator().manual_seed(V * T)
     logits = (2.5 * torch.randn(B, T, V, generator=g)).to(DEV)
     parents = torch.tensor([parents_row] * B, device=DEV)
     tokens = _likely_drafts(logits, parents, g)
     temperature, top_p, top_k = _params(B)
-    for seed in (0, 1, 12345, 2**40 + 7):
+    for seed in (0, 12345, 2**40 + 7):
         seed_t, off_t = torch.tensor(seed, device=DEV), torch.tensor(seed % 5, device=DEV)
         out = accept_tree(logits, tokens, parents, temperature, top_p, top_k, seed_t, off_t)
         ref = reference.accept_tree(logits, tokens, parents, temperature, top_p, top_k, seed_t, off_t)
@@ -73,7 +73,7 @@ def test_accept_identical_to_reference(shape, V):
 
 
 def test_sample_identical_to_reference():
-    B, V = 21, 111
+    B, V = 14, 111
     g = torch.Generator().manual_seed(7)
     logits = (2 * torch.randn(B, V, generator=g)).to(DEV, torch.float16)
     temperature, top_p, top_k = _params(B)
@@ -135,9 +135,9 @@ def test_one_hot_rows_are_deterministic():
 
 
 def test_sample_distribution_matches_target():
-    # 800 rows of one logits vector: each row draws from its own stream (counter b). No top-k/top-p here:
+    # 500 rows of one logits vector: each row draws from its own stream (counter b). No top-k/top-p here:
     # their cuts are checked token for token against the reference above, and cost ~30 interpreter passes.
-    B, V, n_rep = 800, 8, 1
+    B, V, n_rep = 500, 8, 1
     logits = torch.linspace(-2, 1.5, V, device=DEV).expand(B, V).contiguous()
     temperature = torch.full((B,), 0.9, device=DEV)
     top_p = torch.ones(B, device=DEV)
@@ -157,7 +157,7 @@ def test_sample_distribution_matches_target():
 
 def test_accept_emits_target_distribution():
     # star tree with 3 drafted children; the first emitted token must follow p(root) whatever the drafts are
-    B, V = 600, 8
+    B, V = 400, 8
     row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], device=DEV)
     logits = row.expand(B, 4, V).contiguous()
     parents = torch.tensor([[-1, 0, 0, 0]] * B, device=DEV)
