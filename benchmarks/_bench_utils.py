@@ -1,0 +1,115 @@
+"""Shared helpers of the kernel benchmarks: timing, copy-bandwidth roofline, result files keyed by device.
+
+On CUDA: ``triton.testing.do_bench`` medians, or CUDA-graph replay timing for microsecond kernels (launch
+overhead dominates those otherwise). On CPU (``--quick``) kernels run once under ``TRITON_INTERPRET=1`` to check
+that the benchmark works; those timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+
+
+def setup(description: str) -> argparse.Namespace:
+    """Parse ``--quick``; on a machine without CUDA switch the Triton interpreter on (before triton is imported)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes; on CPU this is the only mode")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.quick = True
+        print("note: no CUDA device; running tiny shapes under the Triton interpreter. CPU timings are meaningless.")
+    sys.path.insert(0, str(ROOT))
+    return args
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_key() -> dict:
+    import triton
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda or "none"}
+
+
+def time_ms(fn, graph: bool = False) -> float:
+    """Median milliseconds of ``fn()``; ``graph=True`` times the replay of a CUDA graph of ``fn``."""
+    if not torch.cuda.is_available():
+        fn()  # warm-up (interpreter setup)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return triton.testing.do_bench(g.replay, return_mode="median")
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+_COPY_GBS: float | None = None
+
+
+def copy_bandwidth_gbs() -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), the roofline used here."""
+    global _COPY_GBS
+    if _COPY_GBS is None:
+        if not torch.cuda.is_available():
+            _COPY_GBS = float("nan")
+        else:
+            n = 1 << 28  # 512 MiB of bf16 each way: far past L2
+            a = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+            b = torch.empty_like(a)
+            ms = time_ms(lambda: b.copy_(a))
+            _COPY_GBS = 2 * a.numel() * a.element_size() / ms / 1e6
+    return _COPY_GBS
+
+
+def row(op: str, impl: str, shape: dict, ms: float, bytes_moved: float | None = None) -> dict:
+    r = {"op": op, "impl": impl, **shape, "ms": round(ms, 5), "us": round(ms * 1e3, 2)}
+    if bytes_moved is not None:
+        gbs = bytes_moved / ms / 1e6
+        r["GB/s"] = round(gbs, 1)
+        r["frac_copy_bw"] = round(gbs / copy_bandwidth_gbs(), 3) if torch.cuda.is_available() else None
+    return r
+
+
+def report(name: str, rows: list[dict]) -> None:
+    """Print a table and save ``results/<name>__<device>__torch<ver>__triton<ver>.{csv,json}``."""
+    key = device_key()
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    print(f"{name} on {key['device']} (torch {key['torch']}, triton {key['triton']}); "
+          f"copy bandwidth {copy_bandwidth_gbs():.0f} GB/s")
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")) for c in cols))
+    RESULTS.mkdir(exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"{key['device']}__torch{key['torch']}__triton{key['triton']}")
+    stem = RESULTS / f"{name}__{tag}"
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": key, "copy_GBps": copy_bandwidth_gbs(), "rows": rows},
+                                                    indent=1, default=str))
+    print(f"saved {stem}.csv/.json")
