@@ -29,7 +29,7 @@ from ._registry import launch, register_op
 __all__ = ["topk_expand"]
 
 _MAX_K = 128  # larger k goes to the reference (a running top-k in registers stops paying off)
-_BIG = 2**31 - 1
+_BIG = tl.constexpr(2**31 - 1)  # globals read by @triton.jit code must be constexpr
 
 
 @triton.jit
