@@ -267,7 +267,8 @@ def process_logits(
     kk = torch.where((kk <= 0) | (kk > V), torch.full_like(kk, V), kk)
     keep = (rank < kk).expand_as(sorted_p).clone()
     before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each token
-    keep &= before < top_p.float().reshape(shape)
+    tp = top_p.float().reshape(shape)
+    keep &= (before < tp) | (tp >= 1)  # top_p == 1 keeps everything, even where float cumsum reaches 1 early
     keep[..., 0] = True
     kept_sorted = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
     out = torch.zeros_like(probs).scatter(-1, order, kept_sorted)

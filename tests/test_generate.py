@@ -50,7 +50,8 @@ def test_greedy_exact_random_head(stories_dir, tree, batch):
 def test_greedy_exact_trained_head(stories_dir, trained_head_dir, tree, batch):
     model = _model(stories_dir, trained_head_dir, tree=tree)
     tau = _check_greedy(model, PROMPTS, batch)
-    assert tau > 1.8, f"the trained head should draft well, tau = {tau:.2f}"
+    floor = {"dynamic": 2.5, "static": 2.0}[tree]  # a random head gives 1.0
+    assert tau > floor, f"the trained head should draft well, tau = {tau:.2f}"
 
 
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
@@ -191,7 +192,7 @@ def test_broken_residual_rule_is_detected(sampling_model, monkeypatch):
     monkeypatch.setattr(model, "ops", type(model.ops)(**{**model.ops.__dict__, "accept_tree": broken}))
     counts, _ = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
     p = _chi2_pvalue(counts, joint, SAMPLES)
-    assert p < 1e-6, f"the broken rule went undetected (p = {p:.2e})"
+    assert p < 1e-3, f"the broken rule passes the test above (p = {p:.2e})"
 
 
 def test_bad_input_errors(stories_dir):
