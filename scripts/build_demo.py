@@ -1,0 +1,202 @@
+"""Rebuild the embedded demo pair: train the target, train its EAGLE-1 head, measure, write BUILD.json.
+
+    python scripts/build_demo.py                   # everything (about 25 min on 2 idle CPU cores)
+    python scripts/build_demo.py --stages head measure   # keep the target, redo the rest
+
+Outputs ``python/eagle_runtime/demo/{target,head}/`` (HF target checkpoint; EAGLE-1 head as config.json +
+model.safetensors) and ``python/eagle_runtime/demo/BUILD.json`` (settings, target held-out loss/perplexity,
+head top-1 accuracy, plain vs EAGLE timings per draft tree, the chosen tree and its tau). Intermediate files
+(head optimiser state) go to ``--work`` (default ``build/demo_work``, gitignored).
+
+Data come from the repository's sibling ``shared/data`` (read, never copied): TinyStories for both models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without the editable install
+
+from eagle_runtime import DynamicTree, EagleModel, load_head, save_head  # noqa: E402
+from eagle_runtime.demo import DEMO_DIR  # noqa: E402
+from eagle_runtime.train import TrainConfig, train_head  # noqa: E402
+from eagle_runtime.train_target import DEFAULT_TOKENIZER, TargetConfig, read_stories, train_target  # noqa: E402
+
+SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data"))
+HEAD_CORPUS = SHARED / "corpus" / "tinystories_val.txt"
+# Candidate draft trees (total_tokens, depth, top_k): on 2 CPU cores every draft pass costs about as much as
+# one target layer, so small trees win (see the sweep recorded in BUILD.json).
+TREES = [(5, 4, 1), (6, 3, 2), (8, 3, 2), (10, 4, 2), (12, 4, 3), (16, 4, 4)]
+MEASURE_TOKENS = 96
+
+
+def build_target(args) -> dict:
+    cfg = TargetConfig(
+        steps=args.target_steps,
+        max_minutes=args.target_minutes,
+        batch_size=args.target_batch_size,
+        seq_len=args.target_seq_len,
+        seed=args.seed,
+    )
+    out = DEMO_DIR / "target"
+    if out.exists():
+        shutil.rmtree(out)
+    m = train_target(cfg, out, args.tokenizer)
+    (out / "train_metrics.json").rename(Path(args.work) / "target_train_metrics.json")
+    return m
+
+
+def build_head(args) -> dict:
+    cfg = TrainConfig(
+        steps=args.head_steps,
+        batch_size=args.head_batch_size,
+        seq_len=args.head_seq_len,
+        lr=args.head_lr,
+        warmup=30,
+        eval_every=max(1, args.head_steps // 4),
+        eval_batches=8,
+        save_every=10**9,
+        max_minutes=args.head_minutes,
+        seed=args.seed,
+    )
+    work = Path(args.work) / "head"
+    if work.exists():
+        shutil.rmtree(work)
+    res = train_head(DEMO_DIR / "target", args.head_corpus, work, cfg)
+    from eagle_runtime import load_target
+
+    head = load_head(work, load_target(DEMO_DIR / "target"))
+    out = DEMO_DIR / "head"
+    if out.exists():
+        shutil.rmtree(out)
+    save_head(head, out, safetensors=True)
+    evals = [r for r in res["history"] if "eval_acc" in r]
+    return {
+        "steps_done": res["steps"],
+        "config": asdict(cfg),
+        "corpus": Path(args.head_corpus).name,
+        "heldout_top1_accuracy": evals[-1]["eval_acc"] if evals else None,
+        "heldout_loss": evals[-1]["eval_loss"] if evals else None,
+        "final_train_loss": res["history"][-1]["loss"] if res["history"] else None,
+    }
+
+
+def measure(args) -> dict:
+    """Plain vs EAGLE in our runtime on held-out story openings, for each candidate tree; picks the fastest."""
+    model = EagleModel.from_pretrained(DEMO_DIR / "target", DEMO_DIR / "head", backend="torch")
+    stories = read_stories(SHARED / "corpus" / "tinystories_extra.txt")[-args.measure_prompts :]
+    prompts = [" ".join(s.split()[:12]) for s in stories]
+    model.generate(prompts[0], 16, speculative=False)  # warm-up
+    plain_time, plain_tokens = 0.0, []
+    for p in prompts:
+        r = model.generate(p, MEASURE_TOKENS, speculative=False, stop_on_eos=False)
+        plain_time += r.wall_time_s
+        plain_tokens.append(r.tokens[0])
+    n_tok = MEASURE_TOKENS * len(prompts)
+    sweep = []
+    for total, depth, k in TREES:
+        model.tree = DynamicTree(total, depth, k)
+        model.generate(prompts[0], 16)  # warm-up
+        wall, lens, same = 0.0, [], True
+        for i, p in enumerate(prompts):
+            r = model.generate(p, MEASURE_TOKENS, stop_on_eos=False)
+            wall += r.wall_time_s
+            lens += r.accept_lengths[0]
+            same &= r.tokens[0] == plain_tokens[i]
+        sweep.append({
+            "tree": {"total_tokens": total, "depth": depth, "top_k": k},
+            "tokens_per_s": n_tok / wall,
+            "speedup": plain_time / wall,
+            "tau": sum(lens) / len(lens),
+            "identical_to_plain": same,
+        })
+        print(f"tree {total}/{depth}/{k}: tau {sweep[-1]['tau']:.2f}, speedup {sweep[-1]['speedup']:.2f}x", flush=True)
+    best = max(sweep, key=lambda s: s["speedup"])
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": MEASURE_TOKENS,
+        "temperature": 0.0,
+        "plain_tokens_per_s": n_tok / plain_time,
+        "plain_ms_per_token": 1e3 * plain_time / n_tok,
+        "tree_sweep": sweep,
+        "chosen": best,
+        "note": "timings on a shared 2-core CPU are noisy; the speedup is plain wall time / EAGLE wall time, prefill included",
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", nargs="+", default=["target", "head", "measure"], choices=["target", "head", "measure"])
+    p.add_argument("--work", default=str(REPO / "build" / "demo_work"))
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    p.add_argument("--target-steps", type=int, default=2000)
+    p.add_argument("--target-minutes", type=float, default=13.0, help="wall-time budget of the target (cosine follows it)")
+    p.add_argument("--target-batch-size", type=int, default=4)
+    p.add_argument("--target-seq-len", type=int, default=512)
+    p.add_argument("--head-corpus", default=str(HEAD_CORPUS))
+    p.add_argument("--head-steps", type=int, default=1000)
+    p.add_argument("--head-minutes", type=float, default=16.0)
+    p.add_argument("--head-batch-size", type=int, default=8)
+    p.add_argument("--head-seq-len", type=int, default=256)
+    p.add_argument("--head-lr", type=float, default=2e-3)
+    p.add_argument("--measure-prompts", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy 2-core machine)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    info_path = DEMO_DIR / "BUILD.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    t0 = time.time()
+    stage_s = {}
+    if "target" in args.stages:
+        info["target"] = {k: v for k, v in build_target(args).items()}
+        info["target"]["config"].pop("train_files")
+        info["target"]["config"].pop("heldout_file")
+        info["target"]["data"] = {"train": ["tinystories_val.txt", "tinystories_extra.txt"], "heldout": "tinystories_extra.txt (last stories)"}
+        stage_s["target"] = time.time() - t0
+    if "head" in args.stages:
+        t1 = time.time()
+        info["head"] = build_head(args)
+        stage_s["head"] = time.time() - t1
+    if "measure" in args.stages:
+        t1 = time.time()
+        info["measure"] = measure(args)
+        stage_s["measure"] = time.time() - t1
+        info["tree"] = info["measure"]["chosen"]["tree"]
+        info["tau"] = info["measure"]["chosen"]["tau"]
+    build = info.get("build", {})
+    for stage, sec in stage_s.items():  # a partial rebuild keeps the other stages' records
+        build.setdefault("stages", {})[stage] = {
+            "command": "python scripts/build_demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "seconds": round(sec, 1),
+        }
+    build.pop("command", None)
+    build.pop("seconds", None)
+    info["build"] = {
+        **build,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    sizes = {d: sum(f.stat().st_size for f in (DEMO_DIR / d).iterdir()) for d in ("target", "head") if (DEMO_DIR / d).is_dir()}
+    info["sizes_bytes"] = sizes
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps({k: info[k] for k in info if k not in ("measure",)}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
