@@ -225,3 +225,21 @@ def test_head_refused_when_it_does_not_fit(tmp_path, stories_dir, trained_head_d
         (d / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match=key):
             load_head(d, load_target(stories_dir, max_len=64))
+
+
+@pytest.mark.parametrize("tree", ["small", "static"])
+def test_greedy_exact_triton_backend(stories_dir, trained_head_dir, tree):
+    """The runtime on the Triton kernels (the interpreter on CPU, compiled on a GPU) stays exact."""
+    from eagle_kernels import triton_available
+
+    ok, why = triton_available()
+    if not ok:
+        pytest.skip(why)
+    model = _model(stories_dir, trained_head_dir, tree=tree)
+    prompts = PROMPTS[:3]
+    plain = model.generate(prompts, 20, speculative=False)
+    model.set_backend("triton")
+    spec = model.generate(prompts, 20)
+    assert model.ops.name == "triton"
+    assert spec.tokens == plain.tokens
+    assert spec.tau > 1.5
