@@ -118,10 +118,9 @@ def save_head(head: EagleHead, directory: str | Path, safetensors: bool = False)
     return d
 
 
-def random_head(target: Transformer, seed: int = 0, std: float = 0.02) -> EagleHead:
-    """A randomly initialised head shaped for ``target`` (tests, and the start of training)."""
+def init_head_(head: EagleHead, seed: int = 0, std: float | None = None) -> EagleHead:
+    """Initialise in place: norms 1, biases 0, weights N(0, std) (default std ``1 / sqrt(fan_in)``)."""
     g = torch.Generator().manual_seed(seed)
-    head = EagleHead(head_config(target.cfg), target.max_len)
     with torch.no_grad():
         for name, p in head.named_parameters():
             if name.endswith("layernorm.weight"):
@@ -129,6 +128,13 @@ def random_head(target: Transformer, seed: int = 0, std: float = 0.02) -> EagleH
             elif name.endswith("bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                s = std if std is not None else p.shape[-1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=g).to(p.device) * s)
+    return head
+
+
+def random_head(target: Transformer, seed: int = 0, std: float = 0.02) -> EagleHead:
+    """A randomly initialised head shaped for ``target`` (tests; a random head drafts badly but stays exact)."""
+    head = init_head_(EagleHead(head_config(target.cfg), target.max_len), seed, std)
     w = target.embed_tokens.weight
     return head.to(device=w.device, dtype=w.dtype).eval().requires_grad_(False)

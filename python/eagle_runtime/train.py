@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .draft import EagleHead, head_config, save_head
+from .draft import EagleHead, head_config, init_head_, save_head
 from .loading import load_target
 from .model import Transformer
 
@@ -192,7 +192,7 @@ def train_head(
     train_t, train_m = pack(docs[n_hold:], cfg.seq_len)
     hold_t, hold_m = pack(docs[:n_hold], cfg.seq_len)
     head = EagleHead(head_config(target.cfg), target.max_len).to(dev)
-    _init_head(head, cfg.seed)
+    init_head_(head, cfg.seed)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,18 +250,6 @@ def evaluate(head: EagleHead, target: Transformer, tokens, mask, cfg: TrainConfi
         losses.append(loss.item())
         accs.append(acc.item())
     return {"eval_loss": sum(losses) / len(losses), "eval_acc": sum(accs) / len(accs)}
-
-
-def _init_head(head: EagleHead, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in head.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / math.sqrt(p.shape[-1])))
 
 
 def _save(head, opt, step, history, out: Path, cfg: TrainConfig) -> None:
