@@ -1,0 +1,436 @@
+"""End-to-end speed on MT-bench: plain decoding vs EAGLE in our runtime, and HF transformers ``generate``.
+
+    python benchmarks/mtbench_speed.py                       # the embedded demo pair, cuda if present else cpu
+    python benchmarks/mtbench_speed.py --base lmsys/vicuna-7b-v1.3 --draft yuhuili/EAGLE-Vicuna-7B-v1.3 \\
+        --num-questions 80 --max-new-tokens 512 --tree dynamic
+
+Questions: ``--questions FILE`` (MT-bench jsonl: question_id, category, turns[2]); by default the shared
+``mt_bench.jsonl`` beside the repository when it is there, else a built-in set of 16 two-turn questions in
+MT-bench's 8 categories. ``--num-questions N`` takes them round-robin over the categories. Both turns run; as in
+the official evaluation the second turn's prompt holds the first turn's answer. So that every method decodes the
+same prompts, that answer is plain decoding's at the same temperature. Prompts use the tokenizer's chat template
+when it has one, else ``User: ...\\nAssistant:``; a prompt longer than the context allows keeps its last tokens.
+
+Per temperature (``--temperatures``, default 0 and 1): tokens/s of each method (prefill included, one warm-up
+generation per method excluded), speedups over plain, EAGLE's mean accepted length tau (accepted drafts + the
+bonus token per cycle) and acceptance histogram, a per-category table, and at temperature 0 whether EAGLE's
+outputs are token-identical to plain decoding's. Writes ``mtbench_<device>.json`` (every printed field) and
+``mtbench_<device>.png`` into ``--out`` (default ``results/`` at the repository root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without the editable install
+
+from eagle_runtime import DynamicTree, EagleModel, StaticTree  # noqa: E402
+
+DEFAULT_QUESTIONS = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data")) / "bench" / "mt_bench.jsonl"
+CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
+METHODS = ["plain", "eagle", "hf"]
+# Columns of the printed tables; each is a key of the matching JSON entry (tests/test_demo_and_bench.py checks).
+SUMMARY_COLUMNS = ["method", "tokens", "time_s", "prefill_s", "tokens_per_s", "ms_per_token", "speedup", "tau"]
+CATEGORY_COLUMNS = ["category", "plain_tokens_per_s", "eagle_tokens_per_s", "hf_tokens_per_s", "speedup", "tau"]
+
+# Used when the MT-bench file is not reachable: two questions per MT-bench category, written for this benchmark.
+BUILTIN_QUESTIONS = [
+    ("writing", "Write a short story about a lighthouse keeper who finds a message in a bottle.", "Now retell the story as a four-line poem."),
+    ("writing", "Write a friendly letter inviting your neighbours to a garden party on Saturday.", "Make the letter half as long and more formal."),
+    ("roleplay", "Pretend you are a pirate captain. Tell your crew why you are sailing to a new island.", "A sailor asks if there is treasure there. What do you answer?"),
+    ("roleplay", "You are a friendly dragon meeting a child in the forest. What do you say first?", "The child is scared. How do you calm them down?"),
+    ("reasoning", "Tom is taller than Ann. Ann is taller than Ben. Who is the shortest of the three?", "If Ben grows taller than Tom, who is the tallest now?"),
+    ("reasoning", "A box has three red balls and two blue balls. You take out two red balls. What is left in the box?", "Now you put one blue ball back in. How many balls are in the box?"),
+    ("math", "What is 17 plus 25? Explain each step.", "Now multiply the result by 3."),
+    ("math", "A farmer has 12 apples and gives a third of them to his friend. How many apples does he keep?", "He then buys 5 more apples. How many does he have now?"),
+    ("coding", "Write a Python function that returns the largest number in a list.", "Change the function so that it works on an empty list."),
+    ("coding", "Explain what a for loop does, with a small example in Python.", "Rewrite the example using a while loop."),
+    ("extraction", "From this sentence, list the animals: 'The cat chased the dog while a bird watched from the tree.'", "Now list the places mentioned in the same sentence."),
+    ("extraction", "Find the name and the age in: 'Lily is seven years old and loves to paint.'", "Return the same information as a JSON object."),
+    ("stem", "Why is the sky blue? Explain it simply.", "Why are sunsets red and orange then?"),
+    ("stem", "What do plants need to grow, and why?", "What happens to a plant that is kept in the dark?"),
+    ("humanities", "Why do people tell stories to children?", "Name a famous fairy tale and explain its lesson."),
+    ("humanities", "What is the purpose of a library in a town?", "How could a library attract more young readers?"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Questions and prompts
+# ----------------------------------------------------------------------------------------------------------------
+def load_questions(path: Path | None, n: int | None) -> tuple[list[dict], str]:
+    """Questions taken round-robin over the categories (so any ``n`` covers them evenly); and their source."""
+    if path is not None:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        source = str(path)
+    else:
+        rows = [{"question_id": i, "category": c, "turns": [a, b]} for i, (c, a, b) in enumerate(BUILTIN_QUESTIONS, 1)]
+        source = "built-in"
+    by_cat: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    order = [c for c in CATEGORIES if c in by_cat] + sorted(c for c in by_cat if c not in CATEGORIES)
+    picked, i = [], 0
+    while len(picked) < len(rows):
+        for c in order:
+            if i < len(by_cat[c]):
+                picked.append(by_cat[c][i])
+        i += 1
+    return picked[:n] if n else picked, source
+
+
+def make_prompt(tokenizer, history: list[tuple[str, str | None]]) -> str:
+    """The conversation so far, ending with the assistant's turn to speak."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = []
+        for user, answer in history:
+            msgs.append({"role": "user", "content": user})
+            if answer is not None:
+                msgs.append({"role": "assistant", "content": answer})
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    parts = []
+    for user, answer in history:
+        parts.append(f"User: {user}\nAssistant:" + (f" {answer}" if answer is not None else ""))
+    return "\n".join(parts)
+
+
+def encode(tokenizer, text: str, budget: int) -> tuple[list[int], bool]:
+    """Token ids of a prompt; a prompt over ``budget`` keeps its first token (BOS) and its last tokens."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    ids = tokenizer(text, add_special_tokens=not has_template)["input_ids"]
+    if len(ids) <= budget:
+        return ids, False
+    return ids[:1] + ids[len(ids) - budget + 1 :], True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runners: each returns (new tokens, wall seconds, prefill seconds, accept lengths)
+# ----------------------------------------------------------------------------------------------------------------
+class OurRunner:
+    def __init__(self, model: EagleModel, speculative: bool):
+        self.model, self.speculative = model, speculative
+
+    def __call__(self, ids, max_new, temperature, seed):
+        r = self.model.generate([ids], max_new, temperature=temperature, seed=seed, speculative=self.speculative)
+        return r.tokens[0], r.wall_time_s, r.prefill_time_s, (r.accept_lengths[0] if self.speculative else [])
+
+
+class HFRunner:
+    """``transformers`` ``generate`` with its default (dynamic) KV cache; no speculation."""
+
+    def __init__(self, base: str, dtype, device, eos: list[int], pad: int | None):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
+        self.device, self.eos, self.pad = torch.device(device), eos, pad
+
+    @torch.inference_mode()
+    def __call__(self, ids, max_new, temperature, seed):
+        x = torch.tensor([ids], device=self.device)
+        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        torch.manual_seed(seed)
+        self._sync()
+        t0 = time.perf_counter()
+        out = self.model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new,
+            eos_token_id=self.eos or None,
+            pad_token_id=self.pad if self.pad is not None else (self.eos[0] if self.eos else 0),
+            **kw,
+        )
+        self._sync()
+        wall = time.perf_counter() - t0
+        new = out[0, len(ids) :].tolist()
+        for i, t in enumerate(new):  # generate pads finished sequences; cut after the first EOS like our runtime
+            if t in self.eos:
+                new = new[: i + 1]
+                break
+        return new, wall, None, []  # generate does not expose its prefill time
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------------
+def parse_tree(spec: str, demo: bool):
+    if spec == "demo" or (spec == "auto" and demo):
+        from eagle_runtime.demo import demo_tree
+
+        return demo_tree()
+    if spec in ("auto", "dynamic"):
+        return DynamicTree()
+    if spec == "static":
+        return StaticTree()
+    m = re.fullmatch(r"(\d+),(\d+),(\d+)", spec)
+    if not m:
+        raise SystemExit(f"--tree {spec!r}: use demo, dynamic, static or TOTAL,DEPTH,TOPK (e.g. 16,4,4)")
+    return DynamicTree(*map(int, m.groups()))
+
+
+def summarize(rows: list[dict], method: str) -> dict:
+    tok = sum(r["tokens"] for r in rows)
+    wall = sum(r["time_s"] for r in rows)
+    lens = [n for r in rows for n in r["accept_lengths"]]
+    hist: dict[str, int] = {}
+    for n in lens:
+        hist[str(n)] = hist.get(str(n), 0) + 1
+    return {
+        "method": method,
+        "generations": len(rows),
+        "tokens": tok,
+        "time_s": wall,
+        "prefill_s": None if any(r["prefill_s"] is None for r in rows) else sum(r["prefill_s"] for r in rows),
+        "tokens_per_s": tok / wall if wall > 0 else None,
+        "ms_per_token": 1e3 * wall / tok if tok else None,
+        "tau": sum(lens) / len(lens) if lens else None,
+        "cycles": len(lens) if lens else None,
+        "accept_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))) if lens else None,
+    }
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    demo = args.base is None
+    if demo:
+        from eagle_runtime.demo import demo_paths
+
+        base, draft = (str(p) for p in demo_paths())
+    else:
+        base, draft = args.base, args.draft
+        if draft is None:
+            raise SystemExit("--base needs --draft (an EAGLE-1 head)")
+    tree = parse_tree(args.tree, demo)
+    model = EagleModel.from_pretrained(base, draft, dtype=dtype, device=device, tree=tree, backend=args.backend, max_len=args.max_len)
+    tok = model.tokenizer
+    if tok is None:
+        raise SystemExit(f"no tokenizer in {base}")
+    cfg = model.target.cfg
+    eos = cfg.eos_token_id
+    runners = {"plain": OurRunner(model, False), "eagle": OurRunner(model, True)}
+    if not args.no_hf:
+        from eagle_runtime.loading import resolve_dir
+
+        runners["hf"] = HFRunner(str(resolve_dir(base)), dtype, device, eos, tok.pad_token_id)
+    methods = [m for m in METHODS if m in runners]
+    qpath = Path(args.questions) if args.questions else (DEFAULT_QUESTIONS if DEFAULT_QUESTIONS.is_file() else None)
+    questions, source = load_questions(qpath, args.num_questions)
+    room = max(tree.num_nodes, tree.draft_slots()) + 2
+    budget = model.target.max_len - args.max_new_tokens - room
+    if budget < 8:
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {model.target.max_len} positions")
+
+    # Warm-up (excluded): one short generation per method.
+    warm_ids, _ = encode(tok, make_prompt(tok, [(questions[0]["turns"][0], None)]), budget)
+    for m in methods:
+        for t in args.temperatures:
+            runners[m](warm_ids, 8, t, args.seed)
+
+    from tqdm import tqdm
+
+    total = len(args.temperatures) * len(questions) * 2 * len(methods)
+    bar = tqdm(total=total, desc="mt-bench", dynamic_ncols=True)
+    results, truncated = {}, 0
+    for temp in args.temperatures:
+        rows = {m: [] for m in methods}
+        identical = {"identical": 0, "total": 0}
+        hf_identical = {"identical": 0, "total": 0}
+        for q in questions:
+            history: list[tuple[str, str | None]] = []
+            for turn, question in enumerate(q["turns"][:2]):
+                ids, cut = encode(tok, make_prompt(tok, history + [(question, None)]), budget)
+                truncated += cut and temp == args.temperatures[0]
+                outs = {}
+                for m in methods:
+                    new, wall, prefill, lens = runners[m](ids, args.max_new_tokens, temp, args.seed + q["question_id"])
+                    outs[m] = new
+                    rows[m].append({
+                        "question_id": q["question_id"], "category": q["category"], "turn": turn + 1,
+                        "prompt_tokens": len(ids), "tokens": len(new), "time_s": wall, "prefill_s": prefill,
+                        "accept_lengths": lens,
+                    })
+                    bar.update(1)
+                if temp == 0:
+                    identical["total"] += 1
+                    identical["identical"] += outs["eagle"] == outs["plain"]
+                    if "hf" in outs:
+                        hf_identical["total"] += 1
+                        hf_identical["identical"] += outs["hf"] == outs["plain"]
+                answer = tok.decode(outs["plain"], skip_special_tokens=True).strip()
+                history.append((question, answer))
+        summary = {m: summarize(rows[m], m) for m in methods}
+        for m in methods:
+            summary[m]["speedup"] = _ratio(summary[m]["tokens_per_s"], summary["plain"]["tokens_per_s"])
+        per_cat = {}
+        for c in dict.fromkeys(q["category"] for q in questions):
+            s = {m: summarize([r for r in rows[m] if r["category"] == c], m) for m in methods}
+            per_cat[c] = {
+                "category": c,
+                **{f"{m}_tokens_per_s": s[m]["tokens_per_s"] for m in methods},
+                "speedup": _ratio(s["eagle"]["tokens_per_s"], s["plain"]["tokens_per_s"]),
+                "tau": s["eagle"]["tau"],
+            }
+        entry = {"temperature": temp, "summary": summary, "per_category": per_cat, "generations": rows}
+        if temp == 0:
+            entry["eagle_identical_to_plain"] = dict(identical, all=identical["identical"] == identical["total"])
+            if "hf" in methods:
+                entry["hf_identical_to_plain"] = dict(hf_identical, all=hf_identical["identical"] == hf_identical["total"])
+        results[f"{temp:g}"] = entry
+    bar.close()
+    import transformers
+
+    return {
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})",
+        "config": {
+            "base": base if not demo else "eagle_runtime.demo target",
+            "draft": draft if not demo else "eagle_runtime.demo head",
+            "questions": source if qpath is None else qpath.name,
+            "num_questions": len(questions),
+            "max_new_tokens": args.max_new_tokens,
+            "temperatures": args.temperatures,
+            "tree": {k: getattr(tree, k) for k in ("total_tokens", "depth", "top_k")} if isinstance(tree, DynamicTree) else "static",
+            "backend": model.ops.name,
+            "dtype": args.dtype,
+            "threads": torch.get_num_threads(),
+            "seed": args.seed,
+            "context": model.target.max_len,
+            "prompts_truncated": int(truncated),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        },
+        "results": results,
+        "benchmark_wall_s": time.perf_counter() - t_start,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
+    line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, width))  # noqa: E731
+    return "\n".join([line(columns)] + [line(x) for x in cells])
+
+
+def report(res: dict) -> str:
+    c = res["config"]
+    out = [f"device: {res['device']}  backend: {c['backend']}  dtype: {c['dtype']}  threads: {c['threads']}  tree: {c['tree']}",
+           f"questions: {c['num_questions']} ({c['questions']}), 2 turns, max_new_tokens {c['max_new_tokens']}, "
+           f"prompts_truncated {c['prompts_truncated']}"]
+    for key, e in res["results"].items():
+        out.append(f"\n== temperature {key} ==")
+        out.append(table(list(e["summary"].values()), SUMMARY_COLUMNS))
+        out.append(f"accept_histogram (eagle): {e['summary']['eagle']['accept_histogram']}")
+        if "eagle_identical_to_plain" in e:
+            i = e["eagle_identical_to_plain"]
+            out.append(f"eagle_identical_to_plain: {i['identical']}/{i['total']} (all={i['all']})")
+        if "hf_identical_to_plain" in e:
+            i = e["hf_identical_to_plain"]
+            out.append(f"hf_identical_to_plain: {i['identical']}/{i['total']} (all={i['all']})")
+        out.append(table(list(e["per_category"].values()), CATEGORY_COLUMNS))
+    out.append(f"\nbenchmark_wall_s: {res['benchmark_wall_s']:.1f}")
+    return "\n".join(out)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = list(res["results"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    methods = list(res["results"][temps[0]]["summary"])
+    for i, m in enumerate(methods):
+        vals = [res["results"][t]["summary"][m]["tokens_per_s"] or 0 for t in temps]
+        axes[0].bar([j + 0.27 * (i - 1) for j in range(len(temps))], vals, width=0.27, label=m)
+    axes[0].set_xticks(range(len(temps)), [f"T={t}" for t in temps])
+    axes[0].set_ylabel("tokens/s")
+    axes[0].set_title("throughput (prefill included)")
+    axes[0].legend()
+    cats = list(res["results"][temps[0]]["per_category"])
+    for i, t in enumerate(temps):
+        vals = [res["results"][t]["per_category"][c]["speedup"] or 0 for c in cats]
+        axes[1].bar([j + 0.4 * (i - 0.5) for j in range(len(cats))], vals, width=0.4, label=f"T={t}")
+    axes[1].axhline(1.0, color="gray", lw=0.8)
+    axes[1].set_xticks(range(len(cats)), cats, rotation=35, ha="right")
+    axes[1].set_ylabel("EAGLE / plain")
+    axes[1].set_title("speedup per category")
+    axes[1].legend()
+    for t in temps:
+        h = res["results"][t]["summary"]["eagle"]["accept_histogram"] or {}
+        n = sum(h.values()) or 1
+        tau = res["results"][t]["summary"]["eagle"]["tau"]
+        axes[2].plot([int(k) for k in h], [v / n for v in h.values()], marker="o", label=f"T={t} (tau {_fmt(tau)})")
+    axes[2].set_xlabel("tokens per cycle")
+    axes[2].set_ylabel("fraction of cycles")
+    axes[2].set_title("EAGLE acceptance")
+    axes[2].legend()
+    fig.suptitle(f"MT-bench speed: {res['config']['base']} on {res['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default=None, help="target: HF directory or hub id (default: the embedded demo pair)")
+    p.add_argument("--draft", default=None, help="EAGLE-1 head: directory or hub id")
+    p.add_argument("--questions", default=None, help="MT-bench jsonl (default: shared mt_bench.jsonl, else built-in)")
+    p.add_argument("--num-questions", type=int, default=16, help="questions taken round-robin over categories (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--tree", default="auto", help="auto (demo tree for the demo pair, else dynamic), dynamic, static, T,D,K")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max-len", type=int, default=None, help="KV cache length (default: the model's context, <= 4096)")
+    # 1 thread on CPU: at these sizes every op is overhead-bound, and a second thread on a busy 2-core machine
+    # made decoding several times slower (270 vs 19 ms/token measured while other jobs ran).
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "results"))
+    args = p.parse_args(argv)
+    res = run(args)
+    print(report(res))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "mtbench_" + re.sub(r"[^A-Za-z0-9]+", "_", res["device"]).strip("_").lower()
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
+    plot(res, out / f"{name}.png")
+    print(f"wrote {out / name}.json and .png")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The embedded demo pair (loads, agrees with transformers, speculates exactly), the target trainer, and the
+MT-bench speed benchmark (its JSON holds every field it prints)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eagle_runtime import EagleModel, load_head, load_target
+from eagle_runtime.demo import build_info, demo_paths, demo_tree
+
+from conftest import CORPUS, ROOT, STORIES, require
+
+BENCH = ROOT / "benchmarks" / "mtbench_speed.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("mtbench_speed", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo pair
+# ----------------------------------------------------------------------------------------------------------------
+def test_demo_pair_is_small_and_described():
+    target, head = demo_paths()
+    size = sum(f.stat().st_size for d in (target, head) for f in d.iterdir())
+    assert size <= 15 * 2**20, f"demo pair is {size / 2**20:.1f} MiB, over the 15 MiB budget"
+    info = build_info()
+    for key in ("target", "head", "tree", "tau"):
+        assert key in info, f"BUILD.json lacks {key!r}"
+    assert info["target"]["heldout_loss"] > 0 and 0 < info["head"]["heldout_top1_accuracy"] <= 1
+
+
+@torch.no_grad()
+def test_demo_target_matches_transformers():
+    from transformers import AutoModelForCausalLM
+
+    target_dir, head_dir = demo_paths()
+    ours = load_target(target_dir)
+    assert ours.cfg.num_layers >= 12, "the demo target must be much deeper than its 1-layer head"
+    hf = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float64).eval()
+    tokens = torch.randint(3, ours.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    ref = hf(tokens).logits
+    hf32 = hf.to(torch.float32)
+    err_hf = (hf32(tokens).logits.double() - ref).abs().max().item()
+    err_ours = (ours.logits(ours.forward_causal(tokens)).double() - ref).abs().max().item()
+    assert err_ours <= 2 * err_hf + 1e-5, f"ours {err_ours:.2e} vs transformers fp32 {err_hf:.2e} (fp64 reference)"
+    load_head(head_dir, ours)  # the head fits its target
+
+
+def test_demo_speculation_is_exact_at_temperature_0():
+    target, head = demo_paths()
+    model = EagleModel.from_pretrained(target, head, tree=demo_tree(), backend="torch")
+    prompt = "Once upon a time, there was a little"
+    plain = model.generate(prompt, 32, speculative=False)
+    spec = model.generate(prompt, 32)
+    assert spec.tokens == plain.tokens
+    assert spec.tau > 1.0, "the trained head should get some drafts accepted"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The target trainer
+# ----------------------------------------------------------------------------------------------------------------
+def test_train_target_writes_a_checkpoint_transformers_loads(tmp_path):
+    from eagle_runtime.train_target import TargetConfig, train_target
+
+    require(STORIES)
+    val, extra = require(CORPUS / "tinystories_val.txt"), require(CORPUS / "tinystories_extra.txt")
+    cfg = TargetConfig(dim=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_position_embeddings=64, seq_len=32,
+                       batch_size=4, steps=6, warmup=2, eval_every=3, eval_tokens=256, heldout_stories=20,
+                       train_files=[str(val)], heldout_file=str(extra))
+    m = train_target(cfg, tmp_path / "t", STORIES, progress=False)
+    assert m["steps_done"] == 6 and m["heldout_loss"] < 6.5  # below uniform over 512 tokens (6.24) + noise
+    assert m["hf_max_abs_logit_diff"] < 1e-4
+    names = {f.name for f in (tmp_path / "t").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "t" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.1.mlp.down_proj.weight"} <= keys
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------------
+def test_builtin_questions_cover_every_category():
+    bench = _bench_module()
+    qs, source = bench.load_questions(None, 8)
+    assert source == "built-in"
+    assert [q["category"] for q in qs] == bench.CATEGORIES
+    assert all(len(q["turns"]) == 2 for q in qs)
+
+
+def test_benchmark_json_holds_every_printed_field(tmp_path):
+    out = tmp_path / "res"
+    cmd = [sys.executable, str(BENCH), "--num-questions", "2", "--max-new-tokens", "16", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jsons = list(out.glob("mtbench_*.json"))
+    assert len(jsons) == 1 and jsons[0].with_suffix(".png").is_file()
+    res = json.loads(jsons[0].read_text())
+    bench = _bench_module()
+    lines = proc.stdout.splitlines()
+
+    # Table headers name JSON keys; scalar lines are "key: value" with key in the JSON.
+    assert sum(line.split() == bench.SUMMARY_COLUMNS for line in lines) == 2
+    assert sum(line.split() == bench.CATEGORY_COLUMNS for line in lines) == 2
+    for entry in res["results"].values():
+        for row in entry["summary"].values():
+            assert set(bench.SUMMARY_COLUMNS) <= set(row)
+        for row in entry["per_category"].values():
+            assert set(bench.CATEGORY_COLUMNS) <= set(row)
+        assert entry["summary"]["eagle"]["accept_histogram"]
+    zero = res["results"]["0"]
+    assert zero["eagle_identical_to_plain"]["all"], zero["eagle_identical_to_plain"]
+    assert zero["eagle_identical_to_plain"]["total"] == 4  # 2 questions x 2 turns
+    for key in ("device", "benchmark_wall_s"):
+        assert key in res
+    for key in ("backend", "dtype", "threads", "tree", "prompts_truncated", "num_questions", "max_new_tokens"):
+        assert key in res["config"]
+    printed_keys = {m.split(":")[0] for m in lines if ": " in m and not m.startswith(("device", "questions", "=="))}
+    known = {"accept_histogram (eagle)", "eagle_identical_to_plain", "hf_identical_to_plain", "benchmark_wall_s"}
+    assert printed_keys <= known, printed_keys - known
+    assert "hf_identical_to_plain" in zero and "benchmark_wall_s" in res
