@@ -1,6 +1,6 @@
 """Rebuild the embedded demo pair: train the target, train its EAGLE-1 head, measure, write BUILD.json.
 
-    python scripts/build_demo.py                   # everything (about 25 min on 2 idle CPU cores)
+    python scripts/build_demo.py                   # everything: about 21 min on 2 CPU cores (13 target, 7 head, 1 measure)
     python scripts/build_demo.py --stages head measure   # keep the target, redo the rest
 
 Outputs ``python/eagle_runtime/demo/{target,head}/`` (HF target checkpoint; EAGLE-1 head as config.json +
