@@ -74,6 +74,37 @@ def _check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def _native_cuda() -> bool:
+    try:
+        from eagle_kernels import _C
+    except ImportError:
+        return False
+    return bool(getattr(_C, "with_cuda", False))
+
+
+def _bucket(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class _CapturedStep:
+    """A decode step captured as one CUDA graph over the fixed state buffers, replayed on every call."""
+
+    def __init__(self, fn, state: dict, sp: _Sampling):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compilation, allocator; the step commits nothing
+            for _ in range(2):
+                fn(state, sp)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(state, sp)
+
+    def __call__(self, state: dict, sp: _Sampling):
+        self.graph.replay()
+        return self.outputs
+
+
 def causal_mask(B: int, T: int, device) -> torch.Tensor:
     return torch.tril(torch.ones(T, T, dtype=torch.bool, device=device)).expand(B, T, T)
 
@@ -87,12 +118,21 @@ class EagleModel:
         tokenizer: a HF tokenizer (optional; without it prompts must be token ids and no text is returned).
         tree: ``"dynamic"``, ``"static"`` or a :class:`DynamicTree` / :class:`StaticTree`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`eagle_kernels.get_ops`).
+        cuda_graphs: on CUDA, capture each decode step (the whole draft + verify + accept cycle, or a plain
+            step) as one CUDA graph per power-of-two batch bucket and replay it; needs the ``triton`` backend
+            and the native extension built with CUDA. Ignored on CPU. Not yet validated on a GPU.
     """
 
-    def __init__(self, target: Transformer, head: EagleHead | None, tokenizer=None, tree="dynamic", backend="auto"):
+    def __init__(
+        self, target: Transformer, head: EagleHead | None, tokenizer=None, tree="dynamic", backend="auto",
+        cuda_graphs: bool = False,
+    ):
         self.target, self.head, self.tokenizer = target, head, tokenizer
         self.tree = make_tree(tree)
         self.set_backend(backend)
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict = {}
+        self._buffers: dict = {}
 
     @classmethod
     def from_pretrained(
@@ -110,6 +150,17 @@ class EagleModel:
         target = load_target(base, dtype=dtype, device=device, max_len=max_len)
         head = load_head(draft, target) if draft is not None else None
         return cls(target, head, _load_tokenizer(base), tree=tree, backend=backend)
+
+    def _graphs_possible(self, device: torch.device) -> bool:
+        return bool(self.cuda_graphs) and device.type == "cuda"
+
+    def _buffer(self, key, make):
+        """Per-bucket buffers kept across calls when graphs are on (fixed addresses); fresh ones otherwise."""
+        if not self._graphs_possible(self.target.embed_tokens.weight.device):
+            return make()
+        if key not in self._buffers:
+            self._buffers[key] = make()
+        return self._buffers[key]
 
     def set_backend(self, backend: str) -> None:
         self.ops = get_ops(backend)
@@ -156,7 +207,11 @@ class EagleModel:
         if speculative and self.head is None:
             raise ValueError("speculative decoding needs a draft head (load one with draft=...)")
         ids = self.encode(prompts)
-        B, dev = len(ids), self.target.embed_tokens.weight.device
+        B_user, dev = len(ids), self.target.embed_tokens.weight.device
+        if self._graphs_possible(dev):
+            # pad to a power-of-two bucket so one captured graph serves every batch size up to it
+            ids = ids + [ids[-1]] * (_bucket(B_user) - B_user)
+        B = len(ids)
         tree = self.tree
         extra = max(tree.num_nodes, tree.draft_slots()) if speculative else 1
         need = max(len(p) for p in ids) + max_new_tokens + extra + 1
@@ -165,13 +220,14 @@ class EagleModel:
                 f"prompt ({max(len(p) for p in ids)} tokens) + max_new_tokens ({max_new_tokens}) + tree room ({extra}) "
                 f"exceeds the cache of {self.target.max_len} positions; shorten them or load with a larger max_len"
             )
-        sp = _Sampling(
-            torch.full((B,), float(temperature), device=dev),
-            torch.full((B,), float(top_p), device=dev),
-            torch.full((B,), int(top_k), dtype=torch.long, device=dev),
-            torch.tensor(int(seed), dtype=torch.long, device=dev),
-            torch.zeros((), dtype=torch.long, device=dev),
-        )
+        sp = self._buffer(("sampling", B), lambda: _Sampling(
+            torch.empty(B, device=dev), torch.empty(B, device=dev), torch.empty(B, dtype=torch.long, device=dev),
+            torch.empty((), dtype=torch.long, device=dev), torch.empty((), dtype=torch.long, device=dev)))
+        sp.temperature.fill_(float(temperature))
+        sp.top_p.fill_(float(top_p))
+        sp.top_k.fill_(int(top_k))
+        sp.seed.fill_(int(seed))
+        sp.offset.zero_()
         eos = self.target.cfg.eos_token_id if stop_on_eos else []
         t0 = time.perf_counter()
         state = self._prefill(ids, sp, speculative)
@@ -184,9 +240,12 @@ class EagleModel:
         out_len = torch.ones(B, dtype=torch.long, device=dev)
         eos_t = torch.tensor(eos or [-1], device=dev)
         finished = torch.isin(state["next_tok"], eos_t) | (out_len >= max_new_tokens)
+        finished[B_user:] = True  # bucket padding rows
         hist = []
+        step = self._step_fn(state, sp, speculative)
         while not bool(finished.all()):
-            emitted, n_emit = self._cycle(state, sp) if speculative else self._plain_step(state, sp)
+            emitted, n_emit, updates = step(state, sp)
+            self._commit(state, sp, updates)
             j = torch.arange(emitted.shape[1], device=dev)
             valid = (j[None] < n_emit[:, None]) & ~finished[:, None]
             pos = torch.where(valid, out_len[:, None] + j, out.shape[1] - 1)
@@ -198,7 +257,27 @@ class EagleModel:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         wall = time.perf_counter() - t0
-        return self._result(ids, out, out_len, hist, max_new_tokens, eos, wall, t_prefill, speculative)
+        return self._result(ids[:B_user], out, out_len, hist, max_new_tokens, eos, wall, t_prefill, speculative)
+
+    def _step_fn(self, state: dict, sp: _Sampling, speculative: bool):
+        """The eager step, or a CUDA graph of it captured once per (batch bucket, mode) and replayed after."""
+        fn = self._cycle if speculative else self._plain_step
+        if not self._use_graphs(state["L"].device):
+            return fn
+        key = (state["L"].shape[0], speculative, id(self.tree))
+        if key not in self._graphs:
+            self._graphs[key] = _CapturedStep(fn, state, sp)
+        return self._graphs[key]
+
+    def _use_graphs(self, device: torch.device) -> bool:
+        if not self.cuda_graphs or device.type != "cuda":
+            return False
+        if self.ops.name != "triton" or not _native_cuda():
+            raise RuntimeError(
+                "CUDA graphs need the sync-free ops: backend 'triton' and eagle_kernels._C built with CUDA "
+                "(pass cuda_graphs=False to run eagerly)"
+            )
+        return True
 
     # ----------------------------------------------------------------------------------------------------------
     def _prefill(self, ids: list[list[int]], sp: _Sampling, speculative: bool) -> dict:
@@ -211,32 +290,41 @@ class EagleModel:
         zero = torch.zeros(B, dtype=torch.long, device=dev)
         pos = torch.arange(P, device=dev).expand(B, P)
         mask = causal_mask(B, P, dev)
-        cache = tgt.new_cache(B)
+        cache = self._buffer(("cache", B), lambda: tgt.new_cache(B))
         feats = tgt(tokens, pos, cache, zero, zero, mask)
         last = feats.gather(1, (n - 1)[:, None, None].expand(B, 1, feats.shape[-1]))[:, 0]
         first = self.ops.sample_tokens(tgt.logits(last), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         sp.offset += 1
         state = {"cache": cache, "L": n.clone(), "next_tok": first}
+        if self._graphs_possible(dev):  # graphs read fixed addresses: copy into this bucket's buffers
+            fixed = self._buffer(("state", B, speculative), lambda: {"L": n.clone(), "next_tok": first.clone()})
+            fixed["L"].copy_(n)
+            fixed["next_tok"].copy_(first)
+            state.update(fixed)
         if speculative:
             # head input at position i: (f_i, t_{i+1}); the last pair uses the token just sampled
             shifted = torch.cat([tokens[:, 1:], torch.zeros(B, 1, dtype=torch.long, device=dev)], dim=1)
             shifted.scatter_(1, (n - 1)[:, None], first[:, None])
-            d_cache = self.head.new_cache(B, tgt.max_len)
+            d_cache = self._buffer(("d_cache", B), lambda: self.head.new_cache(B, tgt.max_len))
             d_out = self.head(feats, shifted, tgt, pos, d_cache, zero, zero, mask)
             d_last = d_out.gather(1, (n - 1)[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
-            state.update(d_cache=d_cache, d_hidden=d_last, d_logits=tgt.logits(d_last))
+            d_logits = tgt.logits(d_last)
+            if self._graphs_possible(dev):
+                fixed = self._buffer(("draft", B), lambda: {"d_hidden": d_last.clone(), "d_logits": d_logits.clone()})
+                fixed["d_hidden"].copy_(d_last)
+                fixed["d_logits"].copy_(d_logits)
+                d_last, d_logits = fixed["d_hidden"], fixed["d_logits"]
+            state.update(d_cache=d_cache, d_hidden=d_last, d_logits=d_logits)
         return state
 
     def _plain_step(self, state: dict, sp: _Sampling):
+        """One plain decoding step. Like :meth:`_cycle` it only reads ``state``; :meth:`_commit` applies it."""
         tgt, L = self.target, state["L"]
         B = L.shape[0]
         ones = torch.ones(B, 1, 1, dtype=torch.bool, device=L.device)
         feats = tgt(state["next_tok"][:, None], L[:, None], state["cache"], L, L, ones)
         nxt = self.ops.sample_tokens(tgt.logits(feats[:, 0]), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
-        sp.offset += 1
-        state["L"] = L + 1
-        state["next_tok"] = nxt
-        return nxt[:, None], torch.ones_like(L)
+        return nxt[:, None], torch.ones_like(L), {"L": L + 1, "next_tok": nxt, "offset": sp.offset + 1}
 
     def _draft_step(self, state: dict):
         head, tgt, L = self.head, self.target, state["L"]
@@ -248,7 +336,11 @@ class EagleModel:
         return step
 
     def _cycle(self, state: dict, sp: _Sampling):
-        """One draft -> verify -> accept -> update cycle. Returns the emitted tokens ``[B, W]`` and their count."""
+        """One draft -> verify -> accept cycle: the emitted tokens ``[B, W]``, their count and the state updates.
+
+        Only cache slots past the committed length are written (tree K/V, compaction, the head's re-read of the
+        accepted path), and ``state``/``sp`` are read, not assigned: running it again before :meth:`_commit`
+        gives the same result, which CUDA-graph warm-up and capture rely on."""
         tgt, ops, tree = self.target, self.ops, self.tree
         L, root = state["L"], state["next_tok"]
         B, dev = L.shape[0], L.device
@@ -256,7 +348,6 @@ class EagleModel:
         bufs = ops.build_tree_buffers(parents, tree.max_depth)
         feats = tgt(tokens, L[:, None] + bufs.depth, state["cache"], L, L, bufs.mask)
         acc = ops.accept_tree(tgt.logits(feats), tokens, parents, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
-        sp.offset += 1
         ops.kv_compact(state["cache"], L, acc.accept_path, acc.accept_len)
         # The accepted path (root first) and the token after it; the head re-reads them with true features.
         W = tree.max_depth + 1
@@ -269,8 +360,15 @@ class EagleModel:
         d_out = self.head(path_feats, emitted, tgt, L[:, None] + j, state["d_cache"], L, L, causal_mask(B, W, dev))
         d_last = d_out.gather(1, acc.accept_len[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
         n_emit = acc.accept_len + 1
-        state.update(L=L + n_emit, next_tok=acc.next_token, d_hidden=d_last, d_logits=tgt.logits(d_last))
-        return emitted, n_emit
+        updates = {"L": L + n_emit, "next_tok": acc.next_token, "d_hidden": d_last, "d_logits": tgt.logits(d_last),
+                   "offset": sp.offset + 1}
+        return emitted, n_emit, updates
+
+    @staticmethod
+    def _commit(state: dict, sp: _Sampling, updates: dict) -> None:
+        """Apply a step's updates in place, so that captured graphs keep reading the same buffers."""
+        for key, value in updates.items():
+            (sp.offset if key == "offset" else state[key]).copy_(value)
 
     def _result(self, ids, out, out_len, hist, max_new, eos, wall, t_prefill, speculative) -> GenerationResult:
         out_l, len_l = out.tolist(), out_len.tolist()

@@ -111,15 +111,31 @@ def load_target(
 ) -> Transformer:
     """Our :class:`Transformer` with the weights of a HF LLaMA-family or Mixtral checkpoint."""
     d = resolve_dir(name_or_path)
-    cfg = ModelConfig.from_file(d / "config.json")
+    config_path = d / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json at {config_path}")
+    with open(config_path) as f:
+        config = json.load(f)
+    ModelConfig.from_dict(config)  # an unsupported architecture is reported before any weights are read
+    try:
+        return target_from_state_dict(config, load_state_dict(d), dtype, device, max_len)
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace("<state dict>", str(d))) from None
+
+
+def target_from_state_dict(
+    config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype, device, max_len: int | None = None
+) -> Transformer:
+    """Our :class:`Transformer` from a HF config dict and HF-named tensors (e.g. a live transformers model)."""
+    cfg = ModelConfig.from_dict(config)
     max_len = max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
     with torch.device("meta"):
         model = Transformer(cfg, max_len)
-    state = _to_internal(load_state_dict(d), cfg)
-    _load_strict(model, state, d, skip=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+    tied = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+    _load_strict(model, _to_internal(state, cfg), Path("<state dict>"), skip=tied)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = type(model.rotary)(cfg, max_len)  # buffers were created on meta
+    model.rotary = type(model.rotary)(cfg, max_len)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -56,18 +56,26 @@ class StaticTree:
         self.max_depth = max(self.depths)
         self.num_nodes = len(parents)
         self.max_rank = max(self.ranks) + 1
+        self._tables: dict = {}
         self._levels = [(self.depths.index(d), len(self.depths) - self.depths[::-1].index(d)) for d in range(self.max_depth + 1)]
 
     def draft_slots(self) -> int:
         return self.num_nodes
 
+    def _device_tables(self, dev: torch.device, ops: Ops):
+        """Parents, ranks and the draft-node mask on ``dev``, made once (no host copies inside a CUDA graph)."""
+        key = str(dev)
+        if key not in self._tables:
+            parents = torch.tensor(self.parents)
+            mask = ops.build_tree_buffers(parents[None], self.max_depth).mask[0, 1:, 1:]
+            self._tables[key] = (parents.to(dev), torch.tensor(self.ranks).to(dev), mask.to(dev))
+        return self._tables[key]
+
     def draft(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops):
         """Draft the fixed tree: level by level, children picked by rank from each parent's top-k."""
         B, dev = root.shape[0], root.device
         T = self.num_nodes
-        parents = torch.tensor(self.parents, device=dev)
-        ranks = torch.tensor(self.ranks, device=dev)
-        full_mask = ops.build_tree_buffers(parents[None].cpu(), self.max_depth).mask[0, 1:, 1:].to(dev)
+        parents, ranks, full_mask = self._device_tables(dev, ops)
         tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
         tokens[:, 0] = root
         hidden = torch.zeros(B, T, d_hidden.shape[-1], dtype=d_hidden.dtype, device=dev)

@@ -1,0 +1,169 @@
+"""Where a decode cycle's time goes, at the Llama-2-7B shape with random weights (nothing is downloaded).
+
+    python benchmarks/cycle_breakdown.py                 # GPU: 7B shape, bf16, prefixes 512 and 2048
+    python benchmarks/cycle_breakdown.py --quick         # any device: a tiny shape, to check the script runs
+
+Reports, per prefix length: plain decode ms/token and its fraction of the roofline (weight bytes over the
+measured device-to-device copy bandwidth); for EAGLE with a 60-token dynamic tree of depth 6: draft, verify and
+accept+update ms per cycle and the whole cycle, eagerly and as a replayed CUDA graph; the tokens/s that follow
+for the papers' acceptance lengths (tau 3.62 for EAGLE-1 and 4.70 for EAGLE-2 on LLaMA2-Chat 7B), labelled as
+projections; and HF transformers ``generate`` (eager, same weights) tokens/s. Results go to
+``results/cycle_breakdown_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from eagle_runtime import DynamicTree, EagleModel, random_head
+from eagle_runtime.generate import _Sampling
+from eagle_runtime.loading import target_from_state_dict
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5)
+PAPER_TAU = {"EAGLE-1 (tau 3.62)": 3.62, "EAGLE-2 (tau 4.70)": 4.70}
+
+
+class Timer:
+    """Device-accurate wall time: CUDA events on a GPU, perf_counter elsewhere."""
+
+    def __init__(self, dev):
+        self.cuda = dev.type == "cuda"
+
+    def __call__(self, fn, reps: int) -> float:
+        fn()  # warm-up
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / reps
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def copy_bandwidth_gbs(dev) -> float | None:
+    if dev.type != "cuda":
+        return None
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    ms = Timer(dev)(lambda: y.copy_(x), 20)
+    return 2 * x.numel() / ms / 1e6  # bytes read + written
+
+
+def build(cfg: dict, dtype, dev, max_len: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(dev):
+        hf = LlamaForCausalLM(LlamaConfig(**cfg, torch_dtype=dtype)).to(dtype).eval()
+    config = dict(hf.config.to_dict(), model_type="llama")
+    target = target_from_state_dict(config, hf.state_dict(), dtype, dev, max_len)
+    return hf, target
+
+
+def measure(model: EagleModel, hf, prefix: int, dev, reps: int) -> dict:
+    tgt = model.target
+    V = tgt.cfg.vocab_size
+    ids = torch.randint(3, V, (prefix,), generator=torch.Generator().manual_seed(prefix)).tolist()
+    timer = Timer(dev)
+    sp = _Sampling(torch.zeros(1, device=dev), torch.ones(1, device=dev), torch.zeros(1, dtype=torch.long, device=dev),
+                   torch.zeros((), dtype=torch.long, device=dev), torch.zeros((), dtype=torch.long, device=dev))
+    row: dict = {"prefix": prefix}
+    with torch.inference_mode():
+        state = model._prefill([ids], sp, speculative=True)
+        row["plain_decode_ms"] = timer(lambda: model._plain_step(state, sp), reps)
+        # phases of one cycle, eager (each phase timed on its own over the same state; nothing is committed)
+        ops, tree, L = model.ops, model.tree, state["L"]
+        step = model._draft_step(state)
+        draft = lambda: tree.draft(step, state["d_hidden"], state["d_logits"], state["next_tok"], L, ops)  # noqa: E731
+        row["draft_ms"] = timer(draft, reps)
+        tokens, parents = draft()
+
+        def verify():
+            bufs = ops.build_tree_buffers(parents, tree.max_depth)
+            return tgt(tokens, L[:, None] + bufs.depth, state["cache"], L, L, bufs.mask)
+
+        row["verify_ms"] = timer(verify, reps)
+        row["cycle_eager_ms"] = timer(lambda: model._cycle(state, sp), reps)
+        row["accept_update_ms"] = row["cycle_eager_ms"] - row["draft_ms"] - row["verify_ms"]
+        if dev.type == "cuda" and model.cuda_graphs:
+            captured = model._step_fn(state, sp, True)
+            row["cycle_graph_ms"] = timer(lambda: captured(state, sp), reps)
+            plain_graph = model._step_fn(state, sp, False)
+            row["plain_decode_graph_ms"] = timer(lambda: plain_graph(state, sp), reps)
+        best_cycle = row.get("cycle_graph_ms", row["cycle_eager_ms"])
+        best_plain = row.get("plain_decode_graph_ms", row["plain_decode_ms"])
+        row["cycle_over_plain"] = best_cycle / best_plain
+        row["plain_tokens_per_s"] = 1e3 / best_plain
+        row["projected_tokens_per_s"] = {k: tau * 1e3 / best_cycle for k, tau in PAPER_TAU.items()}
+        # HF transformers generate, eager, same weights: new tokens per second after a prefill of `prefix`
+        inp = torch.tensor([ids], device=dev)
+        n_new = 32
+        gen = lambda: hf.generate(inp, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)  # noqa: E731
+        row["hf_generate_tokens_per_s"] = n_new * 1e3 / timer(gen, max(1, reps // 10))
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shape, float32, any device")
+    p.add_argument("--prefixes", type=int, nargs="+", default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    a = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = a.quick or dev.type != "cuda"
+    cfg, dtype = (TINY, torch.float32) if quick else (LLAMA2_7B, torch.bfloat16)
+    prefixes = a.prefixes or ([64, 128] if quick else [512, 2048])
+    reps = a.reps or (3 if quick else 50)
+    backend = "triton" if dev.type == "cuda" else "torch"
+    hf, target = build(cfg, dtype, dev, max_len=max(prefixes) + 256)
+    head = random_head(target)
+    model = EagleModel(target, head, None, tree=DynamicTree(60, 6, 10), backend=backend,
+                       cuda_graphs=dev.type == "cuda" and not a.no_graphs)
+    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
+    bw = copy_bandwidth_gbs(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {name}; weights random ({'tiny shape' if quick else 'Llama-2-7B shape'}, {dtype}), "
+          f"nothing downloaded; backend {backend}; copy bandwidth {bw and round(bw)} GB/s")
+    rows = []
+    for prefix in prefixes:
+        row = measure(model, hf, prefix, dev, reps)
+        if bw:
+            floor_ms = weight_bytes / (bw * 1e9) * 1e3
+            row["plain_roofline_fraction"] = floor_ms / row.get("plain_decode_graph_ms", row["plain_decode_ms"])
+        rows.append(row)
+        print(json.dumps(row, indent=1))
+    print("\nprefix  plain ms  draft ms  verify ms  accept+upd ms  cycle eager  cycle graph  cycle/plain  HF tok/s")
+    for r in rows:
+        print(f"{r['prefix']:6d}  {r['plain_decode_ms']:8.2f}  {r['draft_ms']:8.2f}  {r['verify_ms']:9.2f}  "
+              f"{r['accept_update_ms']:13.2f}  {r['cycle_eager_ms']:11.2f}  {r.get('cycle_graph_ms', float('nan')):11.2f}  "
+              f"{r['cycle_over_plain']:11.2f}  {r['hf_generate_tokens_per_s']:8.1f}")
+    print("projected tokens/s (paper tau x measured cycle):",
+          {r["prefix"]: {k: round(v, 1) for k, v in r["projected_tokens_per_s"].items()} for r in rows})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"cycle_breakdown_{name.replace(' ', '_')}.json"
+    info = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "quick": quick,
+            "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw, "rows": rows}
+    path.write_text(json.dumps(info, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
