@@ -169,6 +169,7 @@ def test_speculative_sampling_matches_target_distribution(sampling_model):
     counts, out = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
     assert out.tau > 1.3, "the test must exercise accepted draft tokens"
     p = _chi2_pvalue(counts, joint, SAMPLES)
+    print(f"speculative sampling vs exact target joint of 3 tokens: chi-square p = {p:.3g}, tau {out.tau:.2f}")
     assert p > 1e-3, f"speculative sampling deviates from the target distribution: chi-square p = {p:.2e}"
 
 
@@ -192,6 +193,7 @@ def test_broken_residual_rule_is_detected(sampling_model, monkeypatch):
     monkeypatch.setattr(model, "ops", type(model.ops)(**{**model.ops.__dict__, "accept_tree": broken}))
     counts, _ = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
     p = _chi2_pvalue(counts, joint, SAMPLES)
+    print(f"broken residual rule: chi-square p = {p:.3g}")
     assert p < 1e-3, f"the broken rule passes the test above (p = {p:.2e})"
 
 
