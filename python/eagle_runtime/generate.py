@@ -10,7 +10,7 @@ All per-cycle state lives in device tensors; the only host read per cycle is whe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,7 +60,7 @@ class _Sampling:
     top_p: torch.Tensor
     top_k: torch.Tensor
     seed: torch.Tensor
-    offset: torch.Tensor = field(default=None)
+    offset: torch.Tensor
 
 
 def _check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
@@ -270,7 +270,7 @@ class EagleModel:
         return self._graphs[key]
 
     def _use_graphs(self, device: torch.device) -> bool:
-        if not self.cuda_graphs or device.type != "cuda":
+        if not self._graphs_possible(device):
             return False
         if self.ops.name != "triton" or not _native_cuda():
             raise RuntimeError(
