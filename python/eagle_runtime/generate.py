@@ -105,6 +105,20 @@ class _CapturedStep:
         return self.outputs
 
 
+def _live_len(state: dict) -> torch.Tensor:
+    """The cache length a step runs at: the committed length for live rows, 0 for finished and padding rows.
+
+    A finished row keeps being computed (shapes stay static for batching and CUDA graphs) but its output is
+    discarded; running it at length 0 makes it write only slots ``[0, tree)`` of its own, dead, cache row, so no
+    finished row can run past the cache that :meth:`EagleModel.cache_len_needed` reserves."""
+    return torch.where(state["done"], 0, state["L"])
+
+
+def _advance(state: dict, n_emit: torch.Tensor) -> torch.Tensor:
+    """The committed length after a step: live rows advance by their emitted tokens, finished rows stay."""
+    return torch.where(state["done"], state["L"], state["L"] + n_emit)
+
+
 def causal_mask(B: int, T: int, device) -> torch.Tensor:
     return torch.tril(torch.ones(T, T, dtype=torch.bool, device=device)).expand(B, T, T)
 
@@ -188,6 +202,13 @@ class EagleModel:
             out.append(ids)
         return out
 
+    def cache_len_needed(self, prompts, max_new_tokens: int, speculative: bool = True) -> int:
+        """KV-cache positions :meth:`generate` needs for ``prompts`` (text or ids): the longest prompt, the new
+        tokens, one tree (or one token when plain) and one spare slot. Load with ``max_len`` at least this."""
+        ids = self.encode(prompts)
+        extra = max(self.tree.num_nodes, self.tree.draft_slots()) if speculative else 1
+        return max(len(p) for p in ids) + max_new_tokens + extra + 1
+
     @torch.inference_mode()
     def generate(
         self,
@@ -213,12 +234,12 @@ class EagleModel:
             ids = ids + [ids[-1]] * (_bucket(B_user) - B_user)
         B = len(ids)
         tree = self.tree
-        extra = max(tree.num_nodes, tree.draft_slots()) if speculative else 1
-        need = max(len(p) for p in ids) + max_new_tokens + extra + 1
+        need = self.cache_len_needed(ids, max_new_tokens, speculative)
         if need > self.target.max_len:
             raise ValueError(
-                f"prompt ({max(len(p) for p in ids)} tokens) + max_new_tokens ({max_new_tokens}) + tree room ({extra}) "
-                f"exceeds the cache of {self.target.max_len} positions; shorten them or load with a larger max_len"
+                f"prompt ({max(len(p) for p in ids)} tokens) + max_new_tokens ({max_new_tokens}) + tree room "
+                f"needs {need} cache positions, the cache has {self.target.max_len}; shorten them or load with "
+                f"max_len >= {need}"
             )
         sp = self._buffer(("sampling", B), lambda: _Sampling(
             torch.empty(B, device=dev), torch.empty(B, device=dev), torch.empty(B, dtype=torch.long, device=dev),
@@ -244,6 +265,7 @@ class EagleModel:
         hist = []
         step = self._step_fn(state, sp, speculative)
         while not bool(finished.all()):
+            state["done"].copy_(finished)  # finished rows stop advancing and write only their own dead slots
             emitted, n_emit, updates = step(state, sp)
             self._commit(state, sp, updates)
             j = torch.arange(emitted.shape[1], device=dev)
@@ -295,11 +317,15 @@ class EagleModel:
         last = feats.gather(1, (n - 1)[:, None, None].expand(B, 1, feats.shape[-1]))[:, 0]
         first = self.ops.sample_tokens(tgt.logits(last), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         sp.offset += 1
-        state = {"cache": cache, "L": n.clone(), "next_tok": first}
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        state = {"cache": cache, "L": n.clone(), "next_tok": first, "done": done}
         if self._graphs_possible(dev):  # graphs read fixed addresses: copy into this bucket's buffers
-            fixed = self._buffer(("state", B, speculative), lambda: {"L": n.clone(), "next_tok": first.clone()})
+            fixed = self._buffer(
+                ("state", B, speculative), lambda: {"L": n.clone(), "next_tok": first.clone(), "done": done.clone()}
+            )
             fixed["L"].copy_(n)
             fixed["next_tok"].copy_(first)
+            fixed["done"].zero_()
             state.update(fixed)
         if speculative:
             # head input at position i: (f_i, t_{i+1}); the last pair uses the token just sampled
@@ -319,12 +345,13 @@ class EagleModel:
 
     def _plain_step(self, state: dict, sp: _Sampling):
         """One plain decoding step. Like :meth:`_cycle` it only reads ``state``; :meth:`_commit` applies it."""
-        tgt, L = self.target, state["L"]
+        tgt, L = self.target, _live_len(state)
         B = L.shape[0]
         ones = torch.ones(B, 1, 1, dtype=torch.bool, device=L.device)
         feats = tgt(state["next_tok"][:, None], L[:, None], state["cache"], L, L, ones)
         nxt = self.ops.sample_tokens(tgt.logits(feats[:, 0]), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
-        return nxt[:, None], torch.ones_like(L), {"L": L + 1, "next_tok": nxt, "offset": sp.offset + 1}
+        n_emit = torch.ones_like(L)
+        return nxt[:, None], n_emit, {"L": _advance(state, n_emit), "next_tok": nxt, "offset": sp.offset + 1}
 
     def _draft_step(self, state: dict):
         head, tgt, L = self.head, self.target, state["L"]
@@ -342,7 +369,7 @@ class EagleModel:
         accepted path), and ``state``/``sp`` are read, not assigned: running it again before :meth:`_commit`
         gives the same result, which CUDA-graph warm-up and capture rely on."""
         tgt, ops, tree = self.target, self.ops, self.tree
-        L, root = state["L"], state["next_tok"]
+        L, root = _live_len(state), state["next_tok"]
         B, dev = L.shape[0], L.device
         tokens, parents = tree.draft(self._draft_step(state), state["d_hidden"], state["d_logits"], root, L, ops)
         bufs = ops.build_tree_buffers(parents, tree.max_depth)
@@ -360,7 +387,7 @@ class EagleModel:
         d_out = self.head(path_feats, emitted, tgt, L[:, None] + j, state["d_cache"], L, L, causal_mask(B, W, dev))
         d_last = d_out.gather(1, acc.accept_len[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
         n_emit = acc.accept_len + 1
-        updates = {"L": L + n_emit, "next_tok": acc.next_token, "d_hidden": d_last, "d_logits": tgt.logits(d_last),
+        updates = {"L": _advance(state, n_emit), "next_tok": acc.next_token, "d_hidden": d_last, "d_logits": tgt.logits(d_last),
                    "offset": sp.offset + 1}
         return emitted, n_emit, updates
 
