@@ -121,3 +121,18 @@ def test_graphs_ready_names_the_missing_extension(stories_dir, monkeypatch):
 def test_from_pretrained_defaults(stories_dir):
     model = EagleModel.from_pretrained(stories_dir, max_len=64)
     assert model.target.embed_tokens.weight.dtype == torch.float32 and not model.cuda_graphs
+
+
+def test_kv_compact_on_a_pool_view():
+    from eagle_kernels import reference
+    from eagle_kernels.kv_compact import kv_compact
+
+    full = torch.randn(4, 5, 2, 24, 8)
+    want = full.clone()
+    view, want_view = full[:, :3], want[:, :3]  # the pool's bucket-3 view of a bucket-5 cache
+    prefix = torch.tensor([2, 0, 7])
+    path = torch.tensor([[0, 2, 5, -1], [0, 1, 3, 4], [0, -1, -1, -1]])
+    n = torch.tensor([2, 3, 0])
+    kv_compact(view, prefix, path, n)
+    reference.kv_compact(want_view, prefix, path, n)
+    assert torch.equal(full, want), "the view's moves differ, or rows outside the view were touched"
