@@ -145,6 +145,45 @@ def moe_align(top_i: torch.Tensor, E: int, BLOCK_M: int, P: int) -> tuple[torch.
     return sorted_ids, block_expert  # blocks past the last expert's run get E
 
 
+def _launches(x, w1, w3, w2, sorted_ids, block_expert, topw, hbuf, out_k, K, cfg) -> list:
+    """``[(kernel, grid, args, kwargs)]`` of one call: the launcher runs them, the sm_90 check compiles them."""
+    N, H = x.shape
+    E, I, _ = w1.shape
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=prec,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return [
+        (_moe_gate_up_kernel, cfg["grid_gate_up"], (
+            x, w1, w3, sorted_ids, block_expert, hbuf, N * K, H, I, E,
+            *x.stride(), *w1.stride(), *w3.stride(), *hbuf.stride()), dict(blocks, TOPK=K)),
+        (_moe_down_kernel, cfg["grid_down"], (
+            hbuf, w2, sorted_ids, block_expert, topw, out_k, N * K, H, I, E,
+            *hbuf.stride(), *w2.stride(), *out_k.stride()), blocks),
+    ]
+
+
+def compile_cases(quick: bool):
+    """The sm_90 compile check's launches (``scripts/compile_sm90.py``) at Mixtral-8x7B's expert shapes (E 8,
+    top-2, H 4096, I 14336): decode (1 token), verify of a 61-token tree at batch 1 (and 16), a 512-token
+    prefill; built by the launcher's own :func:`moe_plan` and :func:`_launches` on meta tensors."""
+    E, K, H, I = 8, 2, 4096, 14336
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    for dtype in dtypes:
+        for use, N in ([("decode1", 1), ("verify61", 61)] if quick else
+                       [("decode1", 1), ("verify61", 61), ("verify61x16", 976), ("prefill512", 512)]):
+            cfg = moe_plan(N, K, E, H, I, dtype)
+            x = torch.empty((N, H), dtype=dtype, device="meta")
+            w1 = torch.empty((E, I, H), dtype=dtype, device="meta")
+            w2 = torch.empty((E, H, I), dtype=dtype, device="meta")
+            ids = torch.empty((cfg["P"],), dtype=torch.int32, device="meta")
+            blk = torch.empty((cfg["P"] // cfg["BLOCK_M"],), dtype=torch.int32, device="meta")
+            topw = torch.empty((N * K,), dtype=torch.float32, device="meta")
+            hbuf = torch.empty((cfg["P"], I), dtype=dtype, device="meta")
+            out_k = torch.empty((N * K, H), dtype=torch.float32, device="meta")
+            for kernel, grid, args, kwargs in _launches(x, w1, w1, w2, ids, blk, topw, hbuf, out_k, K, cfg):
+                yield f"{str(dtype)[6:]} Mixtral-8x7B {use}", kernel, grid, args, kwargs
+
+
 def _check(x, top_w, top_i, w1, w3, w2) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be [N, H]; got {tuple(x.shape)}")
@@ -182,19 +221,8 @@ def _moe_experts_op(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, w
     hbuf = torch.empty((cfg["P"], I), device=x.device, dtype=x.dtype)
     out_k = torch.empty((N * K, H), device=x.device, dtype=torch.float32)
     topw = top_w.reshape(-1).float().contiguous()
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    launch(_moe_gate_up_kernel, cfg["grid_gate_up"])(
-        x, w1, w3, sorted_ids, block_expert, hbuf, N * K, H, I, E,
-        *x.stride(), *w1.stride(), *w3.stride(), *hbuf.stride(),
-        TOPK=K, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=prec,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    launch(_moe_down_kernel, cfg["grid_down"])(
-        hbuf, w2, sorted_ids, block_expert, topw, out_k, N * K, H, I, E,
-        *hbuf.stride(), *w2.stride(), *out_k.stride(),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=prec,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    for kernel, grid, args, kwargs in _launches(x, w1, w3, w2, sorted_ids, block_expert, topw, hbuf, out_k, K, cfg):
+        launch(kernel, grid)(*args, **kwargs)
     return out_k.view(N, K, H).sum(1).to(x.dtype)
 
 

@@ -279,6 +279,33 @@ def _tree_attention_fake(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=No
     return torch.empty_like(q)
 
 
+def _launches(q, k_cache, v_cache, prefix_len, mask_u8, out, part_acc, part_m, part_l, scale, cfg) -> list:
+    """``[(kernel, grid, args, kwargs)]`` of one call: the launcher runs them, the sm_90 check compiles them."""
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    R, S_ = cfg["R"], cfg["NUM_SPLITS"]
+    common = dict(GROUP=Hq // Hkv, NUM_SPLITS=S_, MIN_CHUNK=cfg["MIN_CHUNK"], BLOCK_R=cfg["BLOCK_R"],
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"])
+    out_ = [(_tree_attention_kernel, cfg["grid"], (
+        q, k_cache, v_cache, prefix_len, mask_u8, out, part_acc, part_m, part_l,
+        scale, T, mask_u8.shape[2], R, Hkv, D,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_u8.stride(), *out.stride(),
+    ), dict(common, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+            num_stages=2))]
+    if S_ > 1:
+        out_.append((_tree_attention_merge_kernel, cfg["grid"][:2], (
+            prefix_len, out, part_acc, part_m, part_l, R, Hkv, D, *out.stride(),
+        ), dict(common, num_warps=4)))
+    return out_
+
+
+def _partials(cfg, B, Hkv, device):
+    S_, R = cfg["NUM_SPLITS"], cfg["R"]
+    part_acc = torch.empty((S_, B * Hkv, R, cfg["BLOCK_D"]), device=device, dtype=torch.float32)
+    part_m = torch.empty((S_, B * Hkv, R), device=device, dtype=torch.float32)
+    return part_acc, part_m, torch.empty_like(part_m)
+
+
 @register_op("tree_attention", fake=_tree_attention_fake)
 def _tree_attention_op(
     q: torch.Tensor,
@@ -292,33 +319,43 @@ def _tree_attention_op(
     _check(q, k_cache, v_cache, prefix_len, tree_mask, num_splits)
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
-    M = tree_mask.shape[2]
-    cfg = _plan(q, k_cache, M, num_splits)
+    cfg = _plan(q, k_cache, tree_mask.shape[2], num_splits)
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * _LOG2E
     out = torch.empty_like(q)
     mask_u8 = tree_mask.view(torch.uint8)  # same bytes; a plain integer pointer on every Triton version
-    R, S_ = cfg["R"], cfg["NUM_SPLITS"]
-    if S_ > 1:
-        part_acc = torch.empty((S_, B * Hkv, R, cfg["BLOCK_D"]), device=q.device, dtype=torch.float32)
-        part_m = torch.empty((S_, B * Hkv, R), device=q.device, dtype=torch.float32)
-        part_l = torch.empty_like(part_m)
-    else:
-        part_acc = part_m = part_l = out  # unused
-    launch(_tree_attention_kernel, (cfg["tiles"], B * Hkv, S_))(
-        q, k_cache, v_cache, prefix_len, mask_u8, out, part_acc, part_m, part_l,
-        scale, T, M, R, Hkv, D,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_u8.stride(), *out.stride(),
-        GROUP=Hq // Hkv, NUM_SPLITS=S_, MIN_CHUNK=cfg["MIN_CHUNK"], BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=2,
-    )
-    if S_ > 1:
-        launch(_tree_attention_merge_kernel, (cfg["tiles"], B * Hkv))(
-            prefix_len, out, part_acc, part_m, part_l, R, Hkv, D, *out.stride(),
-            GROUP=Hq // Hkv, NUM_SPLITS=S_, MIN_CHUNK=cfg["MIN_CHUNK"], BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=4,
-        )
+    parts = _partials(cfg, B, Hkv, q.device) if cfg["NUM_SPLITS"] > 1 else (out, out, out)  # unused at 1 split
+    for kernel, grid, args, kwargs in _launches(q, k_cache, v_cache, prefix_len, mask_u8, out, *parts, scale, cfg):
+        launch(kernel, grid)(*args, **kwargs)
     return out
+
+
+def compile_cases(quick: bool):
+    """The sm_90 compile check's launches (``scripts/compile_sm90.py``): Llama-2-7B (32/32 heads) and Llama-3-8B
+    (32/8) attention, head dim 128 (and 64), at the runtime's uses: verify of a 61- (and 129-) token tree, a
+    draft step (10 frontier tokens over 60 tree slots), the head's re-read of an 8-token path, plain decode (and
+    a 512-token prefill), batch 1 and 16, a ``[2L, B, Hkv, S, D]`` cache plane. Yields ``(name, kernel, grid,
+    args, kwargs)`` built by the launcher's own :func:`attention_plan` and :func:`_launches` on meta tensors."""
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    uses = [("verify61", 61, 61), ("draft10", 10, 60), ("decode1", 1, 1)]
+    if not quick:
+        uses += [("verify129", 129, 129), ("reread8", 8, 8), ("prefill512", 512, 512)]
+    for dtype in dtypes:
+        for D in ([128] if quick else [128, 64]):
+            for model, Hq, Hkv in (("L2-7B", 32, 32), ("L3-8B", 32, 8)):
+                for use, T, M in uses:
+                    for B in ([1] if quick else [1, 16]):
+                        S = 4096
+                        q = torch.empty((B, T, Hq, D), dtype=dtype, device="meta")
+                        cache = torch.empty((64, B, Hkv, S, D), dtype=dtype, device="meta")
+                        cfg = attention_plan(B, T, Hq, Hkv, D, S, M, dtype, 132)
+                        mask = torch.empty((B, T, M), dtype=torch.uint8, device="meta")
+                        prefix = torch.empty((B,), dtype=torch.int64, device="meta")
+                        parts = _partials(cfg, B, Hkv, "meta")
+                        out = torch.empty_like(q)
+                        name = f"{str(dtype)[6:]} D{D} {model} {use} B{B}"
+                        for kernel, grid, args, kwargs in _launches(q, cache[0], cache[1], prefix, mask, out, *parts,
+                                                                    0.125, cfg):
+                            yield name, kernel, grid, args, kwargs
 
 
 def tree_attention(
