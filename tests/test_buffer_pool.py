@@ -4,6 +4,7 @@ every bucket (views), growth only for a larger bucket, and the graphs defaults /
 from __future__ import annotations
 
 import gc
+import json
 import warnings
 import weakref
 
@@ -136,3 +137,15 @@ def test_kv_compact_on_a_pool_view():
     kv_compact(view, prefix, path, n)
     reference.kv_compact(want_view, prefix, path, n)
     assert torch.equal(full, want), "the view's moves differ, or rows outside the view were touched"
+
+
+@pytest.mark.parametrize("flag", ["--cuda-graphs"])
+def test_cli_graphs_flag(flag, capsys):
+    from eagle_runtime import cli
+    from eagle_runtime.demo import demo_paths
+
+    base, draft = (str(p) for p in demo_paths())
+    rc = cli.main(["generate", "--base", base, "--draft", draft, "--prompt", "Once upon", "--max-new-tokens", "3",
+                   "--backend", "torch", "--json", flag])
+    assert rc == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"][0]) == 3  # CPU: graphs ignored, float32 default
