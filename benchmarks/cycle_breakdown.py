@@ -166,6 +166,7 @@ def plain_step_by_batch(model: EagleModel, dev, batches, prefix: int, reps: int)
             ms = timer(lambda: step(state, sp), reps)
             out.append({"batch": B, "plain_step_ms": ms, "graph": isinstance(step, _CapturedStep),
                         "ms_per_sequence": ms / B})
+            del state, step  # let a larger batch's cache replace this one instead of joining it
     return out
 
 
