@@ -1,4 +1,4 @@
-"""Where a decode cycle's time goes, at the Llama-2-7B and Llama-3-8B shapes with random weights (nothing is downloaded).
+"""Where a decode cycle's time goes, at the Llama-2-7B and Llama-3-8B shapes, random weights (nothing downloaded).
 
     python benchmarks/cycle_breakdown.py                     # GPU: both shapes, bf16, prefixes 512 and 2048
     python benchmarks/cycle_breakdown.py --model llama3-8b   # one shape
@@ -233,7 +233,8 @@ def main() -> None:
     prefixes = a.prefixes or ([64, 128] if quick else [512, 2048])
     reps = a.reps or (3 if quick else 50)
     results = [run_model(n, dtype, dev, prefixes, reps, a.cuda_graphs) for n in names]
-    print("\nmodel      prefix  plain ms  draft ms  verify ms  accept+upd ms  cycle eager  cycle graph  cycle/plain  HF tok/s")
+    print("\nmodel      prefix  plain ms  draft ms  verify ms  accept+upd ms  cycle eager  cycle graph  cycle/plain  "
+          "HF tok/s")
     for res in results:
         for r in res["rows"]:
             print(f"{res['model']:10s} {r['prefix']:6d}  {r['plain_decode_ms']:8.2f}  {r['draft_ms']:8.2f}  "

@@ -168,7 +168,8 @@ def markdown(report: dict) -> str:
         L += [f"**{report['headline']}**: plain step {report['plain_step_ms']:.3f} ms "
               f"({_fmt(report['plain_roofline_fraction'])} of the copy-bandwidth roofline), cycle "
               f"{report['cycle_ms']:.3f} ms = {report['cycle_over_plain']:.2f} plain steps; plain "
-              f"{report['plain_tokens_per_s']:.1f} tok/s vs HF generate {report['hf_generate_tokens_per_s']:.1f} tok/s.",
+              f"{report['plain_tokens_per_s']:.1f} tok/s vs HF generate "
+              f"{report['hf_generate_tokens_per_s']:.1f} tok/s.",
               ""]
     L += ["## Steps", "", "| step | seconds | status |", "|---|---|---|"]
     L += [f"| {s['step']} | {s['seconds']:.1f} | {'ok' if s['ok'] else 'FAILED: ' + s.get('error', '')[:120]} |"
@@ -240,7 +241,8 @@ def main(argv=None) -> int:
             fn()
         except Exception as e:  # noqa: BLE001 - a failed step is part of the report
             entry.update(ok=False, error=f"{type(e).__name__}: {e}")
-            report["errors"].append({"step": name, "error": entry["error"], "traceback": traceback.format_exc()[-3000:]})
+            report["errors"].append({"step": name, "error": entry["error"],
+                                     "traceback": traceback.format_exc()[-3000:]})
             log(f"step {name} FAILED: {entry['error']}")
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         if name == "tests" and report["tests"] is not None and not report["tests"]["ok"]:

@@ -34,8 +34,8 @@ The attention plan (:func:`attention_plan` on the host, :func:`_split_range` in 
 * The chunk sizes come from each sequence's own prefix length, read on the device (no host synchronisation):
   the prefix is cut into ``min(splits, ceil(prefix / MIN_CHUNK))`` shares of whole ``MIN_CHUNK`` units (a
   ``BLOCK_N`` multiple) differing by at most one unit, so a prefix longer than ``(splits - 1) * MIN_CHUNK``
-  keeps every program of the wave busy; splits with nothing to read exit at once. ``MIN_CHUNK = BLOCK_N`` when a tile holds at most 32 rows (the
-  partials, ``8 * BLOCK_R * D`` bytes per split, stay below the chunk's ``4 * MIN_CHUNK * D`` bytes of 16-bit
+  keeps every program of the wave busy; splits with nothing to read exit at once. ``MIN_CHUNK = BLOCK_N`` when
+  a tile holds at most 32 rows (the partials, ``8 * BLOCK_R * D`` bytes per split, stay below the chunk's ``4 * MIN_CHUNK * D`` bytes of 16-bit
   K/V), else ``2 * BLOCK_N``.
 * Base offsets (sequence, KV head, partial rows) are computed in int64: a ``[B, Hkv, S, D]`` plane of 64
   sequences x 8 heads x 32k slots x 128 passes 2^31 elements.

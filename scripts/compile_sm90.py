@@ -256,8 +256,9 @@ def _topk_cases(quick: bool):
                     chunk = triton.cdiv(triton.cdiv(V, splits), 64) * 64
                     splits = triton.cdiv(V, chunk)
                     logits = _meta((B, N, V), dtype)
-                    pv, pi, pm = _meta((B * N * splits * k,), torch.float32), _meta((B * N * splits * k,),
-                                                                                     torch.int32), _meta((B * N * splits,), torch.float32)
+                    pv = _meta((B * N * splits * k,), torch.float32)
+                    pi = _meta((B * N * splits * k,), torch.int32)
+                    pm = _meta((B * N * splits,), torch.float32)
                     name = f"{str(dtype)[6:]} V{V} N{N} k{k} B{B}"
                     yield (name, m._topk_partial_kernel, (B * N, splits),
                            (logits, pv, pi, pm, pm, N, V, chunk, splits, *logits.stride()),
