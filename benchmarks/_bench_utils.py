@@ -94,8 +94,15 @@ def row(op: str, impl: str, shape: dict, ms: float, bytes_moved: float | None = 
     return r
 
 
+# benchmarks/gpu_report.py runs every bench_*.py in one process: it reads the rows each report() call collects
+# here, and turns SAVE off so that a dry run writes only its own report.
+COLLECTED: list[tuple[str, list[dict]]] = []
+SAVE = True
+
+
 def report(name: str, rows: list[dict]) -> None:
     """Print a table and save ``results/<name>__<device>__torch<ver>__triton<ver>.{csv,json}``."""
+    COLLECTED.append((name, rows))
     key = device_key()
     cols = list(dict.fromkeys(c for r in rows for c in r))
     print(f"{name} on {key['device']} (torch {key['torch']}, triton {key['triton']}); "
@@ -103,6 +110,8 @@ def report(name: str, rows: list[dict]) -> None:
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
+    if not SAVE:
+        return
     RESULTS.mkdir(exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"{key['device']}__torch{key['torch']}__triton{key['triton']}")
     stem = RESULTS / f"{name}__{tag}"

@@ -1,19 +1,22 @@
-"""Where a decode cycle's time goes, at the Llama-2-7B shape with random weights (nothing is downloaded).
+"""Where a decode cycle's time goes, at the Llama-2-7B and Llama-3-8B shapes, random weights (nothing downloaded).
 
-    python benchmarks/cycle_breakdown.py                 # GPU: 7B shape, bf16, prefixes 512 and 2048
-    python benchmarks/cycle_breakdown.py --quick         # any device: a tiny shape, to check the script runs
+    python benchmarks/cycle_breakdown.py                     # GPU: both shapes, bf16, prefixes 512 and 2048
+    python benchmarks/cycle_breakdown.py --model llama3-8b   # one shape
+    python benchmarks/cycle_breakdown.py --quick             # any device: a tiny shape, to check the script runs
 
-Reports, per prefix length: plain decode ms/token and its fraction of the roofline (weight bytes over the
-measured device-to-device copy bandwidth); for EAGLE with a 60-token dynamic tree of depth 6: draft, verify and
-accept+update ms per cycle and the whole cycle, eagerly and as a replayed CUDA graph; the tokens/s that follow
-for the papers' acceptance lengths (tau 3.62 for EAGLE-1 and 4.70 for EAGLE-2 on LLaMA2-Chat 7B), labelled as
-projections; and HF transformers ``generate`` (eager, same weights) tokens/s. Results go to
-``results/cycle_breakdown_<device>.json``.
+Reports, per prefix length: plain decode ms/token and its fraction of the roofline (the weight bytes a step reads
+over the measured device-to-device copy bandwidth); for EAGLE with a 60-token dynamic tree of depth 6: draft,
+verify and accept+update ms per cycle and the whole cycle, eagerly and as replayed CUDA graphs (each phase
+captured on its own, and the whole cycle); the tokens/s that follow for the papers' acceptance lengths (tau 3.62
+for EAGLE-1 and 4.70 for EAGLE-2 on LLaMA2-Chat 7B), labelled as projections; and HF transformers ``generate``
+(eager, same weights) tokens/s. Results go to ``results/cycle_breakdown_<device>.json``;
+``benchmarks/gpu_report.py`` calls :func:`run_model`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -22,13 +25,17 @@ from pathlib import Path
 import torch
 
 from eagle_runtime import DynamicTree, EagleModel, random_head
-from eagle_runtime.generate import _Sampling
+from eagle_runtime.generate import _CapturedStep, _Sampling
 from eagle_runtime.loading import target_from_state_dict
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                 rope_theta=500000.0)
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5)
+MODELS = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "tiny": TINY}
 PAPER_TAU = {"EAGLE-1 (tau 3.62)": 3.62, "EAGLE-2 (tau 4.70)": 4.70}
 
 
@@ -55,6 +62,19 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3 / reps
 
 
+def graph_ms(fn, reps: int, pool=None) -> float:
+    """Milliseconds per replay of ``fn`` captured as one CUDA graph (``fn`` must be free of host syncs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        fn()
+    return Timer(torch.device("cuda"))(g.replay, reps)
+
+
 def copy_bandwidth_gbs(dev) -> float | None:
     if dev.type != "cuda":
         return None
@@ -68,8 +88,13 @@ def build(cfg: dict, dtype, dev, max_len: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(dev):
-        hf = LlamaForCausalLM(LlamaConfig(**cfg, torch_dtype=dtype)).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: no float32 copy of 7-8B weights
+    try:
+        with torch.device(dev):
+            hf = LlamaForCausalLM(LlamaConfig(**cfg, torch_dtype=dtype)).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
     config = dict(hf.config.to_dict(), model_type="llama")
     target = target_from_state_dict(config, hf.state_dict(), dtype, dev, max_len)
     return hf, target
@@ -101,8 +126,13 @@ def measure(model: EagleModel, hf, prefix: int, dev, reps: int) -> dict:
         row["cycle_eager_ms"] = timer(lambda: model._cycle(state, sp), reps)
         row["accept_update_ms"] = row["cycle_eager_ms"] - row["draft_ms"] - row["verify_ms"]
         if dev.type == "cuda" and model.cuda_graphs:
+            # each phase as its own graph (they only write cache slots past the committed length), then the
+            # runtime's own captured cycle and plain step
+            row["draft_graph_ms"] = graph_ms(draft, reps)
+            row["verify_graph_ms"] = graph_ms(verify, reps)
             captured = model._step_fn(state, sp, True)
             row["cycle_graph_ms"] = timer(lambda: captured(state, sp), reps)
+            row["accept_update_graph_ms"] = row["cycle_graph_ms"] - row["draft_graph_ms"] - row["verify_graph_ms"]
             plain_graph = model._step_fn(state, sp, False)
             row["plain_decode_graph_ms"] = timer(lambda: plain_graph(state, sp), reps)
         best_cycle = row.get("cycle_graph_ms", row["cycle_eager_ms"])
@@ -118,50 +148,107 @@ def measure(model: EagleModel, hf, prefix: int, dev, reps: int) -> dict:
     return row
 
 
+def plain_step_by_batch(model: EagleModel, dev, batches, prefix: int, reps: int) -> list[dict]:
+    """Plain decode step ms at each batch size (same prefix for every row), replayed as a graph when the model
+    captures graphs: where the per-step cost jumps says which batch buckets are worth a graph of their own."""
+    V = model.target.cfg.vocab_size
+    timer = Timer(dev)
+    out = []
+    with torch.inference_mode():
+        for B in batches:
+            ids = [torch.randint(3, V, (prefix,), generator=torch.Generator().manual_seed(b)).tolist()
+                   for b in range(B)]
+            sp = _Sampling(torch.zeros(B, device=dev), torch.ones(B, device=dev),
+                           torch.zeros(B, dtype=torch.long, device=dev), torch.zeros((), dtype=torch.long, device=dev),
+                           torch.zeros((), dtype=torch.long, device=dev))
+            state = model._prefill(ids, sp, speculative=False)
+            step = model._step_fn(state, sp, False)
+            ms = timer(lambda: step(state, sp), reps)
+            out.append({"batch": B, "plain_step_ms": ms, "graph": isinstance(step, _CapturedStep),
+                        "ms_per_sequence": ms / B})
+            del state, step  # let a larger batch's cache replace this one instead of joining it
+    return out
+
+
+def weight_bytes_per_step(target) -> int:
+    """Bytes of weights one decode step reads: every parameter except the embedding table (one row is read),
+    unless the table is the tied lm_head."""
+    total = sum(p.numel() * p.element_size() for p in target.parameters())
+    if target.lm_head.weight is not target.embed_tokens.weight:
+        e = target.embed_tokens.weight
+        total -= e.numel() * e.element_size()
+    return total
+
+
+def device_name(dev) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+
+
+def run_model(name: str, dtype, dev, prefixes, reps: int, graphs: bool, log=print, batches=()) -> dict:
+    """Build the ``name`` shape (random weights) and measure every prefix; frees the models before returning."""
+    cfg = MODELS[name]
+    backend = "triton" if dev.type == "cuda" else "torch"
+    hf, target = build(cfg, dtype, dev, max_len=max(prefixes) + 256)
+    try:
+        model = EagleModel(target, random_head(target), None, tree=DynamicTree(60, 6, 10), backend=backend,
+                           cuda_graphs=graphs and dev.type == "cuda")
+        wbytes = weight_bytes_per_step(target)
+        bw = copy_bandwidth_gbs(dev)
+        log(f"{name}: device {device_name(dev)}; random weights, {dtype}; backend {backend}; graphs "
+            f"{model.cuda_graphs}; copy bandwidth {bw and round(bw)} GB/s")
+        rows = []
+        for prefix in prefixes:
+            row = measure(model, hf, prefix, dev, reps)
+            if bw:
+                row["plain_roofline_fraction"] = wbytes / (bw * 1e9) * 1e3 / row.get("plain_decode_graph_ms",
+                                                                                   row["plain_decode_ms"])
+            rows.append(row)
+            log(json.dumps(row))
+        by_batch = plain_step_by_batch(model, dev, batches, min(prefixes), reps) if batches else []
+        for r in by_batch:
+            log(json.dumps(r))
+        return {"model": name, "dtype": str(dtype).split(".")[-1], "backend": backend, "graphs": model.cuda_graphs,
+                "weight_bytes_per_step": wbytes, "copy_bandwidth_gbs": bw, "rows": rows,
+                "plain_step_by_batch": by_batch}
+    finally:
+        del hf, target
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shape, float32, any device")
+    p.add_argument("--model", choices=sorted(MODELS), nargs="+", default=None)
     p.add_argument("--prefixes", type=int, nargs="+", default=None)
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     a = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = a.quick or dev.type != "cuda"
-    cfg, dtype = (TINY, torch.float32) if quick else (LLAMA2_7B, torch.bfloat16)
+    dtype = torch.float32 if quick else torch.bfloat16
+    names = a.model or (["tiny"] if quick else ["llama2-7b", "llama3-8b"])
     prefixes = a.prefixes or ([64, 128] if quick else [512, 2048])
     reps = a.reps or (3 if quick else 50)
-    backend = "triton" if dev.type == "cuda" else "torch"
-    hf, target = build(cfg, dtype, dev, max_len=max(prefixes) + 256)
-    head = random_head(target)
-    model = EagleModel(target, head, None, tree=DynamicTree(60, 6, 10), backend=backend,
-                       cuda_graphs=dev.type == "cuda" and not a.no_graphs)
-    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
-    bw = copy_bandwidth_gbs(dev)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    print(f"device {name}; weights random ({'tiny shape' if quick else 'Llama-2-7B shape'}, {dtype}), "
-          f"nothing downloaded; backend {backend}; copy bandwidth {bw and round(bw)} GB/s")
-    rows = []
-    for prefix in prefixes:
-        row = measure(model, hf, prefix, dev, reps)
-        if bw:
-            floor_ms = weight_bytes / (bw * 1e9) * 1e3
-            row["plain_roofline_fraction"] = floor_ms / row.get("plain_decode_graph_ms", row["plain_decode_ms"])
-        rows.append(row)
-        print(json.dumps(row, indent=1))
-    print("\nprefix  plain ms  draft ms  verify ms  accept+upd ms  cycle eager  cycle graph  cycle/plain  HF tok/s")
-    for r in rows:
-        print(f"{r['prefix']:6d}  {r['plain_decode_ms']:8.2f}  {r['draft_ms']:8.2f}  {r['verify_ms']:9.2f}  "
-              f"{r['accept_update_ms']:13.2f}  {r['cycle_eager_ms']:11.2f}  {r.get('cycle_graph_ms', float('nan')):11.2f}  "
-              f"{r['cycle_over_plain']:11.2f}  {r['hf_generate_tokens_per_s']:8.1f}")
-    print("projected tokens/s (paper tau x measured cycle):",
-          {r["prefix"]: {k: round(v, 1) for k, v in r["projected_tokens_per_s"].items()} for r in rows})
+    results = [run_model(n, dtype, dev, prefixes, reps, a.cuda_graphs) for n in names]
+    print("\nmodel      prefix  plain ms  draft ms  verify ms  accept+upd ms  cycle eager  cycle graph  cycle/plain  "
+          "HF tok/s")
+    for res in results:
+        for r in res["rows"]:
+            print(f"{res['model']:10s} {r['prefix']:6d}  {r['plain_decode_ms']:8.2f}  {r['draft_ms']:8.2f}  "
+                  f"{r['verify_ms']:9.2f}  {r['accept_update_ms']:13.2f}  {r['cycle_eager_ms']:11.2f}  "
+                  f"{r.get('cycle_graph_ms', float('nan')):11.2f}  {r['cycle_over_plain']:11.2f}  "
+                  f"{r['hf_generate_tokens_per_s']:8.1f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    name = device_name(dev)
     path = out / f"cycle_breakdown_{name.replace(' ', '_')}.json"
-    info = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "quick": quick,
-            "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw, "rows": rows}
-    path.write_text(json.dumps(info, indent=2))
+    info = {"device": name, "torch": torch.__version__, "quick": quick, "models": results}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(path)
     print(f"wrote {path}")
 
 

@@ -222,7 +222,8 @@ def run(args) -> dict:
         if draft is None:
             raise SystemExit("--base needs --draft (an EAGLE-1 head)")
     tree = parse_tree(args.tree, demo)
-    model = EagleModel.from_pretrained(base, draft, dtype=dtype, device=device, tree=tree, backend=args.backend, max_len=args.max_len)
+    model = EagleModel.from_pretrained(base, draft, dtype=dtype, device=device, tree=tree, backend=args.backend, max_len=args.max_len,
+                                       cuda_graphs=args.cuda_graphs)
     tok = model.tokenizer
     if tok is None:
         raise SystemExit(f"no tokenizer in {base}")
@@ -414,6 +415,8 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-len", type=int, default=None, help="KV cache length (default: the model's context, <= 4096)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay decode steps as CUDA graphs (default: on where CUDA and the native extension allow)")
     # 1 thread on CPU: at these sizes every op is overhead-bound, and a second thread on a busy 2-core machine
     # made decoding several times slower (270 vs 19 ms/token measured while other jobs ran).
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")

@@ -35,6 +35,7 @@ __all__ = [
     "AcceptOutput",
     "kv_compact",
     "hash_uniform",
+    "moe_experts",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -409,3 +410,26 @@ def kv_compact(
         src = accept_path[b, :n] + p
         cache[:, b, :, p : p + n] = cache[:, b, :, src].clone()
     return cache
+
+
+def moe_experts(
+    x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """Mixtral's routed SwiGLU experts for already-routed tokens.
+
+    Args:
+        x: ``[N, H]`` tokens. top_w, top_i: ``[N, K]`` routing weights and expert ids in ``[0, E)``.
+        w1, w3: ``[E, I, H]`` gate and up projections; w2: ``[E, H, I]`` down projection.
+
+    Returns ``out[n] = sum_k top_w[n, k] * (silu(x[n] w1[e]^T) * (x[n] w3[e]^T)) w2[e]^T`` with ``e = top_i[n, k]``,
+    ``[N, H]`` in ``x.dtype``, computed in float32 one assignment at a time (clarity, not speed).
+    """
+    N, K = top_i.shape
+    xf, out = x.float(), torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+    for k in range(K):
+        e = top_i[:, k]
+        g = torch.einsum("nh,nih->ni", xf, w1[e].float())
+        u = torch.einsum("nh,nih->ni", xf, w3[e].float())
+        h = torch.nn.functional.silu(g) * u
+        out += top_w[:, k, None].float() * torch.einsum("ni,nhi->nh", h, w2[e].float())
+    return out.to(x.dtype)

@@ -25,10 +25,20 @@ Kernel layout (flash-decoding):
   (split-K), so that batch 1 still fills the GPU. Each chunk keeps an online softmax (running max, sum, and
   unnormalised output, in float32, base-2 exponent) with no mask loads. The last active split also handles the
   ``M`` tree slots, reading ``tree_mask``. A second small kernel merges the chunks' ``(max, sum, acc)``.
-* A chunk is never shorter than ``min_chunk`` slots: the merge costs about ``2 * R * D * 4`` bytes per split and
-  KV head, against ``4 * chunk * D`` bytes of fp16 K/V read, so short chunks would spend more on partials than on
-  the cache. The number of active splits is decided in the kernel from the device-side ``prefix_len`` (no host
-  synchronisation); the launcher only sets the maximum.
+
+The attention plan (:func:`attention_plan` on the host, :func:`_split_range` in both kernels):
+
+* The grid's split count is the smallest that gives one wave of programs, ``ceil(SMs / (tiles * B * Hkv))``
+  (132 SMs on an H100: Llama-2-7B verify at batch 1 has 32 programs per split, so 5 splits = 160 programs),
+  capped by the cache capacity in ``MIN_CHUNK`` pieces and by 64.
+* The chunk sizes come from each sequence's own prefix length, read on the device (no host synchronisation):
+  the prefix is cut into ``min(splits, ceil(prefix / MIN_CHUNK))`` shares of whole ``MIN_CHUNK`` units (a
+  ``BLOCK_N`` multiple) differing by at most one unit, so a prefix longer than ``(splits - 1) * MIN_CHUNK``
+  keeps every program of the wave busy; splits with nothing to read exit at once. ``MIN_CHUNK = BLOCK_N`` when
+  a tile holds at most 32 rows (the partials, ``8 * BLOCK_R * D`` bytes per split, stay below the chunk's ``4 * MIN_CHUNK * D`` bytes of 16-bit
+  K/V), else ``2 * BLOCK_N``.
+* Base offsets (sequence, KV head, partial rows) are computed in int64: a ``[B, Hkv, S, D]`` plane of 64
+  sequences x 8 heads x 32k slots x 128 passes 2^31 elements.
 """
 
 from __future__ import annotations
@@ -41,9 +51,25 @@ import triton.language as tl
 
 from ._registry import launch, register_op
 
-__all__ = ["tree_attention"]
+__all__ = ["tree_attention", "attention_plan", "split_range"]
 
 _LOG2E = 1.4426950408889634
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _split_range(prefix, pid_s, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr):
+    """Slots ``[lo, hi)`` of the prefix that split ``pid_s`` reads, and the number of active splits (>= 1).
+
+    The prefix is ``units = ceil(prefix / MIN_CHUNK)`` units; ``n = min(NUM_SPLITS, units)`` splits are active
+    (at least 1: split 0 owns the tree slots even when the prefix is empty) and split ``s`` reads units
+    ``[s * units // n, (s + 1) * units // n)``: shares differ by at most one unit, each starts on a ``MIN_CHUNK``
+    boundary, and each active split gets at least one unit. Idle splits get ``lo >= prefix``."""
+    units = tl.cdiv(prefix, MIN_CHUNK)
+    n_active = tl.maximum(tl.minimum(units, NUM_SPLITS), 1)
+    lo = (pid_s * units // n_active) * MIN_CHUNK
+    hi = tl.minimum(((pid_s + 1) * units // n_active) * MIN_CHUNK, prefix)
+    return lo, hi, n_active
 
 
 @triton.jit
@@ -80,8 +106,8 @@ def _tree_attention_kernel(
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
-    b = pid_bh // HKV
-    kvh = pid_bh % HKV
+    b = (pid_bh // HKV).to(tl.int64)  # int64 base offsets: b * stride_kb passes 2^31 on large caches
+    kvh = (pid_bh % HKV).to(tl.int64)
 
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_r < R
@@ -91,11 +117,7 @@ def _tree_attention_kernel(
     d_ok = offs_d < D
 
     prefix = tl.load(PREFIX + b).to(tl.int32)
-    # Split-K plan, from the device-side prefix length: n_active chunks of `chunk` slots (a BLOCK_N multiple).
-    n_blocks = tl.cdiv(prefix, BLOCK_N)
-    n_active = tl.minimum(tl.maximum(tl.cdiv(prefix, MIN_CHUNK), 1), NUM_SPLITS)
-    chunk = tl.maximum(tl.cdiv(n_blocks, n_active), 1) * BLOCK_N
-    n_active = tl.maximum(tl.cdiv(prefix, chunk), 1)  # rounding up `chunk` can leave trailing splits idle
+    lo, hi, n_active = _split_range(prefix, pid_s, NUM_SPLITS, MIN_CHUNK)  # from the device-side prefix
     if pid_s < n_active:
         q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -105,8 +127,6 @@ def _tree_attention_kernel(
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
 
-        lo = pid_s * chunk
-        hi = tl.minimum(lo + chunk, prefix)
         for start in range(lo, hi, BLOCK_N):  # prefix: every slot visible, no mask loads
             offs_n = start + tl.arange(0, BLOCK_N)
             kv_ok = offs_n < hi
@@ -130,7 +150,7 @@ def _tree_attention_kernel(
             tl.store(O + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :] * stride_od,
                      out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         else:
-            part = (pid_s * tl.num_programs(1) + pid_bh) * R + offs_r
+            part = (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * R + offs_r
             tl.store(PART_M + part, m_i, mask=row_ok)
             tl.store(PART_L + part, l_i, mask=row_ok)
             tl.store(PART_ACC + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
@@ -146,30 +166,27 @@ def _tree_attention_merge_kernel(
     """Combine the splits' partial (max, sum, acc) of one tile of rows into the normalised output."""
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    kvh = pid_bh % HKV
+    b = (pid_bh // HKV).to(tl.int64)
+    kvh = (pid_bh % HKV).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_r < R
     t = offs_r // GROUP
     h = kvh * GROUP + offs_r % GROUP
     offs_d = tl.arange(0, BLOCK_D)
 
-    prefix = tl.load(PREFIX + b).to(tl.int32)  # same plan as the attention kernel
-    n_blocks = tl.cdiv(prefix, BLOCK_N)
-    n_active = tl.minimum(tl.maximum(tl.cdiv(prefix, MIN_CHUNK), 1), NUM_SPLITS)
-    chunk = tl.maximum(tl.cdiv(n_blocks, n_active), 1) * BLOCK_N
-    n_active = tl.maximum(tl.cdiv(prefix, chunk), 1)
+    prefix = tl.load(PREFIX + b).to(tl.int32)
+    _, _, n_active = _split_range(prefix, 0, NUM_SPLITS, MIN_CHUNK)  # same plan as the attention kernel
 
-    stride_split = tl.num_programs(1) * R
+    stride_split = tl.num_programs(1).to(tl.int64) * R
     m_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
     for s in range(0, n_active):
-        m_max = tl.maximum(m_max, tl.load(PART_M + s * stride_split + pid_bh * R + offs_r, mask=row_ok,
+        m_max = tl.maximum(m_max, tl.load(PART_M + s * stride_split + pid_bh.to(tl.int64) * R + offs_r, mask=row_ok,
                                           other=float("-inf")))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     l_tot = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for s in range(0, n_active):
-        part = s * stride_split + pid_bh * R + offs_r
+        part = s * stride_split + pid_bh.to(tl.int64) * R + offs_r
         w = tl.exp2(tl.load(PART_M + part, mask=row_ok, other=float("-inf")) - m_safe)
         l_tot += w * tl.load(PART_L + part, mask=row_ok, other=0.0)
         acc += w[:, None] * tl.load(PART_ACC + part[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
@@ -191,24 +208,43 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _plan(q: torch.Tensor, k_cache: torch.Tensor, M: int, num_splits: int | None) -> dict:
-    B, T, Hq, D = q.shape
-    _, Hkv, S, _ = k_cache.shape
+def attention_plan(B: int, T: int, Hq: int, Hkv: int, D: int, S: int, M: int, dtype: torch.dtype, sms: int,
+                   num_splits: int | None = None) -> dict:
+    """The launch configuration of :func:`tree_attention` for these shapes on a device with ``sms`` SMs.
+
+    Returns the tile sizes, ``MIN_CHUNK``, the grid's ``NUM_SPLITS`` (one wave of programs: ``tiles * B * Hkv *
+    NUM_SPLITS >= sms`` whenever the capacity ``S - M`` holds that many ``MIN_CHUNK`` chunks), ``grid`` and
+    ``num_warps``. Pure host arithmetic (no device query): the launcher, the sm_90 compile check and the tests
+    call it."""
     R = T * (Hq // Hkv)
     BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16: head dim 8 (stories260k) is zero-padded
     BLOCK_R = min(max(16, triton.next_power_of_2(R)), 64)
     # fp32 at D=128 with BLOCK_N=64 needs ~180 KB of shared memory at 3 stages (sm_90 compile): halve it
-    BLOCK_N = 32 if (q.dtype == torch.float32 and BLOCK_D > 64) else 64
-    # A chunk must be long enough that reading its K/V (4*chunk*D bytes at fp16) outweighs writing and
-    # re-reading its partials (about 8*BLOCK_R*D bytes): chunk >= 16 * BLOCK_R keeps partials under ~15%.
-    min_chunk = max(256, 16 * BLOCK_R)
+    BLOCK_N = 32 if (dtype == torch.float32 and BLOCK_D > 64) else 64
+    # partials cost 8 * BLOCK_R * D bytes per split (write + merge read); a chunk reads >= 4 * MIN_CHUNK * D
+    min_chunk = BLOCK_N if BLOCK_R <= 32 else 2 * BLOCK_N
     tiles = triton.cdiv(R, BLOCK_R)
     if num_splits is None:
         programs = tiles * B * Hkv
-        want = triton.cdiv(2 * _sm_count(q.device), programs)  # about two programs per SM
-        num_splits = max(1, min(want, triton.cdiv(max(S - M, 1), min_chunk), 64))
+        want = triton.cdiv(sms, programs)  # one wave
+        num_splits = max(1, min(want, triton.cdiv(max(S - M, 1), min_chunk), _MAX_SPLITS))
     return dict(R=R, tiles=tiles, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, MIN_CHUNK=min_chunk,
-                NUM_SPLITS=int(num_splits), num_warps=4 if BLOCK_D <= 64 else 8)
+                NUM_SPLITS=int(num_splits), grid=(tiles, B * Hkv, int(num_splits)),
+                num_warps=4 if BLOCK_D <= 64 else 8)
+
+
+def split_range(prefix: int, pid_s: int, num_splits: int, min_chunk: int) -> tuple[int, int, int]:
+    """Host mirror of the kernels' ``_split_range`` (tests compare the two)."""
+    units = -(-prefix // min_chunk)
+    n_active = max(min(units, num_splits), 1)
+    lo = (pid_s * units // n_active) * min_chunk
+    return lo, min(((pid_s + 1) * units // n_active) * min_chunk, prefix), n_active
+
+
+def _plan(q: torch.Tensor, k_cache: torch.Tensor, M: int, num_splits: int | None) -> dict:
+    B, T, Hq, D = q.shape
+    _, Hkv, S, _ = k_cache.shape
+    return attention_plan(B, T, Hq, Hkv, D, S, M, q.dtype, _sm_count(q.device), num_splits)
 
 
 def _check(q, k_cache, v_cache, prefix_len, tree_mask, num_splits) -> None:
@@ -243,6 +279,33 @@ def _tree_attention_fake(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=No
     return torch.empty_like(q)
 
 
+def _launches(q, k_cache, v_cache, prefix_len, mask_u8, out, part_acc, part_m, part_l, scale, cfg) -> list:
+    """``[(kernel, grid, args, kwargs)]`` of one call: the launcher runs them, the sm_90 check compiles them."""
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    R, S_ = cfg["R"], cfg["NUM_SPLITS"]
+    common = dict(GROUP=Hq // Hkv, NUM_SPLITS=S_, MIN_CHUNK=cfg["MIN_CHUNK"], BLOCK_R=cfg["BLOCK_R"],
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"])
+    out_ = [(_tree_attention_kernel, cfg["grid"], (
+        q, k_cache, v_cache, prefix_len, mask_u8, out, part_acc, part_m, part_l,
+        scale, T, mask_u8.shape[2], R, Hkv, D,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_u8.stride(), *out.stride(),
+    ), dict(common, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+            num_stages=2))]
+    if S_ > 1:
+        out_.append((_tree_attention_merge_kernel, cfg["grid"][:2], (
+            prefix_len, out, part_acc, part_m, part_l, R, Hkv, D, *out.stride(),
+        ), dict(common, num_warps=4)))
+    return out_
+
+
+def _partials(cfg, B, Hkv, device):
+    S_, R = cfg["NUM_SPLITS"], cfg["R"]
+    part_acc = torch.empty((S_, B * Hkv, R, cfg["BLOCK_D"]), device=device, dtype=torch.float32)
+    part_m = torch.empty((S_, B * Hkv, R), device=device, dtype=torch.float32)
+    return part_acc, part_m, torch.empty_like(part_m)
+
+
 @register_op("tree_attention", fake=_tree_attention_fake)
 def _tree_attention_op(
     q: torch.Tensor,
@@ -256,33 +319,43 @@ def _tree_attention_op(
     _check(q, k_cache, v_cache, prefix_len, tree_mask, num_splits)
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
-    M = tree_mask.shape[2]
-    cfg = _plan(q, k_cache, M, num_splits)
+    cfg = _plan(q, k_cache, tree_mask.shape[2], num_splits)
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * _LOG2E
     out = torch.empty_like(q)
     mask_u8 = tree_mask.view(torch.uint8)  # same bytes; a plain integer pointer on every Triton version
-    R, S_ = cfg["R"], cfg["NUM_SPLITS"]
-    if S_ > 1:
-        part_acc = torch.empty((S_, B * Hkv, R, cfg["BLOCK_D"]), device=q.device, dtype=torch.float32)
-        part_m = torch.empty((S_, B * Hkv, R), device=q.device, dtype=torch.float32)
-        part_l = torch.empty_like(part_m)
-    else:
-        part_acc = part_m = part_l = out  # unused
-    launch(_tree_attention_kernel, (cfg["tiles"], B * Hkv, S_))(
-        q, k_cache, v_cache, prefix_len, mask_u8, out, part_acc, part_m, part_l,
-        scale, T, M, R, Hkv, D,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_u8.stride(), *out.stride(),
-        GROUP=Hq // Hkv, NUM_SPLITS=S_, MIN_CHUNK=cfg["MIN_CHUNK"], BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=2,
-    )
-    if S_ > 1:
-        launch(_tree_attention_merge_kernel, (cfg["tiles"], B * Hkv))(
-            prefix_len, out, part_acc, part_m, part_l, R, Hkv, D, *out.stride(),
-            GROUP=Hq // Hkv, NUM_SPLITS=S_, MIN_CHUNK=cfg["MIN_CHUNK"], BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=4,
-        )
+    parts = _partials(cfg, B, Hkv, q.device) if cfg["NUM_SPLITS"] > 1 else (out, out, out)  # unused at 1 split
+    for kernel, grid, args, kwargs in _launches(q, k_cache, v_cache, prefix_len, mask_u8, out, *parts, scale, cfg):
+        launch(kernel, grid)(*args, **kwargs)
     return out
+
+
+def compile_cases(quick: bool):
+    """The sm_90 compile check's launches (``scripts/compile_sm90.py``): Llama-2-7B (32/32 heads) and Llama-3-8B
+    (32/8) attention, head dim 128 (and 64), at the runtime's uses: verify of a 61- (and 129-) token tree, a
+    draft step (10 frontier tokens over 60 tree slots), the head's re-read of an 8-token path, plain decode (and
+    a 512-token prefill), batch 1 and 16, a ``[2L, B, Hkv, S, D]`` cache plane. Yields ``(name, kernel, grid,
+    args, kwargs)`` built by the launcher's own :func:`attention_plan` and :func:`_launches` on meta tensors."""
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    uses = [("verify61", 61, 61), ("draft10", 10, 60), ("decode1", 1, 1)]
+    if not quick:
+        uses += [("verify129", 129, 129), ("reread8", 8, 8), ("prefill512", 512, 512)]
+    for dtype in dtypes:
+        for D in ([128] if quick else [128, 64]):
+            for model, Hq, Hkv in (("L2-7B", 32, 32), ("L3-8B", 32, 8)):
+                for use, T, M in uses:
+                    for B in ([1] if quick else [1, 16]):
+                        S = 4096
+                        q = torch.empty((B, T, Hq, D), dtype=dtype, device="meta")
+                        cache = torch.empty((64, B, Hkv, S, D), dtype=dtype, device="meta")
+                        cfg = attention_plan(B, T, Hq, Hkv, D, S, M, dtype, 132)
+                        mask = torch.empty((B, T, M), dtype=torch.uint8, device="meta")
+                        prefix = torch.empty((B,), dtype=torch.int64, device="meta")
+                        parts = _partials(cfg, B, Hkv, "meta")
+                        out = torch.empty_like(q)
+                        name = f"{str(dtype)[6:]} D{D} {model} {use} B{B}"
+                        for kernel, grid, args, kwargs in _launches(q, cache[0], cache[1], prefix, mask, out, *parts,
+                                                                    0.125, cfg):
+                            yield name, kernel, grid, args, kwargs
 
 
 def tree_attention(
@@ -303,8 +376,8 @@ def tree_attention(
         prefix_len: ``[B]`` int32/int64 on the same device, ``prefix_len[b] + M <= S`` (not checked: no sync).
         tree_mask: ``[B, T, M]`` bool, the tree columns only (drawn in the module docstring).
         sm_scale: softmax scale, default ``1 / sqrt(D)``.
-        num_splits: maximum split-K factor over the prefix; default: enough programs for about two per SM,
-            never chunks shorter than ``max(256, 16 * BLOCK_R)`` slots of the cache capacity.
+        num_splits: maximum split-K factor over the prefix; default: one wave of programs (see
+            :func:`attention_plan`), chunks of at least ``MIN_CHUNK`` slots.
 
     Returns:
         ``[B, T, Hq, D]`` in ``q.dtype``, accumulated in float32; zeros for a query that sees no slot.

@@ -12,7 +12,10 @@ if not torch.cuda.is_available():  # must precede the first `import triton`: ker
 import pytest  # noqa: E402
 
 from eagle_kernels import reference  # noqa: E402
-from eagle_kernels.tree_attention import tree_attention  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from eagle_kernels.tree_attention import _split_range, attention_plan, split_range, tree_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -97,9 +100,73 @@ def test_matches_reference(B, T, Hq, Hkv, D, prefix, kind, dtype):
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 8])
 def test_split_k(splits):
-    # prefixes of 700 and 300 slots: up to 3 and 2 active chunks of >= 256 slots; 8 leaves splits idle
+    # prefixes of 700 and 300 slots in units of 64 slots: 8 splits of 1-2 units, and 5 of 1 unit (3 idle)
     q, k, v, pl, mask = _inputs(2, 4, 2, 1, 16, [700, 300], "random", torch.float32)
     _check_close(tree_attention(q, k, v, pl, mask, num_splits=splits), q, k, v, pl, mask)
+
+
+LLAMA_SHAPES = [(32, 32, 128), (32, 8, 128)]  # Llama-2-7B, Llama-3-8B attention: Hq, Hkv, D
+
+
+@pytest.mark.parametrize("Hq,Hkv,D", LLAMA_SHAPES)
+@pytest.mark.parametrize("T", [1, 8, 10, 61, 129])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_plan_fills_one_wave_at_batch_1(Hq, Hkv, D, T, dtype):
+    sms = 132  # H100 SXM
+    for S in (1024, 4096):
+        cfg = attention_plan(1, T, Hq, Hkv, D, S, T, dtype, sms)
+        if S == 4096:
+            assert cfg["tiles"] * Hkv * cfg["NUM_SPLITS"] >= sms, cfg
+        programs = cfg["tiles"] * Hkv
+        assert cfg["grid"] == (cfg["tiles"], Hkv, cfg["NUM_SPLITS"])
+        room = -(-(S - T) // cfg["MIN_CHUNK"])  # splits the capacity holds
+        assert programs * cfg["NUM_SPLITS"] >= sms or cfg["NUM_SPLITS"] == room, cfg
+        assert programs * (cfg["NUM_SPLITS"] - 1) < sms, "more than the one wave needed"
+        # a prefix longer than (NUM_SPLITS - 1) * MIN_CHUNK slots keeps every split (so the whole wave) busy
+        for prefix in ((cfg["NUM_SPLITS"] - 1) * cfg["MIN_CHUNK"] + 1, 1000, 2000, S - T):
+            if prefix > (cfg["NUM_SPLITS"] - 1) * cfg["MIN_CHUNK"]:
+                assert split_range(prefix, 0, cfg["NUM_SPLITS"], cfg["MIN_CHUNK"])[2] == cfg["NUM_SPLITS"]
+    assert attention_plan(64, T, Hq, Hkv, D, 4096, T, dtype, sms)["NUM_SPLITS"] == 1  # batch 64 fills it alone
+    assert attention_plan(1, T, Hq, Hkv, D, T + 16, T, dtype, sms)["NUM_SPLITS"] == 1  # no room to split
+
+
+@triton.jit
+def _probe_split_range(PREFIX, OUT, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr):
+    i = tl.program_id(0)
+    s = tl.program_id(1)
+    lo, hi, n = _split_range(tl.load(PREFIX + i), s, NUM_SPLITS, MIN_CHUNK)
+    base = OUT + (i * NUM_SPLITS + s) * 3
+    tl.store(base, lo)
+    tl.store(base + 1, hi)
+    tl.store(base + 2, n)
+
+
+def test_split_ranges_cover_the_prefix_and_match_the_kernel():
+    prefixes = [0, 1, 63, 64, 65, 127, 300, 700, 1000, 4095]
+    for splits, min_chunk in [(1, 64), (3, 64), (5, 128), (9, 32)]:
+        pl = torch.tensor(prefixes, dtype=torch.int32, device=DEV)
+        out = torch.zeros(len(prefixes), splits, 3, dtype=torch.int32, device=DEV)
+        _probe_split_range[(len(prefixes), splits)](pl, out, NUM_SPLITS=splits, MIN_CHUNK=min_chunk)
+        for i, P in enumerate(prefixes):
+            want = [list(split_range(P, s, splits, min_chunk)) for s in range(splits)]
+            assert out[i].tolist() == want, (P, splits, min_chunk)
+            n = want[0][2]
+            assert 1 <= n <= splits
+            covered = [x for lo, hi, _ in want[:n] for x in range(lo, hi)]
+            assert covered == list(range(P)), "active splits must tile [0, prefix) in order, once"
+            assert all(hi > lo for lo, hi, _ in want[:n]) or P == 0
+            assert all(lo >= P for lo, _, _ in want[n:]), "an idle split must have nothing left"
+
+
+def test_cache_views_and_int32_prefix():
+    # the runtime's pooled caches: a [planes, B_max, Hkv, S, D] buffer viewed as [:, :B] (plane stride of B_max)
+    q, k, v, pl, mask = _inputs(2, 5, 4, 2, 16, [9, 70], "random", torch.float32, S=96)
+    full = torch.randn(2, 5, 2, 96, 16).to(DEV)
+    full[0, :2], full[1, :2] = k, v
+    view = full[:, :2]
+    assert not view.is_contiguous() and view[0].is_contiguous()
+    out = tree_attention(q, view[0], view[1], pl.to(torch.int32), mask, num_splits=3)
+    _check_close(out, q, k, v, pl, mask)
 
 
 def test_growing_draft_mask_and_scale():

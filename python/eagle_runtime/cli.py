@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k-draft", type=int, default=10, help="dynamic tree branching")
     g.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    g.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each decode step as a CUDA graph (default: on where CUDA, backend triton and the "
+                        "native extension allow)")
     g.add_argument("--max-len", type=int, default=None, help="KV cache length (default: min(config, 4096))")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
@@ -43,21 +47,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
-    from .generate import EagleModel
+    from .generate import EagleModel, GraphsUnavailable
 
     tree = (
         DynamicTree(a.total_tokens, a.depth, a.top_k_draft) if a.tree == "dynamic" else StaticTree()
     )
     try:
         model = EagleModel.from_pretrained(
-            a.base, a.draft, dtype=_DTYPES[a.dtype], device=a.device, tree=tree, backend=a.backend, max_len=a.max_len
+            a.base, a.draft, dtype=_DTYPES.get(a.dtype), device=a.device, tree=tree, backend=a.backend,
+            max_len=a.max_len, cuda_graphs=a.cuda_graphs,
         )
         prompts = a.prompt if len(a.prompt) > 1 else a.prompt[0]
         res = model.generate(
             prompts, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
             seed=a.seed, speculative=a.draft is not None,
         )
-    except (FileNotFoundError, ConfigError, CheckpointError, BackendUnavailable, ValueError) as e:
+    except (FileNotFoundError, ConfigError, CheckpointError, BackendUnavailable, ValueError, GraphsUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = res.num_new_tokens

@@ -10,6 +10,7 @@ All per-cycle state lives in device tensors; the only host read per cycle is whe
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,10 @@ class GenerationResult:
         return dict(sorted(hist.items()))
 
 
+class GraphsUnavailable(RuntimeError):
+    """CUDA graphs were requested explicitly but cannot run here (backend or native extension)."""
+
+
 @dataclass
 class _Sampling:
     temperature: torch.Tensor
@@ -83,13 +88,72 @@ def _native_cuda() -> bool:
 
 
 def _bucket(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+    """The batch bucket of ``n`` sequences: 1..8 exactly, then the next multiple of 8 (at most 7 padding rows, and
+    one captured graph per bucket: 8 graphs up to batch 8, one more per 8 sequences after)."""
+    if n < 1:
+        raise ValueError(f"batch must be >= 1, got {n}")
+    return n if n <= 8 else -(-n // 8) * 8
+
+
+class BufferPool:
+    """The static buffers that captured graphs read: one target KV cache and one draft KV cache, each allocated
+    for the largest batch bucket seen so far; a smaller bucket gets the view ``cache[:, :B]``.
+
+    The caches are ``[planes, B, H_kv, S, D]``: the view keeps every plane ``cache[p, :B]`` contiguous and only
+    the plane stride differs from a fresh tensor (every op takes strides: tree attention and the K/V scatter work
+    per plane, KV compaction reads all five strides). A larger bucket reallocates (the old cache is dropped, so
+    one lives at a time) and bumps :attr:`generation`; graphs captured over the old buffers must then be
+    recaptured. :meth:`reserve` sizes the pool up front, so that a process allocates exactly once.
+
+    Small per-bucket state (sampling parameters, lengths, the head's last output) is kept by key in
+    :meth:`get`. With ``static=False`` (eager decoding) nothing is kept: every call allocates afresh.
+    """
+
+    def __init__(self, make_cache, make_draft_cache, static: bool = False):
+        self._make = {"cache": make_cache, "d_cache": make_draft_cache}
+        self._full: dict[str, torch.Tensor] = {}
+        self._small: dict = {}
+        self.static = static
+        self.allocations = {"cache": 0, "d_cache": 0}  # full-size allocations made while static (tests count them)
+        self.generation = 0
+
+    def reserve(self, batch: int, names=("cache", "d_cache")) -> None:
+        """Allocate the ``names`` caches for the bucket of ``batch`` sequences now (grows only)."""
+        for name in names:
+            self.cache(name, _bucket(batch))
+
+    def cache(self, name: str, B: int) -> torch.Tensor:
+        """The ``name`` cache (``"cache"`` or ``"d_cache"``) for ``B`` rows: a fresh one, or the pool's view."""
+        if not self.static:
+            return self._make[name](B)
+        full = self._full.get(name)
+        if full is None or full.shape[1] < B:
+            self._full.pop(name, None)  # free the smaller one before allocating the larger
+            full = self._full[name] = self._make[name](B)
+            self.allocations[name] += 1
+            self.generation += 1
+        return full if full.shape[1] == B else full[:, :B]
+
+    def get(self, key, make):
+        """A small buffer kept by ``key`` while static (fixed address for graphs); ``make()`` afresh otherwise."""
+        if not self.static:
+            return make()
+        if key not in self._small:
+            self._small[key] = make()
+        return self._small[key]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._full.values())
 
 
 class _CapturedStep:
-    """A decode step captured as one CUDA graph over the fixed state buffers, replayed on every call."""
+    """A decode step captured as one CUDA graph over the fixed state buffers, replayed on every call.
 
-    def __init__(self, fn, state: dict, sp: _Sampling):
+    Every capture allocates from ``pool`` (one ``torch.cuda.graph_pool_handle()`` per model): graphs replay one
+    at a time on one stream, so their intermediates can share memory; each graph's outputs stay referenced here
+    and are never handed to another capture."""
+
+    def __init__(self, fn, state: dict, sp: _Sampling, pool=None):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Triton compilation, allocator; the step commits nothing
@@ -97,7 +161,7 @@ class _CapturedStep:
                 fn(state, sp)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(state, sp)
 
     def __call__(self, state: dict, sp: _Sampling):
@@ -133,20 +197,56 @@ class EagleModel:
         tree: ``"dynamic"``, ``"static"`` or a :class:`DynamicTree` / :class:`StaticTree`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`eagle_kernels.get_ops`).
         cuda_graphs: on CUDA, capture each decode step (the whole draft + verify + accept cycle, or a plain
-            step) as one CUDA graph per power-of-two batch bucket and replay it; needs the ``triton`` backend
-            and the native extension built with CUDA. Ignored on CPU. Not yet validated on a GPU.
+            step) as one CUDA graph per batch bucket (1..8, then multiples of 8) and replay it; needs the
+            ``triton`` backend and the native extension built with CUDA. ``None`` (default): on when the target
+            is on CUDA and both are present, else eager (said once); ``True`` on CUDA without them raises
+            :class:`GraphsUnavailable`. Ignored on CPU.
+
+    With graphs on, every bucket shares one target KV cache and one draft KV cache sized for the largest bucket
+    seen (see :class:`BufferPool`; :meth:`reserve` sizes them up front) and every capture one graph memory pool.
     """
 
     def __init__(
         self, target: Transformer, head: EagleHead | None, tokenizer=None, tree="dynamic", backend="auto",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ):
         self.target, self.head, self.tokenizer = target, head, tokenizer
         self.tree = make_tree(tree)
         self.set_backend(backend)
-        self.cuda_graphs = cuda_graphs
         self._graphs: dict = {}
-        self._buffers: dict = {}
+        self._graph_pool = None
+        self._pool = BufferPool(
+            lambda B: target.new_cache(B),
+            (lambda B: head.new_cache(B, target.max_len)) if head is not None else _no_head_cache,
+        )
+        self.cuda_graphs = cuda_graphs
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps are captured as CUDA graphs (resolved from the constructor's argument)."""
+        return self._cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value: bool | None) -> None:
+        self._graphs_request = value
+        dev = self.target.embed_tokens.weight.device
+        self._cuda_graphs = _resolve_graphs(value, dev.type == "cuda", *self._graphs_ready())
+        self._pool.static = self._graphs_possible(dev)  # static buffers exactly when graphs will be captured
+        self._graphs.clear()
+
+    def _graphs_ready(self) -> tuple[bool, str]:
+        if self.ops.name != "triton":
+            return False, f"CUDA graphs need the sync-free ops of backend 'triton', not {self.ops.name!r}"
+        if not _native_cuda():
+            return False, ("CUDA graphs need the native extension eagle_kernels._C built with CUDA, and it is "
+                           "missing (see csrc/README.md)")
+        return True, ""
+
+    def reserve(self, batch: int) -> None:
+        """With graphs on, allocate the target and draft caches for ``batch`` sequences now, so that no later
+        call of up to that many sequences reallocates them (and recaptures its graphs)."""
+        if self._pool.static:
+            self._pool.reserve(batch, ("cache", "d_cache") if self.head is not None else ("cache",))
 
     @classmethod
     def from_pretrained(
@@ -154,31 +254,35 @@ class EagleModel:
         base: str | Path,
         draft: str | Path | None = None,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         tree="dynamic",
         backend: str = "auto",
         max_len: int | None = None,
+        cuda_graphs: bool | None = None,
     ) -> "EagleModel":
-        """Load a HF target (local directory or hub id) and an EAGLE-1 head in the published format."""
-        target = load_target(base, dtype=dtype, device=device, max_len=max_len)
+        """Load a HF target (local directory or hub id) and an EAGLE-1 head in the published format.
+
+        ``dtype=None`` is bfloat16 on CUDA and float32 elsewhere; ``cuda_graphs`` is the constructor's."""
+        dev = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        target = load_target(base, dtype=dtype, device=dev, max_len=max_len)
         head = load_head(draft, target) if draft is not None else None
-        return cls(target, head, _load_tokenizer(base), tree=tree, backend=backend)
+        return cls(target, head, _load_tokenizer(base), tree=tree, backend=backend, cuda_graphs=cuda_graphs)
 
     def _graphs_possible(self, device: torch.device) -> bool:
-        return bool(self.cuda_graphs) and device.type == "cuda"
+        return self.cuda_graphs and device.type == "cuda"
 
     def _buffer(self, key, make):
-        """Per-bucket buffers kept across calls when graphs are on (fixed addresses); fresh ones otherwise."""
-        if not self._graphs_possible(self.target.embed_tokens.weight.device):
-            return make()
-        if key not in self._buffers:
-            self._buffers[key] = make()
-        return self._buffers[key]
+        """Small per-bucket buffers kept across calls when graphs are on (fixed addresses); fresh ones otherwise."""
+        return self._pool.get(key, make)
 
     def set_backend(self, backend: str) -> None:
         self.ops = get_ops(backend)
         self.target.ops = self.ops
+        if hasattr(self, "_pool"):  # re-resolve the graphs request against the new backend
+            self.cuda_graphs = self._graphs_request
 
     # ----------------------------------------------------------------------------------------------------------
     def encode(self, prompts) -> list[list[int]]:
@@ -229,8 +333,8 @@ class EagleModel:
             raise ValueError("speculative decoding needs a draft head (load one with draft=...)")
         ids = self.encode(prompts)
         B_user, dev = len(ids), self.target.embed_tokens.weight.device
-        if self._graphs_possible(dev):
-            # pad to a power-of-two bucket so one captured graph serves every batch size up to it
+        if self._pool.static:
+            # pad to the batch bucket so one captured graph serves every batch size in it
             ids = ids + [ids[-1]] * (_bucket(B_user) - B_user)
         B = len(ids)
         tree = self.tree
@@ -286,19 +390,21 @@ class EagleModel:
         fn = self._cycle if speculative else self._plain_step
         if not self._use_graphs(state["L"].device):
             return fn
-        key = (state["L"].shape[0], speculative, id(self.tree))
+        # a graph reads the pool's caches at fixed addresses: one that grew since the capture means recapture
+        key = (state["L"].shape[0], speculative, id(self.tree), self._pool.generation)
         if key not in self._graphs:
-            self._graphs[key] = _CapturedStep(fn, state, sp)
+            self._graphs = {k: g for k, g in self._graphs.items() if k[3] == self._pool.generation}
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            self._graphs[key] = _CapturedStep(fn, state, sp, self._graph_pool)
         return self._graphs[key]
 
     def _use_graphs(self, device: torch.device) -> bool:
         if not self._graphs_possible(device):
             return False
-        if self.ops.name != "triton" or not _native_cuda():
-            raise RuntimeError(
-                "CUDA graphs need the sync-free ops: backend 'triton' and eagle_kernels._C built with CUDA "
-                "(pass cuda_graphs=False to run eagerly)"
-            )
+        ready, why = self._graphs_ready()  # the backend may have been changed since construction
+        if not ready:
+            raise GraphsUnavailable(f"{why} (pass cuda_graphs=False to run eagerly)")
         return True
 
     # ----------------------------------------------------------------------------------------------------------
@@ -312,14 +418,14 @@ class EagleModel:
         zero = torch.zeros(B, dtype=torch.long, device=dev)
         pos = torch.arange(P, device=dev).expand(B, P)
         mask = causal_mask(B, P, dev)
-        cache = self._buffer(("cache", B), lambda: tgt.new_cache(B))
+        cache = self._pool.cache("cache", B)
         feats = tgt(tokens, pos, cache, zero, zero, mask)
         last = feats.gather(1, (n - 1)[:, None, None].expand(B, 1, feats.shape[-1]))[:, 0]
         first = self.ops.sample_tokens(tgt.logits(last), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         sp.offset += 1
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         state = {"cache": cache, "L": n.clone(), "next_tok": first, "done": done}
-        if self._graphs_possible(dev):  # graphs read fixed addresses: copy into this bucket's buffers
+        if self._pool.static:  # graphs read fixed addresses: copy into this bucket's buffers
             fixed = self._buffer(
                 ("state", B, speculative), lambda: {"L": n.clone(), "next_tok": first.clone(), "done": done.clone()}
             )
@@ -331,11 +437,11 @@ class EagleModel:
             # head input at position i: (f_i, t_{i+1}); the last pair uses the token just sampled
             shifted = torch.cat([tokens[:, 1:], torch.zeros(B, 1, dtype=torch.long, device=dev)], dim=1)
             shifted.scatter_(1, (n - 1)[:, None], first[:, None])
-            d_cache = self._buffer(("d_cache", B), lambda: self.head.new_cache(B, tgt.max_len))
+            d_cache = self._pool.cache("d_cache", B)
             d_out = self.head(feats, shifted, tgt, pos, d_cache, zero, zero, mask)
             d_last = d_out.gather(1, (n - 1)[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
             d_logits = tgt.logits(d_last)
-            if self._graphs_possible(dev):
+            if self._pool.static:
                 fixed = self._buffer(("draft", B), lambda: {"d_hidden": d_last.clone(), "d_logits": d_logits.clone()})
                 fixed["d_hidden"].copy_(d_last)
                 fixed["d_logits"].copy_(d_logits)
@@ -415,6 +521,34 @@ class EagleModel:
         return GenerationResult(tokens, text, accepts, [len(p) for p in ids], wall, t_prefill, speculative)
 
 
+def _resolve_graphs(request: bool | None, on_cuda: bool, ready: bool, why: str) -> bool:
+    """Whether to capture graphs: ``request`` (None = automatic) on a CUDA model or not, with the backend and the
+    native extension ``ready`` (else ``why`` not). An explicit request that cannot run raises; automatic says so
+    once and runs eagerly; CPU never captures."""
+    if not on_cuda:
+        return False
+    if ready:
+        return request is not False
+    if request:
+        raise GraphsUnavailable(f"cuda_graphs=True cannot run: {why} (pass cuda_graphs=False to run eagerly)")
+    if request is None:
+        _warn_once(f"eagle_runtime: CUDA graphs off, running eagerly: {why}")
+    return False
+
+
+def _no_head_cache(B: int):
+    raise ValueError("plain decoding only: this model has no draft head, so no draft cache")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
 def _load_tokenizer(base):
     from transformers import AutoTokenizer
 
@@ -426,4 +560,4 @@ def _load_tokenizer(base):
         return None
 
 
-__all__ = ["EagleModel", "GenerationResult", "DynamicTree", "StaticTree"]
+__all__ = ["EagleModel", "GenerationResult", "DynamicTree", "StaticTree", "BufferPool", "GraphsUnavailable"]

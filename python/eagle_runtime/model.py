@@ -118,20 +118,23 @@ class SparseMoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(e, i, h))  # up
         self.w2 = nn.Parameter(torch.empty(e, h, i))  # down
 
+    def route(self, flat):
+        """``(top_w, top_i)`` ``[N, top_k]``: the kept experts' renormalised weights (in ``flat.dtype``) and ids."""
+        weights = torch.softmax(self.gate(flat).float(), dim=-1)
+        top_w, top_i = torch.topk(weights, self.top_k, dim=-1)
+        return (top_w / top_w.sum(-1, keepdim=True)).to(flat.dtype), top_i
+
     def forward(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights = torch.softmax(self.gate(flat).float(), dim=-1)
-        top_w, top_i = torch.topk(weights, self.top_k, dim=-1)
-        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(flat)
+        top_w, top_i = self.route(flat)
         if flat.is_cuda:
-            # Every expert over every token, weighted (zero where not routed): no data-dependent shapes, so it
-            # runs inside CUDA graphs; the same path eagerly and captured keeps their outputs identical.
-            for e in range(self.w1.shape[0]):
-                w = (top_w * (top_i == e)).sum(-1, keepdim=True)
-                out = out + w * ((F.silu(flat @ self.w1[e].T) * (flat @ self.w3[e].T)) @ self.w2[e].T)
-            return out.view(shape)
+            # Grouped Triton GEMMs over expert-sorted padded blocks (eagle_kernels.moe): static shapes, so the
+            # same path runs eagerly and inside CUDA graphs; about top_k/E of the dense all-experts work.
+            from eagle_kernels.moe import moe_experts
+
+            return moe_experts(flat, top_w, top_i, self.w1, self.w3, self.w2).view(shape)
+        out = torch.zeros_like(flat)
         for e in range(self.w1.shape[0]):
             tok, slot = torch.where(top_i == e)
             if tok.numel() == 0:
