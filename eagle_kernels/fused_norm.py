@@ -9,8 +9,9 @@ A decoder carries the residual stream beside the block outputs, so each norm fus
     h, res = add_rms_norm(attn_out, res)         post-attention norm
     h, res = add_rms_norm(mlp_out, res)          next layer's input norm, or the final norm
 
-One program per row of ``H`` elements holds the whole row in registers (``BLOCK_H = next_pow2(H)``, 8192 at
-Llama-2-70B): it adds, writes the new residual, reduces the sum of squares in float32 and writes the normed row.
+A program holds ``BLOCK_M`` whole rows of ``H`` elements in registers (``BLOCK_H = next_pow2(H)``, 8192 at
+Llama-2-70B; one row per program on a GPU): it adds, writes the new residual, reduces the sum of squares in
+float32 and writes the normed rows.
 """
 
 from __future__ import annotations
@@ -21,28 +22,33 @@ import triton.language as tl
 
 from ._registry import launch, register_op
 
+# Elements per program on CPU tensors (the interpreter): large, because it runs programs one by one. Tests
+# lower it to exercise the many-program tiling a GPU uses.
+CPU_BLOCK_ELEMS = 65536
+
 __all__ = ["rms_norm", "add_rms_norm"]
 
 
 @triton.jit
 def _add_rms_norm_kernel(
-    X, RES, W, Y, RES_OUT, H, eps,
+    X, RES, W, Y, RES_OUT, N, H, eps,
     stride_x, stride_r, stride_y, stride_ro,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
-    ok = offs < H
-    x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
+    col_ok = offs < H
+    ok = (rows < N)[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + offs[None, :], mask=ok, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(RES + row * stride_r + offs, mask=ok, other=0.0)
+        r = tl.load(RES + rows[:, None] * stride_r + offs[None, :], mask=ok, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # the sum is rounded to the model dtype (HF order)
-        tl.store(RES_OUT + row * stride_ro + offs, x, mask=ok)
+        tl.store(RES_OUT + rows[:, None] * stride_ro + offs[None, :], x, mask=ok)
     xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(W + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + offs, (w * normed).to(Y.dtype.element_ty), mask=ok)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / H + eps)
+    normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
+    w = tl.load(W + offs, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(Y + rows[:, None] * stride_y + offs[None, :], (w[None, :] * normed).to(Y.dtype.element_ty), mask=ok)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -75,10 +81,21 @@ def _launch(x, residual, weight, eps, y, res_out):
     BLOCK_H = triton.next_power_of_2(H)
     if N == 0:
         return
-    launch(_add_rms_norm_kernel, (N,))(
-        x2, r2, weight, y2, ro2, H, eps, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK_H=BLOCK_H, num_warps=min(16, max(1, BLOCK_H // 512)),
+    BLOCK_M = _rows_per_program(N, BLOCK_H, x.device)
+    launch(_add_rms_norm_kernel, (triton.cdiv(N, BLOCK_M),))(
+        x2, r2, weight, y2, ro2, N, H, eps, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H,
+        num_warps=min(16, max(1, BLOCK_M * BLOCK_H // 512)),
     )
+
+
+def _rows_per_program(n_rows: int, row_block: int, device: torch.device) -> int:
+    """Rows per program: one on a GPU (a row of 4096 fp16 is 8 KB: enough work for a CTA, and decode batches
+    need every CTA they can get); on CPU (the interpreter runs programs one after another at ~1 ms each) as
+    many as fit in 64K elements, so a whole tree pass is a single program."""
+    if device.type != "cpu":
+        return 1 if row_block >= 1024 else min(triton.next_power_of_2(n_rows), 1024 // row_block)
+    return max(1, min(triton.next_power_of_2(n_rows), CPU_BLOCK_ELEMS // row_block))
 
 
 def _rms_norm_fake(x, weight, eps):

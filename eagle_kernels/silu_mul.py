@@ -1,7 +1,8 @@
 """SiLU-and-mul over a merged gate/up projection (Triton).
 
 Contract: :func:`eagle_kernels.reference.silu_mul`. ``gate_up [N, 2I]`` (gate columns first) -> ``[N, I]``;
-one program per ``(row, BLOCK_I columns)``. The SiLU is rounded to the input dtype before the product, as in HF
+one program per ``(BLOCK_M rows, BLOCK_I columns)`` (one
+row on a GPU). The SiLU is rounded to the input dtype before the product, as in HF
 (``act(gate_proj(x)) * up_proj(x)``), so a float16 model rounds exactly like the unfused path.
 """
 
@@ -13,19 +14,25 @@ import triton.language as tl
 
 from ._registry import launch, register_op
 
+# Elements per program on CPU tensors (the interpreter): large, because it runs programs one by one. Tests
+# lower it to exercise the many-program tiling a GPU uses.
+CPU_BLOCK_ELEMS = 65536
+
 __all__ = ["silu_mul"]
 
 
 @triton.jit
-def _silu_mul_kernel(GU, OUT, I, stride_g, stride_o, BLOCK_I: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _silu_mul_kernel(GU, OUT, N, I, stride_g, stride_o, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    ok = offs < I
-    g = tl.load(GU + row * stride_g + offs, mask=ok, other=0.0)
-    u = tl.load(GU + row * stride_g + I + offs, mask=ok, other=0.0)
+    ok = (rows < N)[:, None] & (offs < I)[None, :]
+    src = GU + rows[:, None] * stride_g + offs[None, :]
+    g = tl.load(src, mask=ok, other=0.0)
+    u = tl.load(src + I, mask=ok, other=0.0)
     gf = g.to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-    tl.store(OUT + row * stride_o + offs, (act * u.to(tl.float32)).to(OUT.dtype.element_ty), mask=ok)
+    tl.store(OUT + rows[:, None] * stride_o + offs[None, :], (act * u.to(tl.float32)).to(OUT.dtype.element_ty),
+             mask=ok)
 
 
 def _silu_mul_fake(gate_up):
@@ -47,9 +54,12 @@ def _silu_mul_op(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty((*gate_up.shape[:-1], I))
     if g2.shape[0] == 0 or I == 0:
         return out
+    N = g2.shape[0]
     BLOCK_I = min(1024, triton.next_power_of_2(I))
-    launch(_silu_mul_kernel, (g2.shape[0], triton.cdiv(I, BLOCK_I)))(
-        g2, out, I, g2.stride(0), I, BLOCK_I=BLOCK_I, num_warps=4,
+    # on CPU the interpreter runs programs one after another (~1 ms each): take many rows per program there
+    BLOCK_M = 1 if gate_up.device.type != "cpu" else max(1, min(triton.next_power_of_2(N), CPU_BLOCK_ELEMS // BLOCK_I))
+    launch(_silu_mul_kernel, (triton.cdiv(N, BLOCK_M), triton.cdiv(I, BLOCK_I)))(
+        g2, out, N, I, g2.stride(0), I, BLOCK_M=BLOCK_M, BLOCK_I=BLOCK_I, num_warps=4,
     )
     return out
 

@@ -79,3 +79,15 @@ def test_registered_op():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.eagle_kernels.rms_norm.default, (x, w, 1e-5),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_many_programs_tiling(monkeypatch):
+    """Several rows per program with a ragged last program (the interpreter default is one program)."""
+    from eagle_kernels import fused_norm
+
+    monkeypatch.setattr(fused_norm, "CPU_BLOCK_ELEMS", 256)  # 2 rows of H=96 (BLOCK_H 128) per program
+    x, res, w = torch.randn(7, 96, device=DEV), torch.randn(7, 96, device=DEV), torch.randn(96, device=DEV)
+    y, r = add_rms_norm(x, res, w, 1e-5)
+    y_t, r_t = reference.add_rms_norm(x, res, w, 1e-5)
+    torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
+    assert torch.equal(r, r_t)

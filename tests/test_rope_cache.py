@@ -106,3 +106,21 @@ def test_bad_inputs_and_registration():
         rope_kv_write(qkv, cos[:, :4], sin, pos, k, v, pos, Hq, Hkv)
     torch.library.opcheck(torch.ops.eagle_kernels.rope_kv_write.default, (qkv, cos, sin, pos, k, v, pos, Hq, Hkv),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_many_programs_tiling(monkeypatch):
+    """A few head vectors per program, q and k rows mixed in one program, a ragged last program."""
+    from eagle_kernels import rope_cache
+
+    monkeypatch.setattr(rope_cache, "CPU_BLOCK_ELEMS", 64)  # 4 rows of D=16 (BLOCK_HALF 8) per program
+    B, T, Hq, Hkv, D, S = 2, 3, 4, 1, 16, 10
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEV)
+    cos, sin = (t.float().to(DEV) for t in _tables(D, 16))
+    pos = torch.tensor([[3, 4, 4], [0, 1, 2]], device=DEV)
+    widx = torch.tensor([[3, 4, 5], [7, 8, 9]], device=DEV)
+    cache = torch.randn(2, B, Hkv, S, D, device=DEV)
+    same = cache.clone()
+    q = rope_kv_write(qkv, cos, sin, pos, cache[0], cache[1], widx, Hq, Hkv)
+    q_t = reference.rope_kv_write(qkv, cos, sin, pos, same[0], same[1], widx, Hq, Hkv)
+    torch.testing.assert_close(q, q_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache, same, rtol=1e-5, atol=1e-6)

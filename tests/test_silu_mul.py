@@ -44,3 +44,11 @@ def test_strided_rows_and_bad_inputs():
         silu_mul(base.t())
     torch.library.opcheck(torch.ops.eagle_kernels.silu_mul.default, (gu.contiguous(),),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_many_programs_tiling(monkeypatch):
+    from eagle_kernels import silu_mul as mod
+
+    monkeypatch.setattr(mod, "CPU_BLOCK_ELEMS", 128)  # 2 rows of I=40 (BLOCK_I 64) per program, 5 programs
+    gu = torch.randn(9, 80, device=DEV)
+    torch.testing.assert_close(silu_mul(gu), reference.silu_mul(gu), rtol=1e-6, atol=1e-6)
