@@ -6,6 +6,17 @@ plus the tree-masked slots after ``prefix_len[b]`` (see :func:`eagle_kernels.ref
 
 The KV cache is one tensor ``[2 * num_layers, B, H_kv, S, D]`` (layer ``l``'s keys at ``2l``, values at
 ``2l + 1``), so a single compaction launch moves every layer.
+
+Fused layer (after :meth:`Transformer.fuse_weights_`, which the loaders call): per layer and forward, on the
+``triton`` backend, nine device ops (``benchmarks/op_count.py``)::
+
+    h, res = add_rms_norm(x, res)          (the first layer: rms_norm(x), res = x)
+    q = rope_kv_write(qkv_proj(h), ...)    rotary on q and k, k and v written into the cache planes
+    a = o_proj(tree_attention(q, ...))
+    h, res = add_rms_norm(a, res)
+    x = down_proj(silu_mul(gate_up_proj(h)))
+                                           the final norm is add_rms_norm(x, res) of the last layer's output
+The ``torch`` backend runs the same structure on the PyTorch references (the plain, unfused ops).
 """
 
 from __future__ import annotations
@@ -84,7 +95,7 @@ def _merge_linears(parts: list[nn.Linear]) -> nn.Linear:
 
 
 class _Merged(nn.Module):
-    """A module whose projections ``names`` (HF checkpoint layout) can be merged into one ``merged`` linear.
+    """A module whose projections ``_parts`` (HF checkpoint layout) can be merged into one ``_merged_name`` linear.
 
     :meth:`fuse_` replaces the separate ``nn.Linear`` submodules by the merged one (a single GEMM). The state
     dict keeps the HF layout either way: saving splits the merged weight back into the separate keys and
