@@ -24,7 +24,7 @@ from ._registry import launch, register_op
 
 # Elements per program on CPU tensors (the interpreter): large, because it runs programs one by one. Tests
 # lower it to exercise the many-program tiling a GPU uses.
-CPU_BLOCK_ELEMS = 65536
+CPU_BLOCK_ELEMS = 1 << 18
 
 __all__ = ["rms_norm", "add_rms_norm"]
 
@@ -92,7 +92,7 @@ def _launch(x, residual, weight, eps, y, res_out):
 def _rows_per_program(n_rows: int, row_block: int, device: torch.device) -> int:
     """Rows per program: one on a GPU (a row of 4096 fp16 is 8 KB: enough work for a CTA, and decode batches
     need every CTA they can get); on CPU (the interpreter runs programs one after another at ~1 ms each) as
-    many as fit in 64K elements, so a whole tree pass is a single program."""
+    many as fit in CPU_BLOCK_ELEMS, so a whole tree pass is a single program."""
     if device.type != "cpu":
         return 1 if row_block >= 1024 else min(triton.next_power_of_2(n_rows), 1024 // row_block)
     return max(1, min(triton.next_power_of_2(n_rows), CPU_BLOCK_ELEMS // row_block))

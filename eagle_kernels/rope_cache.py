@@ -24,7 +24,7 @@ from ._registry import launch, register_op
 
 # Elements per program on CPU tensors (the interpreter): large, because it runs programs one by one. Tests
 # lower it to exercise the many-program tiling a GPU uses.
-CPU_BLOCK_ELEMS = 65536
+CPU_BLOCK_ELEMS = 1 << 18
 
 __all__ = ["rope_kv_write"]
 
@@ -126,7 +126,7 @@ def _rope_kv_write_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
     R = B * T * NH
     BLOCK_HALF = triton.next_power_of_2(D // 2)
     # GPU: 8 head vectors (1 KB of fp16 in, out) per program; CPU: the interpreter runs programs one after
-    # another at ~1 ms each, so a whole tree pass goes in one program of up to 64K elements.
+    # another at ~1 ms each, so a whole tree pass goes in one program (CPU_BLOCK_ELEMS).
     budget = CPU_BLOCK_ELEMS // 2 if qkv.device.type == "cpu" else 512
     BLOCK_R = min(triton.next_power_of_2(R), 1 << (max(1, budget // BLOCK_HALF).bit_length() - 1))
     launch(_rope_kv_write_kernel, (triton.cdiv(R, BLOCK_R),))(

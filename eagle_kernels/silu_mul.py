@@ -16,7 +16,7 @@ from ._registry import launch, register_op
 
 # Elements per program on CPU tensors (the interpreter): large, because it runs programs one by one. Tests
 # lower it to exercise the many-program tiling a GPU uses.
-CPU_BLOCK_ELEMS = 65536
+CPU_BLOCK_ELEMS = 1 << 18
 
 __all__ = ["silu_mul"]
 
