@@ -38,6 +38,11 @@ class Ops:
     sample_tokens: Callable
     kv_compact: Callable
     build_tree_buffers: Callable
+    # decoder-layer pieces (the ``torch`` backend keeps the plain unfused PyTorch path)
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rope_kv_write: Callable
+    silu_mul: Callable
 
 
 def interpreter_enabled() -> bool:
@@ -82,6 +87,10 @@ def _torch_ops() -> Ops:
         reference.sample_tokens,
         reference.kv_compact,
         _native_tree_buffers(),  # same results as the reference (tests/test_tree_buffers.py), ~200x faster
+        reference.rms_norm,
+        reference.add_rms_norm,
+        reference.rope_kv_write,
+        reference.silu_mul,
     )
 
 
@@ -90,11 +99,17 @@ _warned_fallback = False
 
 def _triton_ops() -> Ops:
     from .acceptance import accept_tree, sample_tokens
+    from .fused_norm import add_rms_norm, rms_norm
     from .kv_compact import kv_compact
+    from .rope_cache import rope_kv_write
+    from .silu_mul import silu_mul
     from .topk_expand import topk_expand
     from .tree_attention import tree_attention
 
-    return Ops("triton", tree_attention, topk_expand, accept_tree, sample_tokens, kv_compact, _native_tree_buffers())
+    return Ops(
+        "triton", tree_attention, topk_expand, accept_tree, sample_tokens, kv_compact, _native_tree_buffers(),
+        rms_norm, add_rms_norm, rope_kv_write, silu_mul,
+    )
 
 
 def get_ops(backend: str = "auto") -> Ops:

@@ -97,6 +97,7 @@ def load_head(name_or_path: str | Path, target: Transformer, dtype=None, device=
         if v.shape != state[k].shape:
             raise CheckpointError(f"draft head {name_or_path}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
     head.load_state_dict(state)
+    head.layers[0].fuse_weights_()
     w = target.embed_tokens.weight
     return head.to(device=device or w.device, dtype=dtype or w.dtype).eval().requires_grad_(False)
 
@@ -136,5 +137,6 @@ def init_head_(head: EagleHead, seed: int = 0, std: float | None = None) -> Eagl
 def random_head(target: Transformer, seed: int = 0, std: float = 0.02) -> EagleHead:
     """A randomly initialised head shaped for ``target`` (tests; a random head drafts badly but stays exact)."""
     head = init_head_(EagleHead(head_config(target.cfg), target.max_len), seed, std)
+    head.layers[0].fuse_weights_()
     w = target.embed_tokens.weight
     return head.to(device=w.device, dtype=w.dtype).eval().requires_grad_(False)

@@ -136,7 +136,7 @@ def target_from_state_dict(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = type(model.rotary)(cfg, max_len)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.fuse_weights_().to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path, skip=()) -> None:

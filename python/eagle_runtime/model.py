@@ -6,6 +6,17 @@ plus the tree-masked slots after ``prefix_len[b]`` (see :func:`eagle_kernels.ref
 
 The KV cache is one tensor ``[2 * num_layers, B, H_kv, S, D]`` (layer ``l``'s keys at ``2l``, values at
 ``2l + 1``), so a single compaction launch moves every layer.
+
+Fused layer (after :meth:`Transformer.fuse_weights_`, which the loaders call): per layer and forward, on the
+``triton`` backend, nine device ops (``benchmarks/op_count.py``)::
+
+    h, res = add_rms_norm(x, res)          (the first layer: rms_norm(x), res = x)
+    q = rope_kv_write(qkv_proj(h), ...)    rotary on q and k, k and v written into the cache planes
+    a = o_proj(tree_attention(q, ...))
+    h, res = add_rms_norm(a, res)
+    x = down_proj(silu_mul(gate_up_proj(h)))
+                                           the final norm is add_rms_norm(x, res) of the last layer's output
+The ``torch`` backend runs the same structure on the PyTorch references (the plain, unfused ops).
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eagle_kernels import Ops, get_ops
+from eagle_kernels import Ops, get_ops, reference
 
 from .config import ModelConfig, rope_inv_freq
 
@@ -31,6 +42,24 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class RopeAt:
+    """The rotary tables and the positions one forward reads them at (no gather until someone needs it).
+
+    The fused path hands ``cos``, ``sin`` and ``positions`` to :func:`eagle_kernels.reference.rope_kv_write`,
+    which gathers in the kernel; ``cos, sin = rope`` gives the gathered ``[B, T, 1, D]`` tables in ``dtype``
+    (the unfused path and training).
+    """
+
+    __slots__ = ("cos", "sin", "positions", "dtype")
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+        self.cos, self.sin, self.positions, self.dtype = cos, sin, positions, dtype
+
+    def __iter__(self):
+        yield self.cos[self.positions].to(self.dtype).unsqueeze(2)
+        yield self.sin[self.positions].to(self.dtype).unsqueeze(2)
+
+
 class Rotary(nn.Module):
     """cos/sin tables for positions ``[0, max_len)``, half-rotation layout (HF checkpoints)."""
 
@@ -42,8 +71,8 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].to(dtype).unsqueeze(2), self.sin[positions].to(dtype).unsqueeze(2)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeAt:
+        return RopeAt(self.cos, self.sin, positions, dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +84,78 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-class Attention(nn.Module):
+def _merge_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One ``nn.Linear`` whose output is the concatenation of ``parts``' outputs (same input)."""
+    w = torch.cat([p.weight for p in parts])
+    merged = nn.Linear(w.shape[1], w.shape[0], bias=parts[0].bias is not None, device="meta")
+    merged.weight = nn.Parameter(w, requires_grad=parts[0].weight.requires_grad)
+    if parts[0].bias is not None:
+        merged.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=parts[0].bias.requires_grad)
+    return merged
+
+
+class _Merged(nn.Module):
+    """A module whose projections ``_parts`` (HF checkpoint layout) can be merged into one ``_merged_name`` linear.
+
+    :meth:`fuse_` replaces the separate ``nn.Linear`` submodules by the merged one (a single GEMM). The state
+    dict keeps the HF layout either way: saving splits the merged weight back into the separate keys and
+    loading separate keys into a fused module merges them, so checkpoints never see the merged names.
+    """
+
+    _parts: tuple[str, ...] = ()
+    _merged_name = ""
+
+    def __init__(self):
+        super().__init__()
+        self._register_state_dict_hook(_Merged._split_state)
+        self._register_load_state_dict_pre_hook(self._merge_state)
+
+    def _sizes(self) -> list[int]:
+        raise NotImplementedError
+
+    @property
+    def fused(self) -> bool:
+        return getattr(self, self._merged_name, None) is not None
+
+    def fuse_(self) -> None:
+        if self.fused:
+            return
+        setattr(self, self._merged_name, _merge_linears([getattr(self, n) for n in self._parts]))
+        for n in self._parts:
+            delattr(self, n)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """The merged projection's output ``[..., sum(sizes)]`` (one GEMM once fused)."""
+        if self.fused:
+            return getattr(self, self._merged_name)(x)
+        return torch.cat([getattr(self, n)(x) for n in self._parts], dim=-1)
+
+    @staticmethod
+    def _split_state(module, state, prefix, local_metadata):
+        if not module.fused:
+            return state
+        for suffix in ("weight", "bias"):
+            key = f"{prefix}{module._merged_name}.{suffix}"
+            if key in state:
+                for n, t in zip(module._parts, state.pop(key).split(module._sizes())):
+                    state[f"{prefix}{n}.{suffix}"] = t
+        return state
+
+    def _merge_state(self, state, prefix, *args):
+        if not self.fused:
+            return
+        for suffix in ("weight", "bias"):
+            keys = [f"{prefix}{n}.{suffix}" for n in self._parts]
+            if all(k in state for k in keys):
+                state[f"{prefix}{self._merged_name}.{suffix}"] = torch.cat([state.pop(k) for k in keys])
+
+
+class Attention(_Merged):
+    """Self-attention with the K/V cache. ``num_heads``/``num_kv_heads`` are this module's (local) head counts."""
+
+    _parts = ("q_proj", "k_proj", "v_proj")
+    _merged_name = "qkv_proj"
+
     def __init__(self, cfg: ModelConfig, in_features: int | None = None):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
@@ -64,28 +164,26 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(inp, cfg.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(inp, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(inp, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.qkv_proj = None
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attention_bias)
 
-    def forward(self, x, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops: Ops):
+    def _sizes(self) -> list[int]:
+        d = self.head_dim
+        return [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+
+    def forward(self, x, rope: RopeAt, k_cache, v_cache, prefix_len, write_idx, mask, ops: Ops):
+        """Writes this step's K/V at ``write_idx [B, T]`` and attends; one QKV GEMM and one rope+write launch."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        idx = write_idx[:, None, :, None].expand(B, self.num_kv_heads, T, self.head_dim)
-        k_cache.scatter_(2, idx, k.transpose(1, 2).to(k_cache.dtype))
-        v_cache.scatter_(2, idx, v.transpose(1, 2).to(v_cache.dtype))
+        q = ops.rope_kv_write(self._project(x), rope.cos, rope.sin, rope.positions, k_cache, v_cache, write_idx,
+                              self.num_heads, self.num_kv_heads)
         out = ops.tree_attention(q, k_cache, v_cache, prefix_len, mask)
         return self.o_proj(out.reshape(B, T, -1))
-
 
     def forward_causal(self, x, rope):
         """Plain causal self-attention over whole sequences (training and feature extraction; no cache)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        d = self.head_dim
+        q, k, v = self._project(x).view(B, T, -1, d).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         group = self.num_heads // self.num_kv_heads
@@ -94,16 +192,26 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
+class MLP(_Merged):
+    _parts = ("gate_proj", "up_proj")
+    _merged_name = "gate_up_proj"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.gate_up_proj = None
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def _sizes(self) -> list[int]:
+        return [self.down_proj.in_features] * 2
+
+    def forward(self, x, ops: Ops | None = None):
+        if ops is None and not self.fused:  # training: the plain HF expression
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        silu_mul = ops.silu_mul if ops is not None else reference.silu_mul
+        return self.down_proj(silu_mul(self._project(x)))
 
 
 class SparseMoE(nn.Module):
@@ -146,6 +254,9 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer. The residual stream is carried beside the block outputs, so that every norm fuses
+    with the add before it (:meth:`step`); :meth:`forward` is the plain ``hidden -> hidden`` view of a layer."""
+
     def __init__(self, cfg: ModelConfig, input_norm: bool = True):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if input_norm else None
@@ -153,10 +264,33 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoE(cfg) if cfg.num_experts else MLP(cfg)
 
+    def fuse_weights_(self) -> None:
+        """Merge q/k/v and gate/up into single projections (state dicts keep the HF layout)."""
+        self.self_attn.fuse_()
+        if isinstance(self.mlp, MLP):
+            self.mlp.fuse_()
+
+    def step(self, x, residual, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops: Ops):
+        """One layer on the carried residual stream: returns ``(mlp_out, residual)``; the hidden state after the
+        layer is ``mlp_out + residual`` (the next layer's input norm, or the final norm, adds them).
+
+        ``residual=None`` starts the stream: ``x`` is the hidden state itself (the embeddings).
+        """
+        norm = self.input_layernorm
+        if residual is None:
+            residual, h = x, (ops.rms_norm(x, norm.weight, norm.eps) if norm is not None else x)
+        elif norm is not None:
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        else:
+            h = residual = x + residual
+        a = self.self_attn(h, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops)
+        post = self.post_attention_layernorm
+        h, residual = ops.add_rms_norm(a, residual, post.weight, post.eps)
+        return (self.mlp(h, ops) if isinstance(self.mlp, MLP) else self.mlp(h)), residual
+
     def forward(self, x, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops):
-        h = self.input_layernorm(x) if self.input_layernorm is not None else x
-        x = x + self.self_attn(h, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out, residual = self.step(x, None, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops)
+        return out + residual
 
     def forward_causal(self, x, rope):
         h = self.input_layernorm(x) if self.input_layernorm is not None else x
@@ -193,14 +327,27 @@ class Transformer(nn.Module):
         [B, T, M]`` the tree mask relative to ``prefix_len [B]``.
         """
         x = self.embed_tokens(tokens)
-        return self.norm(self.run_layers(x, positions, cache, prefix_len, write_pos, mask))
+        x, residual = self.run_layers(x, positions, cache, prefix_len, write_pos, mask)
+        return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
-    def run_layers(self, x, positions, cache, prefix_len, write_pos, mask) -> torch.Tensor:
+    def run_layers(self, x, positions, cache, prefix_len, write_pos, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(last_mlp_out, residual)``: the final hidden state is their sum (the final norm fuses the add)."""
         rope = self.rotary(positions, x.dtype)
         write_idx = write_pos[:, None] + torch.arange(x.shape[1], device=x.device)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache[2 * i], cache[2 * i + 1], prefix_len, write_idx, mask, self.ops)
-        return x
+            x, residual = layer.step(x, residual, rope, cache[2 * i], cache[2 * i + 1], prefix_len, write_idx, mask,
+                                     self.ops)
+        return x, residual
+
+    def fuse_weights_(self) -> "Transformer":
+        """Merge every layer's q/k/v and gate/up projections (one GEMM each); call once after loading weights.
+
+        Loaders read the HF layout and call this at the end; ``state_dict()`` still gives the HF layout.
+        """
+        for layer in self.layers:
+            layer.fuse_weights_()
+        return self
 
     def forward_causal(self, tokens: torch.Tensor) -> torch.Tensor:
         """Features of whole sequences ``[B, T]`` from position 0, causal, without a cache (training)."""
