@@ -282,6 +282,9 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -312,9 +315,10 @@ def eagle3_head_config(target_cfg: ModelConfig, draft_vocab_size: int, **overrid
 
 
 def new_eagle3_head(target: Transformer, draft_vocab_size: int, taps=None, seed: int = 0, std: float | None = None,
-                    vocab_ids: torch.Tensor | None = None) -> Eagle3Head:
+                    vocab_ids: torch.Tensor | None = None, from_target: bool = False) -> Eagle3Head:
     """A freshly initialised head for ``target``; the draft vocabulary ``vocab_ids`` (default: a random subset
-    of ``draft_vocab_size`` ids, seeded)."""
+    of ``draft_vocab_size`` ids, seeded). ``from_target``: start ``lm_head`` and ``norm`` from the target's rows of
+    the draft vocabulary and final norm (training starts from the target's own read-out)."""
     from .draft import init_head_
 
     cfg = eagle3_head_config(target.cfg, draft_vocab_size)
@@ -324,6 +328,10 @@ def new_eagle3_head(target: Transformer, draft_vocab_size: int, taps=None, seed:
         g = torch.Generator().manual_seed(seed)
         vocab_ids = torch.randperm(cfg.vocab_size, generator=g)[:draft_vocab_size]
     head.set_draft_vocab(vocab_ids)
+    if from_target:
+        with torch.no_grad():
+            head.lm_head.weight.copy_(target.lm_head.weight.detach().cpu()[head.token_map])
+            head.norm.weight.copy_(target.norm.weight.detach().cpu())
     w = target.embed_tokens.weight
     return head.to(device=w.device, dtype=w.dtype)
 
