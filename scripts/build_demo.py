@@ -4,11 +4,12 @@
     python scripts/build_demo.py --stages head measure   # keep the target, redo the rest
     python scripts/build_demo.py --stages head3    # the EAGLE-3 head (demo/head3) and its comparison with EAGLE-1
 
-Stage ``head3`` trains, one after the other under the same conditions and the same wall-clock cap
-(``--compare-minutes``), an EAGLE-1 head (into ``--work``, for the comparison only) and the EAGLE-3 head that is
-committed as ``demo/head3``; step budgets (``--compare-steps1/3``) are set so each run fits the cap at the
-measured cost per step (an EAGLE-3 step runs the training-time test: about 2x an EAGLE-1 step). Both heads are
-then measured with the demo tree on the same prompts (tau, held-out top-1, tokens/s) into ``BUILD.json["head3"]``.
+Stage ``head3`` trains, one after the other with the same corpus, settings and threads, an EAGLE-1 head of
+``--compare-steps1`` steps (into ``--work``, for the comparison only) and then the EAGLE-3 head committed as
+``demo/head3`` under the same wall-clock budget: the EAGLE-1 run's measured wall time is the EAGLE-3 run's hard cap,
+and its step count (so that its cosine schedule ends in time) comes from a short probe of the EAGLE-3 step cost
+taken just before (an EAGLE-3 step runs the training-time test: about 2x an EAGLE-1 step). Both heads are then
+measured with the demo tree on the same prompts (tau, held-out top-1, tokens/s) into ``BUILD.json["head3"]``.
 
 Outputs ``python/eagle_runtime/demo/{target,head}/`` (HF target checkpoint; EAGLE-1 head as config.json +
 model.safetensors) and ``python/eagle_runtime/demo/BUILD.json`` (settings, target held-out loss/perplexity,
@@ -27,7 +28,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -100,11 +101,10 @@ def build_head(args) -> dict:
     }
 
 
-def _head_cfg(args, cls, steps: int, **extra):
+def _head_cfg(args, cls, steps: int, minutes: float | None = None, **extra):
     return cls(
         steps=steps, batch_size=args.head_batch_size, seq_len=args.head_seq_len, lr=args.head_lr, warmup=30,
-        eval_every=max(1, steps // 4), eval_batches=8, save_every=10**9, max_minutes=args.compare_minutes,
-        seed=args.seed, **extra,
+        eval_every=max(1, steps // 4), eval_batches=8, save_every=10**9, max_minutes=minutes, seed=args.seed, **extra,
     )
 
 
@@ -147,17 +147,29 @@ def build_head3(args) -> dict:
     """EAGLE-1 vs EAGLE-3 under the same wall-clock cap, sequentially; the EAGLE-3 head becomes demo/head3."""
     work = Path(args.work)
     runs = {}
-    for name, steps in (("eagle1", args.compare_steps1), ("eagle3", args.compare_steps3)):
+    e3 = dict(draft_vocab=args.head3_draft_vocab, ttt_steps=args.head3_ttt_steps)
+    budget_s = None
+    for name in ("eagle1", "eagle3"):
         out = work / f"compare_{name}"
         if out.exists():
             shutil.rmtree(out)
-        t0 = time.time()
         if name == "eagle1":
-            cfg = _head_cfg(args, TrainConfig, steps)
+            t0 = time.time()
+            cfg = _head_cfg(args, TrainConfig, args.compare_steps1)
             res = train_head(DEMO_DIR / "target", args.head_corpus, out, cfg)
+            budget_s = time.time() - t0
         else:
-            cfg = _head_cfg(args, Eagle3TrainConfig, steps, draft_vocab=args.head3_draft_vocab,
-                            ttt_steps=args.head3_ttt_steps)
+            probe_dir = work / "probe_eagle3"
+            t_probe = time.time()
+            n_probe = 8
+            pcfg = replace(_head_cfg(args, Eagle3TrainConfig, n_probe, **e3), eval_every=10**9)
+            pres = train_head3(DEMO_DIR / "target", args.head_corpus, probe_dir, pcfg, progress=False)
+            per_step = (pres["history"][-1]["time_s"] - pres["history"][0]["time_s"]) / (n_probe - 1)
+            overhead = (time.time() - t_probe) - n_probe * per_step  # loading, vocabulary, one evaluation, saving
+            steps = max(1, int((budget_s - 4 * overhead) / per_step))  # four evaluations on the way
+            print(f"eagle3 probe: {per_step:.2f} s/step, overhead {overhead:.1f} s -> {steps} steps in {budget_s:.0f} s")
+            t0 = time.time()
+            cfg = _head_cfg(args, Eagle3TrainConfig, steps, budget_s / 60, **e3)
             res = train_head3(DEMO_DIR / "target", args.head_corpus, out, cfg)
         evals = [r for r in res["history"] if "eval_acc" in r]
         runs[name] = {
@@ -183,11 +195,11 @@ def build_head3(args) -> dict:
         "corpus": Path(args.head_corpus).name,
         "draft_vocab_size": head3.draft_vocab_size,
         "taps": list(head3.target_taps),
-        "compare_minutes": args.compare_minutes,
+        "wall_clock_budget_s": round(budget_s, 1),
         "runs": runs,
         "measure": meas,
-        "note": "both heads trained one after the other on the same corpus, threads and wall-clock cap on a shared "
-                "2-core CPU; eagle1_committed is demo/head (1000 steps, BUILD.json['head'])",
+        "note": "both heads trained one after the other on the same corpus and threads, the EAGLE-3 head capped at "
+                "the EAGLE-1 run's wall time, on a shared 2-core CPU; eagle1_committed is demo/head (BUILD.json['head'])",
     }
 
 
@@ -251,11 +263,8 @@ def main(argv=None) -> None:
     p.add_argument("--head-seq-len", type=int, default=256)
     p.add_argument("--head-lr", type=float, default=2e-3)
     p.add_argument("--measure-prompts", type=int, default=6)
-    p.add_argument("--compare-minutes", type=float, default=12.0, help="head3: the wall-clock cap of each head")
-    # Measured back to back on a loaded 2-core machine: 1.07 s per EAGLE-1 step, 2.04 s per EAGLE-3 step (4 TTT
-    # steps) at batch 8 x 256; the step budgets fill about 11 of the 12 minutes.
-    p.add_argument("--compare-steps1", type=int, default=600)
-    p.add_argument("--compare-steps3", type=int, default=315)
+    p.add_argument("--compare-steps1", type=int, default=1000, help="head3: steps of the EAGLE-1 comparison run "
+                   "(its wall time becomes the EAGLE-3 head's budget)")
     p.add_argument("--head3-draft-vocab", type=int, default=256, help="the demo corpus uses about 200 of 512 ids")
     p.add_argument("--head3-ttt-steps", type=int, default=4, help="the demo tree drafts 4 levels (depth 3 + 1)")
     p.add_argument("--seed", type=int, default=0)
