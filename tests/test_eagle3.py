@@ -371,3 +371,23 @@ def test_train_cli_head_flag_errors(tmp_path, stories_dir):
     with pytest.raises(SystemExit) as e:
         main(["--head", "eagle4"])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------------------------
+def test_benchmark_names_the_head(tmp_path, stories_dir):
+    from eagle_runtime.demo import DEMO_DIR, best_head
+
+    require(DEMO_DIR / "head3" / "config.json")
+    from test_demo_and_bench import _bench_module
+
+    bench = _bench_module()
+    common = ["--num-questions", "1", "--max-new-tokens", "6", "--temperatures", "0", "--no-hf", "--out", str(tmp_path)]
+    res = bench.main(["--head", "eagle3", *common])
+    assert res["config"]["head"] == "eagle3" and res["config"]["draft"].endswith("head3")
+    assert res["config"]["draft_vocab_size"] < 512 and res["results"]["0"]["eagle_identical_to_plain"]["all"]
+    assert best_head() in ("eagle1", "eagle3")
+    with pytest.raises(SystemExit) as e:  # a head of the other kind than --head asks for
+        bench.main(["--base", str(DEMO_DIR / "target"), "--draft", str(DEMO_DIR / "head"), "--head", "eagle3", *common])
+    assert e.value.code == 2
