@@ -277,7 +277,7 @@ def demo3():
     from eagle_runtime.demo import DEMO_DIR
 
     require(DEMO_DIR / "head3" / "config.json")
-    t = load_target(DEMO_DIR / "target", max_len=96)
+    t = load_target(DEMO_DIR / "target", max_len=48)  # short: the sampling test runs batches of 1000
     return EagleModel(t, load_head(DEMO_DIR / "head3", t), _load_tokenizer(DEMO_DIR / "target"), backend="torch")
 
 
@@ -295,12 +295,12 @@ def test_sampling_matches_target_distribution_demo_eagle3(demo3):
     prompt = demo3.encode("Once upon a time, there was a little")[0]
     joint = exact_joint(demo3, prompt, 1.0, 4)
     counts, taus, n = {}, [], 0
-    for seed in range(6):  # chunks of 500 keep the KV cache small
-        c, out = spec_counts(demo3, prompt, 500, 1.0, 4, seed=100 + seed)
+    for seed in range(2):  # chunks of 1000 keep the KV cache small (400 MB)
+        c, out = spec_counts(demo3, prompt, 1000, 1.0, 4, seed=100 + seed)
         for k, v in c.items():
             counts[k] = counts.get(k, 0) + v
         taus.append(out.tau)
-        n += 500
+        n += 1000
     tau = sum(taus) / len(taus)
     assert tau > 1.3, "the test must exercise accepted draft tokens"
     p = chi2_pvalue(counts, joint, n)
