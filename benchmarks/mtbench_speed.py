@@ -3,6 +3,7 @@
     python benchmarks/mtbench_speed.py                       # the embedded demo pair, cuda if present else cpu
     python benchmarks/mtbench_speed.py --base lmsys/vicuna-7b-v1.3 --draft yuhuili/EAGLE-Vicuna-7B-v1.3 \\
         --num-questions 80 --max-new-tokens 512 --tree dynamic
+    python benchmarks/mtbench_speed.py --head eagle3         # the demo's EAGLE-3 head (default: the higher-tau one)
 
 Questions: ``--questions FILE`` (MT-bench jsonl: question_id, category, turns[2]); by default the shared
 ``mt_bench.jsonl`` beside the repository when it is there, else a built-in set of 16 two-turn questions in
@@ -214,16 +215,22 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype)
     demo = args.base is None
     if demo:
-        from eagle_runtime.demo import demo_paths
+        from eagle_runtime.demo import best_head, demo_paths
 
-        base, draft = (str(p) for p in demo_paths())
+        base, draft = (str(p) for p in demo_paths(best_head() if args.head == "auto" else args.head))
     else:
         base, draft = args.base, args.draft
         if draft is None:
-            raise SystemExit("--base needs --draft (an EAGLE-1 head)")
+            raise SystemExit("--base needs --draft (an EAGLE-1 or EAGLE-3 head)")
     tree = parse_tree(args.tree, demo)
-    model = EagleModel.from_pretrained(base, draft, dtype=dtype, device=device, tree=tree, backend=args.backend, max_len=args.max_len,
-                                       cuda_graphs=args.cuda_graphs)
+    model = EagleModel.from_pretrained(base, draft, dtype=dtype, device=device, tree=tree, backend=args.backend,
+                                       max_len=args.max_len, cuda_graphs=args.cuda_graphs)
+    from eagle_runtime.draft3 import Eagle3Head
+
+    head_kind = "eagle3" if isinstance(model.head, Eagle3Head) else "eagle1"
+    if args.head not in ("auto", head_kind):
+        print(f"error: --head {args.head}, but {draft} is an {head_kind} head", file=sys.stderr)
+        raise SystemExit(2)
     tok = model.tokenizer
     if tok is None:
         raise SystemExit(f"no tokenizer in {base}")
@@ -305,7 +312,9 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})",
         "config": {
             "base": base if not demo else "eagle_runtime.demo target",
-            "draft": draft if not demo else "eagle_runtime.demo head",
+            "draft": draft if not demo else f"eagle_runtime.demo {Path(draft).name}",
+            "head": head_kind,
+            "draft_vocab_size": getattr(model.head, "draft_vocab_size", cfg.vocab_size),
             "questions": source if qpath is None else qpath.name,
             "num_questions": len(questions),
             "max_new_tokens": args.max_new_tokens,
@@ -405,7 +414,10 @@ def plot(res: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=None, help="target: HF directory or hub id (default: the embedded demo pair)")
-    p.add_argument("--draft", default=None, help="EAGLE-1 head: directory or hub id")
+    p.add_argument("--draft", default=None, help="EAGLE-1 or EAGLE-3 head: directory or hub id (format auto-detected)")
+    p.add_argument("--head", default="auto", choices=["auto", "eagle1", "eagle3"],
+                   help="demo pair: which embedded head (auto: the one with the higher tau in BUILD.json); "
+                        "with --draft: the kind the head must be")
     p.add_argument("--questions", default=None, help="MT-bench jsonl (default: shared mt_bench.jsonl, else built-in)")
     p.add_argument("--num-questions", type=int, default=16, help="questions taken round-robin over categories (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=96)

@@ -2,6 +2,14 @@
 
     python scripts/build_demo.py                   # everything: about 21 min on 2 CPU cores (13 target, 7 head, 1 measure)
     python scripts/build_demo.py --stages head measure   # keep the target, redo the rest
+    python scripts/build_demo.py --stages head3    # the EAGLE-3 head (demo/head3) and its comparison with EAGLE-1
+
+Stage ``head3`` trains, one after the other with the same corpus, settings and threads, an EAGLE-1 head of
+``--compare-steps1`` steps (into ``--work``, for the comparison only) and then the EAGLE-3 head committed as
+``demo/head3`` under the same wall-clock budget: the EAGLE-1 run's measured wall time is the EAGLE-3 run's hard cap,
+and its step count (so that its cosine schedule ends in time) comes from a short probe of the EAGLE-3 step cost
+taken just before (an EAGLE-3 step runs the training-time test: about 2x an EAGLE-1 step). Both heads are then
+measured with the demo tree on the same prompts (tau, held-out top-1, tokens/s) into ``BUILD.json["head3"]``.
 
 Outputs ``python/eagle_runtime/demo/{target,head}/`` (HF target checkpoint; EAGLE-1 head as config.json +
 model.safetensors) and ``python/eagle_runtime/demo/BUILD.json`` (settings, target held-out loss/perplexity,
@@ -20,7 +28,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +39,7 @@ sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without th
 from eagle_runtime import DynamicTree, EagleModel, load_head, save_head  # noqa: E402
 from eagle_runtime.demo import DEMO_DIR  # noqa: E402
 from eagle_runtime.train import TrainConfig, train_head  # noqa: E402
+from eagle_runtime.train_eagle3 import Eagle3TrainConfig, train_head3  # noqa: E402
 from eagle_runtime.train_target import DEFAULT_TOKENIZER, TargetConfig, read_stories, train_target  # noqa: E402
 
 SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -92,6 +101,108 @@ def build_head(args) -> dict:
     }
 
 
+def _head_cfg(args, cls, steps: int, minutes: float | None = None, **extra):
+    return cls(
+        steps=steps, batch_size=args.head_batch_size, seq_len=args.head_seq_len, lr=args.head_lr, warmup=30,
+        eval_every=max(1, steps // 4), eval_batches=8, save_every=10**9, max_minutes=minutes, seed=args.seed, **extra,
+    )
+
+
+def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
+    """Plain decoding and each head with ``tree`` on the same held-out openings: tokens/s, tau, exactness."""
+    from eagle_runtime import load_target
+
+    target = load_target(DEMO_DIR / "target")
+    from eagle_runtime.generate import _load_tokenizer
+
+    model = EagleModel(target, None, _load_tokenizer(DEMO_DIR / "target"), tree=tree, backend="torch")
+    stories = read_stories(SHARED / "corpus" / "tinystories_extra.txt")[-n_prompts:]
+    prompts = [" ".join(s.split()[:12]) for s in stories]
+    model.generate(prompts[0], 16, speculative=False)  # warm-up
+    plain_time, plain_tokens = 0.0, []
+    for p in prompts:
+        r = model.generate(p, MEASURE_TOKENS, speculative=False, stop_on_eos=False)
+        plain_time += r.wall_time_s
+        plain_tokens.append(r.tokens[0])
+    n_tok = MEASURE_TOKENS * len(prompts)
+    out = {"prompts": len(prompts), "max_new_tokens": MEASURE_TOKENS, "temperature": 0.0,
+           "tree": {"total_tokens": tree.total_tokens, "depth": tree.depth, "top_k": tree.top_k},
+           "plain_tokens_per_s": n_tok / plain_time}
+    for name, head_dir in heads.items():
+        model.head = load_head(head_dir, target)
+        model.generate(prompts[0], 16)  # warm-up
+        wall, lens, same = 0.0, [], True
+        for i, p in enumerate(prompts):
+            r = model.generate(p, MEASURE_TOKENS, stop_on_eos=False)
+            wall += r.wall_time_s
+            lens += r.accept_lengths[0]
+            same &= r.tokens[0] == plain_tokens[i]
+        out[name] = {"tau": sum(lens) / len(lens), "tokens_per_s": n_tok / wall, "speedup": plain_time / wall,
+                     "identical_to_plain": same}
+        print(f"{name}: tau {out[name]['tau']:.2f}, {out[name]['tokens_per_s']:.1f} tok/s", flush=True)
+    return out
+
+
+def build_head3(args) -> dict:
+    """EAGLE-1 vs EAGLE-3 under the same wall-clock cap, sequentially; the EAGLE-3 head becomes demo/head3."""
+    work = Path(args.work)
+    runs = {}
+    e3 = dict(draft_vocab=args.head3_draft_vocab, ttt_steps=args.head3_ttt_steps)
+    budget_s = None
+    for name in ("eagle1", "eagle3"):
+        out = work / f"compare_{name}"
+        if out.exists():
+            shutil.rmtree(out)
+        if name == "eagle1":
+            t0 = time.time()
+            cfg = _head_cfg(args, TrainConfig, args.compare_steps1)
+            res = train_head(DEMO_DIR / "target", args.head_corpus, out, cfg)
+            budget_s = time.time() - t0
+        else:
+            probe_dir = work / "probe_eagle3"
+            t_probe = time.time()
+            n_probe = 8
+            pcfg = replace(_head_cfg(args, Eagle3TrainConfig, n_probe, **e3), eval_every=10**9)
+            pres = train_head3(DEMO_DIR / "target", args.head_corpus, probe_dir, pcfg, progress=False)
+            per_step = (pres["history"][-1]["time_s"] - pres["history"][0]["time_s"]) / (n_probe - 1)
+            overhead = (time.time() - t_probe) - n_probe * per_step  # loading, vocabulary, one evaluation, saving
+            steps = max(1, int((budget_s - 4 * overhead) / per_step))  # four evaluations on the way
+            print(f"eagle3 probe: {per_step:.2f} s/step, overhead {overhead:.1f} s -> {steps} steps in {budget_s:.0f} s")
+            t0 = time.time()
+            cfg = _head_cfg(args, Eagle3TrainConfig, steps, budget_s / 60, **e3)
+            res = train_head3(DEMO_DIR / "target", args.head_corpus, out, cfg)
+        evals = [r for r in res["history"] if "eval_acc" in r]
+        runs[name] = {
+            "dir": out, "steps_done": res["steps"], "wall_s": round(time.time() - t0, 1), "config": asdict(cfg),
+            "heldout_top1_accuracy": evals[-1]["eval_acc"] if evals else None,
+        }
+        print(f"{name}: {res['steps']} steps in {runs[name]['wall_s']} s, held-out top-1 "
+              f"{runs[name]['heldout_top1_accuracy']}", flush=True)
+    from eagle_runtime import load_target
+
+    head3 = load_head(runs["eagle3"]["dir"], load_target(DEMO_DIR / "target"))
+    out = DEMO_DIR / "head3"
+    if out.exists():
+        shutil.rmtree(out)
+    save_head(head3, out, safetensors=True)
+    info = json.loads((DEMO_DIR / "BUILD.json").read_text()) if (DEMO_DIR / "BUILD.json").is_file() else {}
+    t = info.get("tree") or {"total_tokens": 8, "depth": 3, "top_k": 2}
+    heads = {"eagle1": runs["eagle1"]["dir"], "eagle3": runs["eagle3"]["dir"], "eagle1_committed": DEMO_DIR / "head"}
+    meas = _measure_heads(heads, DynamicTree(t["total_tokens"], t["depth"], t["top_k"]), args.measure_prompts)
+    for r in runs.values():
+        r.pop("dir")
+    return {
+        "corpus": Path(args.head_corpus).name,
+        "draft_vocab_size": head3.draft_vocab_size,
+        "taps": list(head3.target_taps),
+        "wall_clock_budget_s": round(budget_s, 1),
+        "runs": runs,
+        "measure": meas,
+        "note": "both heads trained one after the other on the same corpus and threads, the EAGLE-3 head capped at "
+                "the EAGLE-1 run's wall time, on a shared 2-core CPU; eagle1_committed is demo/head (BUILD.json['head'])",
+    }
+
+
 def measure(args) -> dict:
     """Plain vs EAGLE in our runtime on held-out story openings, for each candidate tree; picks the fastest."""
     model = EagleModel.from_pretrained(DEMO_DIR / "target", DEMO_DIR / "head", backend="torch")
@@ -137,7 +248,8 @@ def measure(args) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stages", nargs="+", default=["target", "head", "measure"], choices=["target", "head", "measure"])
+    p.add_argument("--stages", nargs="+", default=["target", "head", "measure"],
+                   choices=["target", "head", "measure", "head3"])
     p.add_argument("--work", default=str(REPO / "build" / "demo_work"))
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     p.add_argument("--target-steps", type=int, default=2000)
@@ -151,6 +263,10 @@ def main(argv=None) -> None:
     p.add_argument("--head-seq-len", type=int, default=256)
     p.add_argument("--head-lr", type=float, default=2e-3)
     p.add_argument("--measure-prompts", type=int, default=6)
+    p.add_argument("--compare-steps1", type=int, default=1000, help="head3: steps of the EAGLE-1 comparison run "
+                   "(its wall time becomes the EAGLE-3 head's budget)")
+    p.add_argument("--head3-draft-vocab", type=int, default=256, help="the demo corpus uses about 200 of 512 ids")
+    p.add_argument("--head3-ttt-steps", type=int, default=4, help="the demo tree drafts 4 levels (depth 3 + 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy 2-core machine)")
     args = p.parse_args(argv)
@@ -171,6 +287,10 @@ def main(argv=None) -> None:
         t1 = time.time()
         info["head"] = build_head(args)
         stage_s["head"] = time.time() - t1
+    if "head3" in args.stages:
+        t1 = time.time()
+        info["head3"] = build_head3(args)
+        stage_s["head3"] = time.time() - t1
     if "measure" in args.stages:
         t1 = time.time()
         info["measure"] = measure(args)
@@ -192,7 +312,8 @@ def main(argv=None) -> None:
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    sizes = {d: sum(f.stat().st_size for f in (DEMO_DIR / d).iterdir()) for d in ("target", "head") if (DEMO_DIR / d).is_dir()}
+    sizes = {d: sum(f.stat().st_size for f in (DEMO_DIR / d).iterdir())
+             for d in ("target", "head", "head3") if (DEMO_DIR / d).is_dir()}
     info["sizes_bytes"] = sizes
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps({k: info[k] for k in info if k not in ("measure",)}, indent=2, default=str))

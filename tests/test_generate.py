@@ -9,6 +9,8 @@ from eagle_kernels import reference
 from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target, random_head
 from eagle_runtime.generate import _load_tokenizer
 
+from spec_helpers import chi2_pvalue as _chi2_pvalue, exact_joint as _exact_joint, spec_counts as _spec_counts
+
 PROMPTS = [
     "Once upon a time", "The little dog", "Tom and Sue went to the park", "One day, a bird", "Lily had a big",
     "The sun was", "A boy named Tim", "In the forest there", "Mom said", "The cat wanted to", "It was a rainy day",
@@ -110,48 +112,6 @@ def _sampling():
     from eagle_runtime.generate import _Sampling
 
     return _Sampling(torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor(0), torch.tensor(0))
-
-
-def _exact_joint(model, ids, temperature, top_k, n=3):
-    """Exact distribution of the first ``n`` tokens of direct sampling from the target (processed support)."""
-    tgt = model.target
-    T0 = len(ids)
-    joint = {(): 1.0}
-    for _ in range(n):
-        nxt = {}
-        seqs = list(joint)
-        toks = torch.tensor([ids + list(s) for s in seqs])
-        probs = reference.process_logits(
-            tgt.logits(tgt.forward_causal(toks))[:, -1], torch.full((len(seqs),), temperature),
-            torch.ones(len(seqs)), torch.full((len(seqs),), top_k))
-        for s, p in zip(seqs, probs):
-            for t in p.nonzero().flatten().tolist():
-                nxt[s + (t,)] = joint[s] * float(p[t])
-        joint = nxt
-    assert len(joint) == top_k**n and T0 > 0
-    return joint
-
-
-def _spec_counts(model, prompt, samples, temperature, top_k, seed):
-    out = model.generate([prompt] * samples, 3, temperature=temperature, top_k=top_k, seed=seed, stop_on_eos=False)
-    counts = {}
-    for toks in out.tokens:
-        counts[tuple(toks[:3])] = counts.get(tuple(toks[:3]), 0) + 1
-    return counts, out
-
-
-def _chi2_pvalue(counts, joint, n):
-    from scipy.stats import chisquare
-
-    keys = sorted(joint, key=lambda k: -joint[k])
-    exp = [joint[k] * n for k in keys]
-    obs = [counts.get(k, 0) for k in keys]
-    assert sum(obs) == n, "a sample fell outside the target's support"
-    big = [i for i, e in enumerate(exp) if e >= 5]
-    small = [i for i, e in enumerate(exp) if e < 5]
-    o = [obs[i] for i in big] + [sum(obs[i] for i in small)]
-    e = [exp[i] for i in big] + [sum(exp[i] for i in small)]
-    return chisquare(o, [x * sum(o) / sum(e) for x in e]).pvalue
 
 
 SAMPLES = 3000

@@ -7,6 +7,9 @@ Published checkpoint format (e.g. ``yuhuili/EAGLE-llama2-chat-7B``): ``config.js
 input_layernorm and there is no final norm; logits come from the target's ``lm_head``.
 
 At draft position ``i`` the head reads ``(feature f_i, token t_{i+1})`` and predicts ``f_{i+1}``.
+
+:func:`load_head` also reads EAGLE-3 heads (auto-detected, :mod:`eagle_runtime.draft3`); both kinds answer the
+:class:`~eagle_runtime.drafter.Drafter` interface the decode cycle calls.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .drafter import Drafter
 from .loading import CheckpointError, load_state_dict, resolve_dir
 from .model import DecoderLayer, Rotary, Transformer
 
 EAGLE1_WEIGHTS = "pytorch_model.bin"
 
 
-class EagleHead(nn.Module):
+class EagleHead(Drafter):
+    """EAGLE-1 head: reads the target's final features (``target_taps = None``), drafts over the full vocabulary
+    through the target's ``lm_head`` (``token_map = None``)."""
+
     def __init__(self, cfg: ModelConfig, max_len: int, own_embedding: bool = False):
         super().__init__()
         self.cfg = cfg
@@ -40,6 +47,12 @@ class EagleHead(nn.Module):
         s = max_len or self.max_len
         return torch.zeros(2, batch, cfg.num_kv_heads, s, cfg.head_dim, dtype=w.dtype, device=w.device)
 
+    def first_input(self, states: torch.Tensor) -> torch.Tensor:
+        return states
+
+    def draft_logits(self, hidden: torch.Tensor, target: Transformer) -> torch.Tensor:
+        return target.logits(hidden)
+
     def forward(self, features, tokens, target: Transformer, positions, cache, prefix_len, write_pos, mask):
         """Predicted next features ``[B, T, H]`` from target features and the tokens one step ahead."""
         embed = self.embed_tokens if self.embed_tokens is not None else target.embed_tokens
@@ -47,7 +60,6 @@ class EagleHead(nn.Module):
         rope = self.rotary(positions, x.dtype)
         write_idx = write_pos[:, None] + torch.arange(x.shape[1], device=x.device)
         return self.layers[0](x, rope, cache[0], cache[1], prefix_len, write_idx, mask, target.ops)
-
 
     def forward_causal(self, features, tokens, target: Transformer):
         """Training forward over whole sequences: position ``i`` reads ``(features[:, i], tokens[:, i])``."""
@@ -75,14 +87,23 @@ def check_compatible(head_cfg: ModelConfig, target_cfg: ModelConfig, where: str)
         raise CheckpointError(f"draft head {where} has vocab_size {head_cfg.vocab_size}, the target has {target_cfg.vocab_size}")
 
 
-def load_head(name_or_path: str | Path, target: Transformer, dtype=None, device=None) -> EagleHead:
-    """Load a published-format EAGLE-1 head and check it fits ``target``."""
+def load_head(name_or_path: str | Path, target: Transformer, dtype=None, device=None, taps=None) -> Drafter:
+    """Load a published EAGLE-1 head or an EAGLE-3 head (official or ``speculators`` layout, auto-detected) and
+    check it fits ``target``. ``taps`` overrides an EAGLE-3 head's tap layers (default: its config's, else
+    2, L//2, L-3)."""
+    from .draft3 import is_eagle3, load_eagle3
+
     d = resolve_dir(name_or_path, allow_patterns=["*.json", "*.bin", "*.safetensors"])
-    cfg = ModelConfig.from_file(d / "config.json")
-    check_compatible(cfg, target.cfg, str(name_or_path))
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json at {d / 'config.json'}")
+    raw = json.loads((d / "config.json").read_text())
     state = load_state_dict(d)
-    if any(k.startswith("midlayer.") or k == "d2t" for k in state):
-        raise CheckpointError(f"{name_or_path} is an EAGLE-3 head; this runtime loads EAGLE-1 heads")
+    w = target.embed_tokens.weight
+    if is_eagle3(raw, state):
+        head = load_eagle3(str(name_or_path), raw, state, target, taps)
+        return head.to(device=device or w.device, dtype=dtype or w.dtype).eval().requires_grad_(False)
+    cfg = ModelConfig.from_dict(raw)
+    check_compatible(cfg, target.cfg, str(name_or_path))
     if "fc.weight" not in state:
         raise CheckpointError(f"{name_or_path} has no fc.weight: not an EAGLE-1 draft head")
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -98,12 +119,16 @@ def load_head(name_or_path: str | Path, target: Transformer, dtype=None, device=
             raise CheckpointError(f"draft head {name_or_path}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
     head.load_state_dict(state)
     head.layers[0].fuse_weights_()
-    w = target.embed_tokens.weight
     return head.to(device=device or w.device, dtype=dtype or w.dtype).eval().requires_grad_(False)
 
 
-def save_head(head: EagleHead, directory: str | Path, safetensors: bool = False) -> Path:
-    """Write ``head`` in the published EAGLE-1 format (config.json + pytorch_model.bin or model.safetensors)."""
+def save_head(head: Drafter, directory: str | Path, safetensors: bool = False) -> Path:
+    """Write ``head`` in its published format (config.json + pytorch_model.bin or model.safetensors): EAGLE-1,
+    or for an EAGLE-3 head the official EAGLE-3 layout."""
+    from .draft3 import Eagle3Head, save_eagle3
+
+    if isinstance(head, Eagle3Head):
+        return save_eagle3(head, directory, safetensors)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cfg = dict(head.cfg.raw, num_hidden_layers=1, architectures=["LlamaForCausalLM"], model_type="llama")
@@ -119,12 +144,12 @@ def save_head(head: EagleHead, directory: str | Path, safetensors: bool = False)
     return d
 
 
-def init_head_(head: EagleHead, seed: int = 0, std: float | None = None) -> EagleHead:
+def init_head_(head: nn.Module, seed: int = 0, std: float | None = None) -> EagleHead:
     """Initialise in place: norms 1, biases 0, weights N(0, std) (default std ``1 / sqrt(fan_in)``)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in head.named_parameters():
-            if name.endswith("layernorm.weight"):
+            if name.endswith("norm.weight"):  # input/post_attention layernorms, EAGLE-3's hidden_norm and norm
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()

@@ -18,7 +18,8 @@ import torch
 
 from eagle_kernels import get_ops
 
-from .draft import EagleHead, load_head
+from .draft import load_head
+from .drafter import Drafter, target_states
 from .loading import load_target
 from .model import Transformer
 from .tree import DynamicTree, StaticTree, make_tree
@@ -192,7 +193,8 @@ class EagleModel:
 
     Args:
         target: the lean target model.
-        head: the draft head, or ``None`` for plain decoding only.
+        head: the draft head (any :class:`~eagle_runtime.drafter.Drafter`: EAGLE-1 or EAGLE-3), or ``None`` for
+            plain decoding only.
         tokenizer: a HF tokenizer (optional; without it prompts must be token ids and no text is returned).
         tree: ``"dynamic"``, ``"static"`` or a :class:`DynamicTree` / :class:`StaticTree`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`eagle_kernels.get_ops`).
@@ -207,7 +209,7 @@ class EagleModel:
     """
 
     def __init__(
-        self, target: Transformer, head: EagleHead | None, tokenizer=None, tree="dynamic", backend="auto",
+        self, target: Transformer, head: Drafter | None, tokenizer=None, tree="dynamic", backend="auto",
         cuda_graphs: bool | None = None,
     ):
         self.target, self.head, self.tokenizer = target, head, tokenizer
@@ -261,7 +263,7 @@ class EagleModel:
         max_len: int | None = None,
         cuda_graphs: bool | None = None,
     ) -> "EagleModel":
-        """Load a HF target (local directory or hub id) and an EAGLE-1 head in the published format.
+        """Load a HF target (local directory or hub id) and an EAGLE-1 or EAGLE-3 head (format auto-detected).
 
         ``dtype=None`` is bfloat16 on CUDA and float32 elsewhere; ``cuda_graphs`` is the constructor's."""
         dev = torch.device(device)
@@ -419,7 +421,8 @@ class EagleModel:
         pos = torch.arange(P, device=dev).expand(B, P)
         mask = causal_mask(B, P, dev)
         cache = self._pool.cache("cache", B)
-        feats = tgt(tokens, pos, cache, zero, zero, mask)
+        head = self.head if speculative else None
+        feats, states = target_states(tgt, tokens, pos, cache, zero, zero, mask, head)
         last = feats.gather(1, (n - 1)[:, None, None].expand(B, 1, feats.shape[-1]))[:, 0]
         first = self.ops.sample_tokens(tgt.logits(last), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         sp.offset += 1
@@ -438,9 +441,9 @@ class EagleModel:
             shifted = torch.cat([tokens[:, 1:], torch.zeros(B, 1, dtype=torch.long, device=dev)], dim=1)
             shifted.scatter_(1, (n - 1)[:, None], first[:, None])
             d_cache = self._pool.cache("d_cache", B)
-            d_out = self.head(feats, shifted, tgt, pos, d_cache, zero, zero, mask)
+            d_out = head(head.first_input(states), shifted, tgt, pos, d_cache, zero, zero, mask)
             d_last = d_out.gather(1, (n - 1)[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
-            d_logits = tgt.logits(d_last)
+            d_logits = head.draft_logits(d_last, tgt)
             if self._pool.static:
                 fixed = self._buffer(("draft", B), lambda: {"d_hidden": d_last.clone(), "d_logits": d_logits.clone()})
                 fixed["d_hidden"].copy_(d_last)
@@ -463,8 +466,7 @@ class EagleModel:
         head, tgt, L = self.head, self.target, state["L"]
 
         def step(h_in, tokens, positions, write_pos, mask):
-            h_out = head(h_in, tokens, tgt, positions, state["d_cache"], L, write_pos, mask)
-            return h_out, tgt.logits(h_out)
+            return head.step(h_in, tokens, tgt, positions, state["d_cache"], L, write_pos, mask)
 
         return step
 
@@ -477,9 +479,12 @@ class EagleModel:
         tgt, ops, tree = self.target, self.ops, self.tree
         L, root = _live_len(state), state["next_tok"]
         B, dev = L.shape[0], L.device
-        tokens, parents = tree.draft(self._draft_step(state), state["d_hidden"], state["d_logits"], root, L, ops)
+        head = self.head
+        tokens, parents = tree.draft(
+            self._draft_step(state), state["d_hidden"], state["d_logits"], root, L, ops, token_map=head.token_map
+        )
         bufs = ops.build_tree_buffers(parents, tree.max_depth)
-        feats = tgt(tokens, L[:, None] + bufs.depth, state["cache"], L, L, bufs.mask)
+        feats, states = target_states(tgt, tokens, L[:, None] + bufs.depth, state["cache"], L, L, bufs.mask, head)
         acc = ops.accept_tree(tgt.logits(feats), tokens, parents, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         ops.kv_compact(state["cache"], L, acc.accept_path, acc.accept_len)
         # The accepted path (root first) and the token after it; the head re-reads them with true features.
@@ -489,11 +494,13 @@ class EagleModel:
         path_tok = tokens.gather(1, path)
         shifted = torch.cat([path_tok[:, 1:], torch.zeros(B, 1, dtype=torch.long, device=dev)], dim=1)
         emitted = torch.where(j[None] == acc.accept_len[:, None], acc.next_token[:, None], shifted)
-        path_feats = feats.gather(1, path[..., None].expand(B, W, feats.shape[-1]))
-        d_out = self.head(path_feats, emitted, tgt, L[:, None] + j, state["d_cache"], L, L, causal_mask(B, W, dev))
+        path_states = states.gather(1, path[..., None].expand(B, W, states.shape[-1]))
+        d_in = head.first_input(path_states)
+        d_out = head(d_in, emitted, tgt, L[:, None] + j, state["d_cache"], L, L, causal_mask(B, W, dev))
         d_last = d_out.gather(1, acc.accept_len[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
         n_emit = acc.accept_len + 1
-        updates = {"L": _advance(state, n_emit), "next_tok": acc.next_token, "d_hidden": d_last, "d_logits": tgt.logits(d_last),
+        updates = {"L": _advance(state, n_emit), "next_tok": acc.next_token, "d_hidden": d_last,
+                   "d_logits": head.draft_logits(d_last, tgt),
                    "offset": sp.offset + 1}
         return emitted, n_emit, updates
 

@@ -320,22 +320,29 @@ class Transformer(nn.Module):
         s = max_len or self.max_len
         return torch.zeros(2 * cfg.num_layers, batch, cfg.num_kv_heads, s, cfg.head_dim, dtype=w.dtype, device=w.device)
 
-    def forward(self, tokens, positions, cache, prefix_len, write_pos, mask) -> torch.Tensor:
+    def forward(self, tokens, positions, cache, prefix_len, write_pos, mask, taps=None):
         """Features (final-norm hidden states) ``[B, T, H]`` of ``tokens [B, T]``; writes K/V into ``cache``.
 
         ``positions [B, T]`` are rotary positions, ``write_pos [B]`` the first cache slot written, ``mask
-        [B, T, M]`` the tree mask relative to ``prefix_len [B]``.
+        [B, T, M]`` the tree mask relative to ``prefix_len [B]``. With ``taps`` (layer ids) it returns
+        ``(features, tapped)``: ``tapped [B, T, len(taps) * H]`` the un-normed hidden states at the *input* of
+        those layers (HF ``hidden_states[i]``), concatenated in the order given (EAGLE-3 heads read them).
         """
         x = self.embed_tokens(tokens)
-        x, residual = self.run_layers(x, positions, cache, prefix_len, write_pos, mask)
-        return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
+        got: list | None = None if taps is None else []
+        x, residual = self.run_layers(x, positions, cache, prefix_len, write_pos, mask, taps, got)
+        feats = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
+        return feats if got is None else (feats, _gather_taps(taps, got, len(self.layers)))
 
-    def run_layers(self, x, positions, cache, prefix_len, write_pos, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(last_mlp_out, residual)``: the final hidden state is their sum (the final norm fuses the add)."""
+    def run_layers(self, x, positions, cache, prefix_len, write_pos, mask, taps=None, got=None):
+        """``(last_mlp_out, residual)``: the final hidden state is their sum (the final norm fuses the add).
+        With ``taps``, appends ``(i, hidden state at the input of layer i)`` to ``got`` for each tapped layer."""
         rope = self.rotary(positions, x.dtype)
         write_idx = write_pos[:, None] + torch.arange(x.shape[1], device=x.device)
         residual = None
         for i, layer in enumerate(self.layers):
+            if taps is not None and i in taps:
+                got.append((i, x if residual is None else x + residual))
             x, residual = layer.step(x, residual, rope, cache[2 * i], cache[2 * i + 1], prefix_len, write_idx, mask,
                                      self.ops)
         return x, residual
@@ -349,13 +356,26 @@ class Transformer(nn.Module):
             layer.fuse_weights_()
         return self
 
-    def forward_causal(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Features of whole sequences ``[B, T]`` from position 0, causal, without a cache (training)."""
+    def forward_causal(self, tokens: torch.Tensor, taps=None):
+        """Features of whole sequences ``[B, T]`` from position 0, causal, without a cache (training);
+        ``(features, tapped)`` with ``taps``, as :meth:`forward`."""
         x = self.embed_tokens(tokens)
         rope = self.rotary(torch.arange(tokens.shape[1], device=tokens.device)[None], x.dtype)
-        for layer in self.layers:
+        got = []
+        for i, layer in enumerate(self.layers):
+            if taps is not None and i in taps:
+                got.append((i, x))
             x = layer.forward_causal(x, rope)
-        return self.norm(x)
+        return self.norm(x) if taps is None else (self.norm(x), _gather_taps(taps, got, len(self.layers)))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.lm_head(features)
+
+
+def _gather_taps(taps, got: list, num_layers: int) -> torch.Tensor:
+    """Concatenate the collected layer inputs in the order of ``taps`` (ids may repeat)."""
+    by_layer = dict(got)
+    missing = [t for t in taps if t not in by_layer]
+    if missing:
+        raise ValueError(f"tap layers {missing} are not in [0, {num_layers})")
+    return torch.cat([by_layer[t] for t in taps], dim=-1)

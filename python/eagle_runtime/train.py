@@ -260,7 +260,15 @@ def _save(head, opt, step, history, out: Path, cfg: TrainConfig) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eagle_runtime.train", description="Train an EAGLE-1 draft head.")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--head", choices=["eagle1", "eagle3"], default="eagle1")
+    kind, argv = pre.parse_known_args(argv)
+    if kind.head == "eagle3":  # EAGLE-3 heads: training-time test, reduced vocabulary (train_eagle3.py)
+        from .train_eagle3 import main as main_eagle3
+
+        return main_eagle3(argv)
+    p = argparse.ArgumentParser(prog="python -m eagle_runtime.train", description="Train an EAGLE-1 draft head "
+                                "(--head eagle3: an EAGLE-3 head, see python -m eagle_runtime.train --head eagle3 -h).")
     p.add_argument("--base", required=True, help="target model: HF directory or hub id")
     p.add_argument("--corpus", required=True, help="plain text (blank-line separated documents) or chat jsonl")
     p.add_argument("--out", required=True, help="output directory (published EAGLE-1 format)")

@@ -7,6 +7,8 @@ the order in which stochastic acceptance tries them.
 Drafting calls ``step(hidden_in, tokens, positions, write_pos, mask) -> (hidden_out, logits)``: the draft head
 over ``n`` tree nodes, all attending to the draft cache's prefix plus the tree slots drafted so far. A node at
 tree depth ``d`` runs at draft position ``L + d - 1`` with the predicted feature of its parent as input.
+``logits`` cover the head's draft vocabulary; ``token_map`` (``[V_draft]`` int64, or ``None`` when draft ids are
+target ids) maps them to target ids inside :func:`eagle_kernels.topk_expand`.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class StaticTree:
             self._tables[key] = (parents.to(dev), torch.tensor(self.ranks).to(dev), mask.to(dev))
         return self._tables[key]
 
-    def draft(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops):
+    def draft(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops, token_map=None):
         """Draft the fixed tree: level by level, children picked by rank from each parent's top-k."""
         B, dev = root.shape[0], root.device
         T = self.num_nodes
@@ -84,7 +86,7 @@ class StaticTree:
         for d in range(1, self.max_depth + 1):
             lo, hi = self._levels[d]  # levels are contiguous in node order
             plo, phi = self._levels[d - 1]
-            e = ops.topk_expand(logits, torch.zeros(B, phi - plo, device=dev), self.max_rank)
+            e = ops.topk_expand(logits, torch.zeros(B, phi - plo, device=dev), self.max_rank, token_map=token_map)
             tokens[:, lo:hi] = e.child_tokens[:, parents[lo:hi] - plo, ranks[lo:hi]]
             if d == self.max_depth:
                 break
@@ -117,10 +119,10 @@ class DynamicTree:
     def draft_slots(self) -> int:
         return max(self.depth, 1) * self.top_k
 
-    def draft(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops):
+    def draft(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops, token_map=None):
         B, dev = root.shape[0], root.device
         k = self.top_k
-        e = ops.topk_expand(d_logits[:, None], torch.zeros(B, 1, device=dev), k)
+        e = ops.topk_expand(d_logits[:, None], torch.zeros(B, 1, device=dev), k, token_map=token_map)
         pool_tok, pool_score = [e.top_tokens], [e.top_scores]
         pool_parent = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
         front_idx = torch.arange(k, device=dev).expand(B, k)
@@ -133,7 +135,7 @@ class DynamicTree:
             mask = torch.cat([parent_rows, eye], dim=2)  # [B, k, s * k]
             pos = (L + s - 1)[:, None].expand(B, k)
             h_out, logits = step(h_in, front_tok, pos, L + (s - 1) * k, mask)
-            e = ops.topk_expand(logits, front_score, k, out_k=k)
+            e = ops.topk_expand(logits, front_score, k, out_k=k, token_map=token_map)
             pool_tok.append(e.child_tokens.reshape(B, k * k))
             pool_score.append(e.child_scores.reshape(B, k * k))
             pool_parent.append(front_idx.repeat_interleave(k, dim=1))

@@ -1,11 +1,12 @@
-"""The embedded demo pair: a 16-layer TinyStories LLaMA target and its 1-layer EAGLE-1 head.
+"""The embedded demo: a 16-layer TinyStories LLaMA target, its 1-layer EAGLE-1 head (``head/``) and its EAGLE-3
+head (``head3/``, official EAGLE-3 layout, 256-token draft vocabulary).
 
 Built by ``scripts/build_demo.py`` (settings and measured quality in ``BUILD.json``)::
 
     from eagle_runtime import EagleModel
-    from eagle_runtime.demo import demo_paths, demo_tree
+    from eagle_runtime.demo import best_head, demo_paths, demo_tree
 
-    target, head = demo_paths()
+    target, head = demo_paths(best_head())     # or demo_paths("eagle1") / demo_paths("eagle3")
     model = EagleModel.from_pretrained(target, head, tree=demo_tree())
 """
 
@@ -17,9 +18,15 @@ from pathlib import Path
 DEMO_DIR = Path(__file__).resolve().parent
 
 
-def demo_paths() -> tuple[Path, Path]:
-    """``(target_dir, head_dir)`` of the embedded pair (HF target checkpoint, published-format EAGLE-1 head)."""
-    target, head = DEMO_DIR / "target", DEMO_DIR / "head"
+HEAD_DIRS = {"eagle1": "head", "eagle3": "head3"}
+
+
+def demo_paths(head: str = "eagle1") -> tuple[Path, Path]:
+    """``(target_dir, head_dir)`` of the embedded pair: the HF target checkpoint and its ``"eagle1"`` head
+    (published EAGLE-1 format) or ``"eagle3"`` head (official EAGLE-3 layout)."""
+    if head not in HEAD_DIRS:
+        raise ValueError(f"unknown demo head {head!r}; choose one of {sorted(HEAD_DIRS)}")
+    target, head = DEMO_DIR / "target", DEMO_DIR / HEAD_DIRS[head]
     for d in (target, head):
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"the demo pair is missing {d / 'config.json'}; rebuild it with scripts/build_demo.py")
@@ -32,6 +39,14 @@ def build_info() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def best_head() -> str:
+    """The demo head with the higher tau measured by ``scripts/build_demo.py`` (same tree, same prompts)."""
+    meas = (build_info().get("head3") or {}).get("measure") or {}
+    if not (DEMO_DIR / HEAD_DIRS["eagle3"] / "config.json").is_file() or "eagle3" not in meas:
+        return "eagle1"
+    return "eagle3" if meas["eagle3"]["tau"] > meas["eagle1_committed"]["tau"] else "eagle1"
+
+
 def demo_tree():
     """The draft tree the demo pair was tuned for (a :class:`~eagle_runtime.tree.DynamicTree`)."""
     from ..tree import DynamicTree
@@ -40,4 +55,4 @@ def demo_tree():
     return DynamicTree(t.get("total_tokens", 16), t.get("depth", 4), t.get("top_k", 4))
 
 
-__all__ = ["demo_paths", "demo_tree", "build_info", "DEMO_DIR"]
+__all__ = ["demo_paths", "demo_tree", "best_head", "build_info", "DEMO_DIR", "HEAD_DIRS"]
