@@ -410,7 +410,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--tree", default="auto", help="auto (demo tree for the demo pair, else dynamic), dynamic, static, T,D,K")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "triton"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-len", type=int, default=None, help="KV cache length (default: the model's context, <= 4096)")

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--total-tokens", type=int, default=60, help="dynamic tree size (without the root)")
     g.add_argument("--depth", type=int, default=6, help="dynamic tree draft passes")
     g.add_argument("--top-k-draft", type=int, default=10, help="dynamic tree branching")
-    g.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    g.add_argument("--backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     g.add_argument("--max-len", type=int, default=None, help="KV cache length (default: min(config, 4096))")
