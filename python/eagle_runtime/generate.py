@@ -17,6 +17,7 @@ import torch
 
 from eagle_kernels import get_ops
 
+from .adaptive import AutoTree, path_observations, tree_key
 from .draft import EagleHead, load_head
 from .loading import load_target
 from .model import Transformer
@@ -35,6 +36,7 @@ class GenerationResult:
     wall_time_s: float
     prefill_time_s: float
     speculative: bool
+    tree: dict | None = None  # the trees used: {"mode", "steps" per tree key, "plain_fraction", ...}; None if plain
 
     @property
     def num_new_tokens(self) -> int:
@@ -116,15 +118,18 @@ class EagleModel:
         target: the lean target model.
         head: the draft head, or ``None`` for plain decoding only.
         tokenizer: a HF tokenizer (optional; without it prompts must be token ids and no text is returned).
-        tree: ``"dynamic"``, ``"static"`` or a :class:`DynamicTree` / :class:`StaticTree`.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`eagle_kernels.get_ops`).
+        tree: ``"auto"`` (default: the tree, or plain decoding, that a measured cost model and the running
+            acceptance say is fastest; see :mod:`eagle_runtime.adaptive`), ``"dynamic"``, ``"static"``, or a
+            :class:`DynamicTree` / :class:`StaticTree` / :class:`~eagle_runtime.adaptive.AutoTree`.
+        backend: ``"auto"``, ``"cpu"``, ``"torch"`` or ``"triton"`` (see :func:`eagle_kernels.get_ops`).
         cuda_graphs: on CUDA, capture each decode step (the whole draft + verify + accept cycle, or a plain
             step) as one CUDA graph per power-of-two batch bucket and replay it; needs the ``triton`` backend
-            and the native extension built with CUDA. Ignored on CPU. Not yet validated on a GPU.
+            and the native extension built with CUDA. Ignored on CPU and for ``tree="auto"`` (whose steps change
+            shape). Not yet validated on a GPU.
     """
 
     def __init__(
-        self, target: Transformer, head: EagleHead | None, tokenizer=None, tree="dynamic", backend="auto",
+        self, target: Transformer, head: EagleHead | None, tokenizer=None, tree="auto", backend="auto",
         cuda_graphs: bool = False,
     ):
         self.target, self.head, self.tokenizer = target, head, tokenizer
@@ -142,7 +147,7 @@ class EagleModel:
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        tree="dynamic",
+        tree="auto",
         backend: str = "auto",
         max_len: int | None = None,
     ) -> "EagleModel":
@@ -229,6 +234,9 @@ class EagleModel:
         sp.seed.fill_(int(seed))
         sp.offset.zero_()
         eos = self.target.cfg.eos_token_id if stop_on_eos else []
+        ctrl = None
+        if speculative and isinstance(tree, AutoTree):  # cost model measured (once, cached) before the clock
+            ctrl = tree.controller(self, B, temperature, top_p, top_k)
         t0 = time.perf_counter()
         state = self._prefill(ids, sp, speculative)
         if dev.type == "cuda":
@@ -242,22 +250,68 @@ class EagleModel:
         finished = torch.isin(state["next_tok"], eos_t) | (out_len >= max_new_tokens)
         finished[B_user:] = True  # bucket padding rows
         hist = []
-        step = self._step_fn(state, sp, speculative)
+        step = self._step_fn(state, sp, speculative) if ctrl is None else None
+        pending: list = []  # auto mode: plain steps' (feature, next token) pairs the head has not read yet
         while not bool(finished.all()):
-            emitted, n_emit, updates = step(state, sp)
-            self._commit(state, sp, updates)
+            if ctrl is None:
+                emitted, n_emit, updates = step(state, sp)
+                self._commit(state, sp, updates)
+            else:
+                t_step = time.perf_counter()
+                choice = ctrl.next_tree()
+                emitted, n_emit = self._auto_step(state, sp, choice, pending)
             j = torch.arange(emitted.shape[1], device=dev)
             valid = (j[None] < n_emit[:, None]) & ~finished[:, None]
             pos = torch.where(valid, out_len[:, None] + j, out.shape[1] - 1)
             out.scatter_(1, pos, torch.where(valid, emitted, out.gather(1, pos)))
             hit_eos = (torch.isin(emitted, eos_t) & valid).any(1)
             hist.append(torch.where(finished, 0, n_emit))
-            out_len = out_len + torch.where(finished, 0, n_emit)
+            gained = torch.where(finished, 0, n_emit)
+            out_len = out_len + gained
             finished = finished | hit_eos | (out_len >= max_new_tokens)
+            if ctrl is not None:
+                wall_ms = 1e3 * (time.perf_counter() - t_step) if dev.type == "cpu" else None
+                ctrl.observe(choice, int(gained[:B_user].sum()), wall_ms, self._observations if choice is not None else ())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         wall = time.perf_counter() - t0
-        return self._result(ids[:B_user], out, out_len, hist, max_new_tokens, eos, wall, t_prefill, speculative)
+        res = self._result(ids[:B_user], out, out_len, hist, max_new_tokens, eos, wall, t_prefill, speculative)
+        if ctrl is not None:
+            res.tree = ctrl.summary()
+        elif speculative:
+            res.tree = {"mode": "fixed", "steps": {tree_key(tree): len(hist)}, "plain_fraction": 0.0}
+        return res
+
+    def _auto_step(self, state: dict, sp: _Sampling, choice, pending: list):
+        """One step of ``tree="auto"``: a plain step (its feature kept for the head) or a cycle with ``choice``.
+
+        Plain steps leave the head behind; before the next cycle it reads the pairs ``(f_i, t_{i+1})`` of those
+        steps in one pass, as in the prefill, so its cache and prediction are what a cycle expects."""
+        if choice is None:
+            emitted, n_emit, updates, feat = self._plain_step(state, sp, with_features=True)
+            pending.append((feat, updates["next_tok"]))
+            self._commit(state, sp, updates)
+            return emitted, n_emit
+        if pending:
+            self._resync_head(state, pending)
+            pending.clear()
+        emitted, n_emit, updates = self._cycle(state, sp, choice)
+        parents, acc = self._last_tree
+        self._observations = path_observations(parents, acc.accept_path, acc.accept_len, state["L"].shape[0])
+        self._commit(state, sp, updates)
+        return emitted, n_emit
+
+    def _resync_head(self, state: dict, pending: list) -> None:
+        tgt, L = self.target, state["L"]
+        B, m, dev = L.shape[0], len(pending), L.device
+        feats = torch.stack([f for f, _ in pending], 1)  # [B, m, H]
+        toks = torch.stack([t for _, t in pending], 1)
+        start = (L - m).clamp(min=0)
+        pos = start[:, None] + torch.arange(m, device=dev)
+        d_out = self.head(feats, toks, tgt, pos, state["d_cache"], start, start, causal_mask(B, m, dev))
+        d_last = d_out[:, -1]
+        state["d_hidden"].copy_(d_last)
+        state["d_logits"].copy_(tgt.logits(d_last))
 
     def _step_fn(self, state: dict, sp: _Sampling, speculative: bool):
         """The eager step, or a CUDA graph of it captured once per (batch bucket, mode) and replayed after."""
@@ -317,14 +371,17 @@ class EagleModel:
             state.update(d_cache=d_cache, d_hidden=d_last, d_logits=d_logits)
         return state
 
-    def _plain_step(self, state: dict, sp: _Sampling):
+    def _plain_step(self, state: dict, sp: _Sampling, with_features: bool = False):
         """One plain decoding step. Like :meth:`_cycle` it only reads ``state``; :meth:`_commit` applies it."""
         tgt, L = self.target, state["L"]
         B = L.shape[0]
         ones = torch.ones(B, 1, 1, dtype=torch.bool, device=L.device)
         feats = tgt(state["next_tok"][:, None], L[:, None], state["cache"], L, L, ones)
         nxt = self.ops.sample_tokens(tgt.logits(feats[:, 0]), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
-        return nxt[:, None], torch.ones_like(L), {"L": L + 1, "next_tok": nxt, "offset": sp.offset + 1}
+        updates = {"L": L + 1, "next_tok": nxt, "offset": sp.offset + 1}
+        if with_features:
+            return nxt[:, None], torch.ones_like(L), updates, feats[:, 0]
+        return nxt[:, None], torch.ones_like(L), updates
 
     def _draft_step(self, state: dict):
         head, tgt, L = self.head, self.target, state["L"]
@@ -335,13 +392,13 @@ class EagleModel:
 
         return step
 
-    def _cycle(self, state: dict, sp: _Sampling):
+    def _cycle(self, state: dict, sp: _Sampling, tree=None):
         """One draft -> verify -> accept cycle: the emitted tokens ``[B, W]``, their count and the state updates.
 
         Only cache slots past the committed length are written (tree K/V, compaction, the head's re-read of the
         accepted path), and ``state``/``sp`` are read, not assigned: running it again before :meth:`_commit`
         gives the same result, which CUDA-graph warm-up and capture rely on."""
-        tgt, ops, tree = self.target, self.ops, self.tree
+        tgt, ops, tree = self.target, self.ops, tree or self.tree
         L, root = state["L"], state["next_tok"]
         B, dev = L.shape[0], L.device
         tokens, parents = tree.draft(self._draft_step(state), state["d_hidden"], state["d_logits"], root, L, ops)
@@ -349,6 +406,7 @@ class EagleModel:
         feats = tgt(tokens, L[:, None] + bufs.depth, state["cache"], L, L, bufs.mask)
         acc = ops.accept_tree(tgt.logits(feats), tokens, parents, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         ops.kv_compact(state["cache"], L, acc.accept_path, acc.accept_len)
+        self._last_tree = (parents, acc)  # for tree="auto"'s acceptance statistics (eager steps only)
         # The accepted path (root first) and the token after it; the head re-reads them with true features.
         W = tree.max_depth + 1
         j = torch.arange(W, device=dev)
