@@ -129,6 +129,7 @@ def test_benchmark_json_holds_every_printed_field(tmp_path):
     for key in ("backend", "dtype", "threads", "tree", "prompts_truncated", "num_questions", "max_new_tokens"):
         assert key in res["config"]
     printed_keys = {m.split(":")[0] for m in lines if ": " in m and not m.startswith(("device", "questions", "=="))}
-    known = {"accept_histogram (eagle)", "eagle_identical_to_plain", "hf_identical_to_plain", "benchmark_wall_s"}
+    known = {"accept_histogram (eagle)", "trees (eagle)", "eagle_identical_to_plain", "hf_identical_to_plain",
+             "benchmark_wall_s"}
     assert printed_keys <= known, printed_keys - known
     assert "hf_identical_to_plain" in zero and "benchmark_wall_s" in res

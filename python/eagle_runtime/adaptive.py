@@ -383,11 +383,11 @@ class AutoTree:
         return max(t.draft_slots() for t in self.candidates)
 
     def controller(self, model, batch: int, temperature: float, top_p: float, top_k: int) -> "AutoController":
-        if batch not in self.costs:
+        if batch not in self.costs and self.schedule is None:  # a forced schedule needs no costs
             self.costs[batch] = get_costs(model, batch)
         key = (round(float(temperature), 3), round(float(top_p), 3), int(top_k))
         stats = self.stats.setdefault(key, AcceptStats())
-        return AutoController(self, self.costs[batch], stats, batch, temperature <= 0)
+        return AutoController(self, self.costs.get(batch), stats, batch, temperature <= 0)
 
     def __repr__(self) -> str:
         return f"AutoTree({len(self.candidates)} candidates)"
@@ -405,7 +405,8 @@ class AutoController:
         self.counts: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
         self.last_rates: dict[str, float] = {}
-        self._decide()
+        if costs is not None:
+            self._decide()
 
     def _rates(self) -> list[tuple]:
         """``[(tree or None, predicted tokens per ms)]``, plain first."""
@@ -446,7 +447,7 @@ class AutoController:
             self.stats.add(c, r)
         if tree is not None and observations and self.choice is None and self.auto.schedule is None:
             self._decide()  # a probe: decide again with its news
-        if wall_ms is not None:
+        if wall_ms is not None and self.costs is not None:
             kind = "plain" if tree is None else "spec"
             pred = self.costs.plain_ms(self.greedy) if tree is None else self.costs.cycle_ms(tree, self.greedy)
             ratio = min(max(wall_ms / pred, 0.2), 5.0)
