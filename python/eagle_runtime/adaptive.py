@@ -14,11 +14,13 @@ Two inputs decide:
 A candidate tree's expected tokens per cycle is ``1 + sum over its nodes of prod(p[rank])`` along the node's
 path, for the tree that EAGLE-2's expansion would build from those rank probabilities (the ``top_k`` best
 nodes of each level expand, the ``total_tokens`` best are kept). Its cycle time is
-``target(N + 1) + (depth + 1) * draft(top_k) + draft(depth + 2) + accept(N + 1)``, times the ratio of measured
+``target(N + 1) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1)``, times the ratio of measured
 to predicted step times seen so far (it absorbs what the model leaves out, e.g. a loaded machine). The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
 plain decoding's ``1 / step time``; when plain wins the runtime decodes plainly and probes one speculative
-cycle every ``probe_every`` steps to keep the acceptance estimate current.
+cycle after ``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to
+``8 * probe_every``, while probes keep confirming plain decoding). Decisions are re-taken every
+``decide_every`` steps, and every 2 steps while fewer than 32 path nodes have been observed.
 
 Everything stays exact: any tree, changed between any two cycles, and plain steps in between give the same
 greedy tokens as plain decoding, and sampled tokens from the target's distribution.
@@ -100,6 +102,8 @@ class AcceptStats:
     tries: list = field(default_factory=list)
     hits: list = field(default_factory=list)
     nodes: int = 0
+    plain_run: int = 0  # plain steps since the last speculative one (kept across generate calls)
+    probe_gap: int = 0  # current probing gap (0: not yet set)
 
     def __post_init__(self):
         self.tries = self.tries or [0.0] * self.max_rank
@@ -198,7 +202,9 @@ class CostModel:
     def cycle_ms(self, tree: DynamicTree, greedy: bool) -> float:
         n = tree.total_tokens + 1
         acc = self.accept_greedy if greedy else self.accept_sampled
-        return (_interp(self.target, n) + (tree.depth + 1) * _interp(self.draft, tree.top_k)
+        # depth head passes over top_k nodes, the head's re-read of the accepted path (depth + 2 nodes; it also
+        # stands for the root's top-k expansion), verification and acceptance
+        return (_interp(self.target, n) + tree.depth * _interp(self.draft, tree.top_k)
                 + _interp(self.draft, tree.depth + 2) + _interp(acc, n))
 
     def to_json(self) -> dict:
@@ -401,7 +407,6 @@ class AutoController:
         self.step = 0
         self.choice = None
         self.best_spec = auto.candidates[0]
-        self.plain_run = 0
         self.counts: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
         self.last_rates: dict[str, float] = {}
@@ -428,11 +433,13 @@ class AutoController:
         """The tree for this step, or ``None`` for a plain step."""
         if self.auto.schedule is not None:
             return self.auto.schedule(self.step)
-        if self.step and self.step % self.auto.decide_every == 0:
+        every = self.auto.decide_every if self.stats.nodes >= 32 else 2
+        if self.step and self.step % every == 0:
             self._decide()
         if self.choice is None:
-            probe = self.auto.probe_every if self.stats.nodes >= 16 else max(self.auto.probe_every // 4, 1)
-            if self.plain_run >= probe:
+            st = self.stats
+            gap = st.probe_gap or (self.auto.probe_every if st.nodes >= 16 else max(self.auto.probe_every // 4, 1))
+            if st.plain_run >= gap:
                 return self.best_spec
         return self.choice
 
@@ -442,11 +449,14 @@ class AutoController:
         key = tree_key(tree)
         self.counts[key] = self.counts.get(key, 0) + 1
         self.tokens[key] = self.tokens.get(key, 0) + n_tokens
-        self.plain_run = self.plain_run + 1 if tree is None else 0
+        st = self.stats
+        st.plain_run = st.plain_run + 1 if tree is None else 0
         for c, r in observations:
-            self.stats.add(c, r)
-        if tree is not None and observations and self.choice is None and self.auto.schedule is None:
-            self._decide()  # a probe: decide again with its news
+            st.add(c, r)
+        if tree is not None and self.choice is None and self.auto.schedule is None and self.costs is not None:
+            self._decide()  # a probe: decide again with its news; back off while plain keeps winning
+            base = self.auto.probe_every
+            st.probe_gap = min(2 * (st.probe_gap or base), 8 * base) if self.choice is None else 0
         if wall_ms is not None and self.costs is not None:
             kind = "plain" if tree is None else "spec"
             pred = self.costs.plain_ms(self.greedy) if tree is None else self.costs.cycle_ms(tree, self.greedy)
