@@ -200,3 +200,27 @@ def test_cli_tree_auto_json(stories_dir, tmp_path, capsys):
     assert out["tree"]["mode"] == "auto" and sum(out["tree"]["steps"].values()) >= 1
     assert main(args + ["--tree", "dynamic", "--total-tokens", "0"]) == 2  # a bad tree: one line, status 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_deferred_head_prefill_matches_the_eager_one(stories_dir):
+    """tree="auto" starting plain leaves the prompt to the head's catch-up: same head state as the prefill's."""
+    from eagle_runtime.generate import _Sampling
+
+    model = _model(stories_dir, None, AutoTree(schedule=lambda s: None))
+    ids = model.encode("Once upon a time, a cat")[0]
+
+    def sampling():
+        return _Sampling(torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor(0), torch.tensor(0))
+
+    with torch.inference_mode():
+        eager = model._prefill([ids], sampling(), True)
+        pending: list = []
+        sp = sampling()
+        state = model._prefill([ids], sp, True, pending)
+        for _ in range(3):
+            model._auto_step(state, sp, None, pending)
+        model._resync_head(state, pending)
+        gen = model.generate([ids], 4, speculative=False).tokens[0]
+        fresh = model._prefill([ids + gen[:3]], sampling(), True)
+    assert int(eager["next_tok"]) == gen[0]
+    torch.testing.assert_close(state["d_hidden"], fresh["d_hidden"], rtol=1e-4, atol=1e-4)

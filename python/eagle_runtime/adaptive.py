@@ -20,7 +20,8 @@ to predicted step times seen so far (it absorbs what the model leaves out, e.g. 
 plain decoding's ``1 / step time``; when plain wins the runtime decodes plainly and probes one speculative
 cycle after ``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to
 ``8 * probe_every``, while probes keep confirming plain decoding). Decisions are re-taken every
-``decide_every`` steps, and every 2 steps while fewer than 32 path nodes have been observed.
+``decide_every`` speculative steps (every 2 while fewer than 32 path nodes have been observed) and after
+every probe.
 
 Everything stays exact: any tree, changed between any two cycles, and plain steps in between give the same
 greedy tokens as plain decoding, and sampled tokens from the target's distribution.
@@ -77,6 +78,8 @@ def expected_tokens(tree: DynamicTree, p: list[float]) -> float:
     the tree is the one EAGLE-2 builds when the draft's scores are those values.
     """
     K = tree.top_k
+    if K == 1:  # a chain: 1 + p + p^2 + ...
+        return 1.0 + sum(p[0] ** d for d in range(1, tree.total_tokens + 1))
     pr = [p[r] if r < len(p) else 0.0 for r in range(K)]
     pool = list(pr)
     frontier = sorted(pr, reverse=True)[:K]
@@ -433,9 +436,10 @@ class AutoController:
         """The tree for this step, or ``None`` for a plain step."""
         if self.auto.schedule is not None:
             return self.auto.schedule(self.step)
-        every = self.auto.decide_every if self.stats.nodes >= 32 else 2
-        if self.step and self.step % every == 0:
-            self._decide()
+        if self.choice is not None:  # while plain decoding wins, only probes bring news
+            every = self.auto.decide_every if self.stats.nodes >= 32 else 2
+            if self.step and self.step % every == 0:
+                self._decide()
         if self.choice is None:
             st = self.stats
             gap = st.probe_gap or (self.auto.probe_every if st.nodes >= 16 else max(self.auto.probe_every // 4, 1))

@@ -238,7 +238,10 @@ class EagleModel:
         if speculative and isinstance(tree, AutoTree):  # cost model measured (once, cached) before the clock
             ctrl = tree.controller(self, B, temperature, top_p, top_k)
         t0 = time.perf_counter()
-        state = self._prefill(ids, sp, speculative)
+        # auto mode starting with plain steps on equal-length prompts: the head reads the prompt when first needed
+        pending: list = []  # auto mode: blocks of (features [B, m, H], next tokens [B, m]) the head has not read
+        defer = ctrl is not None and ctrl.choice is None and len({len(p) for p in ids}) == 1
+        state = self._prefill(ids, sp, speculative, pending if defer else None)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_prefill = time.perf_counter() - t0
@@ -251,7 +254,6 @@ class EagleModel:
         finished[B_user:] = True  # bucket padding rows
         hist = []
         step = self._step_fn(state, sp, speculative) if ctrl is None else None
-        pending: list = []  # auto mode: plain steps' (feature, next token) pairs the head has not read yet
         while not bool(finished.all()):
             if ctrl is None:
                 emitted, n_emit, updates = step(state, sp)
@@ -291,7 +293,7 @@ class EagleModel:
         self._resync_ms = 0.0
         if choice is None:
             emitted, n_emit, updates, feat = self._plain_step(state, sp, with_features=True)
-            pending.append((feat, updates["next_tok"]))
+            pending.append((feat[:, None], updates["next_tok"][:, None]))
             self._commit(state, sp, updates)
             return emitted, n_emit
         self._resync_ms = 0.0
@@ -308,9 +310,9 @@ class EagleModel:
 
     def _resync_head(self, state: dict, pending: list) -> None:
         tgt, L = self.target, state["L"]
-        B, m, dev = L.shape[0], len(pending), L.device
-        feats = torch.stack([f for f, _ in pending], 1)  # [B, m, H]
-        toks = torch.stack([t for _, t in pending], 1)
+        feats = torch.cat([f for f, _ in pending], 1)  # [B, m, H]
+        toks = torch.cat([t for _, t in pending], 1)
+        B, m, dev = L.shape[0], feats.shape[1], L.device
         start = (L - m).clamp(min=0)
         pos = start[:, None] + torch.arange(m, device=dev)
         d_out = self.head(feats, toks, tgt, pos, state["d_cache"], start, start, causal_mask(B, m, dev))
@@ -339,7 +341,9 @@ class EagleModel:
         return True
 
     # ----------------------------------------------------------------------------------------------------------
-    def _prefill(self, ids: list[list[int]], sp: _Sampling, speculative: bool) -> dict:
+    def _prefill(self, ids: list[list[int]], sp: _Sampling, speculative: bool, defer_head: list | None = None) -> dict:
+        """Target prefill and first token; with ``speculative`` also the head's pass over the prompt, or, when
+        ``defer_head`` is a list (equal-length prompts only), the head's inputs appended to it for later."""
         tgt, dev = self.target, self.target.embed_tokens.weight.device
         B, P = len(ids), max(len(p) for p in ids)
         n = torch.tensor([len(p) for p in ids], device=dev)
@@ -365,6 +369,11 @@ class EagleModel:
             shifted = torch.cat([tokens[:, 1:], torch.zeros(B, 1, dtype=torch.long, device=dev)], dim=1)
             shifted.scatter_(1, (n - 1)[:, None], first[:, None])
             d_cache = self._buffer(("d_cache", B), lambda: self.head.new_cache(B, tgt.max_len))
+            if defer_head is not None:
+                defer_head.append((feats, shifted))
+                H = feats.shape[-1]
+                state.update(d_cache=d_cache, d_hidden=feats.new_zeros(B, H), d_logits=tgt.logits(feats.new_zeros(B, H)))
+                return state
             d_out = self.head(feats, shifted, tgt, pos, d_cache, zero, zero, mask)
             d_last = d_out.gather(1, (n - 1)[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
             d_logits = tgt.logits(d_last)
