@@ -156,11 +156,21 @@ def test_expected_tokens_and_observations():
     # a root with children 1, 2 (ranks 0, 1); node 2 has child 3; accepted path 0 -> 2 -> 3
     parents = torch.tensor([[-1, 0, 0, 2]])
     obs = path_observations(parents, torch.tensor([[0, 2, 3, -1]]), torch.tensor([2]), 1)
-    assert obs == [(2, 1), (1, 0), (0, None)]
+    assert obs == [(2, 1, 1), (1, 0, 2), (0, None, 3)]
     stats = AcceptStats()
-    for c, r in obs:
-        stats.add(c, r)
+    for c, r, d in obs:
+        stats.add(c, r, d)
     assert stats.nodes == 3 and stats.p()[1] > AcceptStats().p()[1]
+    # per depth: acceptance that falls with depth makes long chains worth less than the pooled rate says
+    falling = AcceptStats()
+    for _ in range(300):
+        falling.add(1, 0, 1)
+        falling.add(1, None, 3)
+    by_depth = falling.p_by_depth()
+    assert by_depth[0][0] > 0.75 and by_depth[2][0] < 0.15
+    chain = DynamicTree(6, 5, 1)
+    assert expected_tokens(chain, by_depth) < expected_tokens(chain, falling.p())
+    assert expected_tokens(DynamicTree(2, 1, 1), [[0.5], [0.2]]) == pytest.approx(1 + 0.5 + 0.1)
 
 
 def test_head_catches_up_after_plain_steps(stories_dir):

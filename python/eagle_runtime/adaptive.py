@@ -15,7 +15,9 @@ A candidate tree's expected tokens per cycle is ``1 + sum over its nodes of prod
 path, for the tree that EAGLE-2's expansion would build from those rank probabilities (the ``top_k`` best
 nodes of each level expand, the ``total_tokens`` best are kept). Its cycle time is
 ``target(N + 1) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1)``, times the ratio of measured
-to predicted step times seen so far (it absorbs what the model leaves out, e.g. a loaded machine). The best of
+to predicted step times (an average per tree once the tree has run 3 cycles, else over all trees; it absorbs
+what the model leaves out, e.g. a loaded machine). A runner-up within 15% whose cycles were never timed is
+tried for a few cycles. The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
 plain decoding's ``1 / step time``; when plain wins the runtime decodes plainly and probes one speculative
 cycle after ``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to
@@ -71,20 +73,32 @@ def tree_key(tree) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Expected accepted length from rank probabilities
 # --------------------------------------------------------------------------------------------------------------
-def expected_tokens(tree: DynamicTree, p: list[float]) -> float:
-    """Tokens per cycle (accepted + bonus) of ``tree`` when the accepted child has draft rank ``r`` w.p. ``p[r]``.
+def expected_tokens(tree: DynamicTree, p) -> float:
+    """Tokens per cycle (accepted + bonus) of ``tree`` when the accepted child has draft rank ``r`` w.p. ``p[r]``
+    (``p`` a list of floats, or one such list per depth 1, 2, ..., the last repeated for deeper levels).
 
     Node value = probability that the node lies on the accepted path = product of ``p[rank]`` along its path;
     the tree is the one EAGLE-2 builds when the draft's scores are those values.
     """
+    per_depth = p if isinstance(p[0], (list, tuple)) else [p]
     K = tree.top_k
-    if K == 1:  # a chain: 1 + p + p^2 + ...
-        return 1.0 + sum(p[0] ** d for d in range(1, tree.total_tokens + 1))
-    pr = [p[r] if r < len(p) else 0.0 for r in range(K)]
+
+    def level(d):  # rank probabilities of the children at depth d (1-based)
+        q = per_depth[min(d, len(per_depth)) - 1]
+        return [q[r] if r < len(q) else 0.0 for r in range(K)]
+
+    if K == 1:  # a chain: 1 + p1 + p1 p2 + ...
+        total, v = 1.0, 1.0
+        for d in range(1, tree.total_tokens + 1):
+            v *= level(d)[0]
+            total += v
+        return total
+    pr = level(1)
     pool = list(pr)
     frontier = sorted(pr, reverse=True)[:K]
-    for _ in range(tree.depth):
-        kids = [v * q for v in frontier for q in pr]
+    for s in range(tree.depth):
+        q = level(s + 2)
+        kids = [v * x for v in frontier for x in q]
         pool += kids
         frontier = sorted(kids, reverse=True)[:K]
     pool.sort(reverse=True)
@@ -102,8 +116,12 @@ class AcceptStats:
     decay: float = 0.995  # per observed node: about the last 200 nodes count
     prior_p: tuple = (0.5, 0.12, 0.05, 0.03)
     prior_weight: float = 2.0
+    depths: int = 6  # per-depth estimates for depths 1..depths (the last bucket holds deeper levels)
+    depth_weight: float = 8.0  # pseudo-observations pulling a depth's estimate to the pooled one
     tries: list = field(default_factory=list)
     hits: list = field(default_factory=list)
+    dtries: list = field(default_factory=list)
+    dhits: list = field(default_factory=list)
     nodes: int = 0
     plain_run: int = 0  # plain steps since the last speculative one (kept across generate calls)
     probe_gap: int = 0  # current probing gap (0: not yet set)
@@ -111,17 +129,35 @@ class AcceptStats:
     def __post_init__(self):
         self.tries = self.tries or [0.0] * self.max_rank
         self.hits = self.hits or [0.0] * self.max_rank
+        self.dtries = self.dtries or [[0.0] * self.max_rank for _ in range(self.depths)]
+        self.dhits = self.dhits or [[0.0] * self.max_rank for _ in range(self.depths)]
 
-    def add(self, children: int, taken: int | None) -> None:
-        """One path node with ``children`` draft children, of which rank ``taken`` was accepted (or none)."""
+    def add(self, children: int, taken: int | None, depth: int = 1) -> None:
+        """One path node with ``children`` draft children (at tree depth ``depth``), of which rank ``taken`` was
+        accepted (or none)."""
         d = self.decay
-        self.tries = [t * d for t in self.tries]
-        self.hits = [h * d for h in self.hits]
+        b = min(max(depth, 1), self.depths) - 1
+        for tries, hits in [(self.tries, self.hits)] + list(zip(self.dtries, self.dhits)):
+            for r in range(self.max_rank):
+                tries[r] *= d
+                hits[r] *= d
         for r in range(min(children, self.max_rank)):
             self.tries[r] += 1.0
+            self.dtries[b][r] += 1.0
         if taken is not None and taken < self.max_rank:
             self.hits[taken] += 1.0
+            self.dhits[b][taken] += 1.0
         self.nodes += 1
+
+    def p_by_depth(self) -> list[list[float]]:
+        """``p`` per depth 1..``depths``, each shrunk towards the pooled :meth:`p` by ``depth_weight``."""
+        pooled, w = self.p(), self.depth_weight
+        out = []
+        for tries, hits in zip(self.dtries, self.dhits):
+            q = [(hits[r] + w * pooled[r]) / (tries[r] + w) for r in range(self.max_rank)]
+            s = sum(q)
+            out.append([v / s for v in q] if s > 1 else q)
+        return out
 
     def p(self) -> list[float]:
         out = []
@@ -134,7 +170,8 @@ class AcceptStats:
 
 
 def path_observations(parents: torch.Tensor, accept_path: torch.Tensor, accept_len: torch.Tensor, rows: int):
-    """``(children, taken_rank)`` for every node on each row's accepted path (the last node: taken None)."""
+    """``(children, taken_rank, children's depth)`` for every node on each row's accepted path (the last node:
+    taken None)."""
     B, T = parents.shape
     dev = parents.device
     par = parents.clamp(min=0)
@@ -151,7 +188,7 @@ def path_observations(parents: torch.Tensor, accept_path: torch.Tensor, accept_l
     for b in range(min(rows, B)):
         n = lens[b]
         for j in range(min(n + 1, W)):
-            out.append((obs_c[b][j], obs_r[b][j + 1] if j < n else None))
+            out.append((obs_c[b][j], obs_r[b][j + 1] if j < n else None, j + 1))
     return out
 
 
@@ -386,7 +423,9 @@ class AutoTree:
         self.num_nodes = max(t.num_nodes for t in self.candidates)
         self.stats: dict = {}  # sampling setting -> AcceptStats (kept across generate calls)
         self.costs: dict = {}  # batch size -> CostModel
-        self.correction: dict = {}  # ("plain" | "spec", batch) -> measured / predicted step time (EMA)
+        # measured / predicted step time (EMA): ("plain" | "spec", batch), and per tree (tree key, batch)
+        self.correction: dict = {}
+        self.measured: dict = {}  # (tree key, batch) -> how many steps were timed
 
     def draft_slots(self) -> int:
         return max(t.draft_slots() for t in self.candidates)
@@ -418,17 +457,25 @@ class AutoController:
 
     def _rates(self) -> list[tuple]:
         """``[(tree or None, predicted tokens per ms)]``, plain first."""
-        p = self.stats.p()
-        c_spec = self.auto.correction.get(("spec", self.batch), 1.0)
-        c_plain = self.auto.correction.get(("plain", self.batch), 1.0)
-        rates = [(None, 1.0 / (self.costs.plain_ms(self.greedy) * c_plain))]
+        p = self.stats.p_by_depth()
+        corr, B = self.auto.correction, self.batch
+        c_spec = corr.get(("spec", B), 1.0)
+        rates = [(None, 1.0 / (self.costs.plain_ms(self.greedy) * corr.get(("plain", B), 1.0)))]
         for t in self.auto.candidates:
-            rates.append((t, expected_tokens(t, p) / (self.costs.cycle_ms(t, self.greedy) * c_spec)))
+            k = (tree_key(t), B)
+            c = corr[k] if self.auto.measured.get(k, 0) >= 3 else c_spec  # a tree's own timings once it has some
+            rates.append((t, expected_tokens(t, p) / (self.costs.cycle_ms(t, self.greedy) * c)))
         return rates
 
     def _decide(self) -> None:
         rates = self._rates()
-        self.best_spec, best = max(rates[1:], key=lambda tr: tr[1])
+        spec = sorted(rates[1:], key=lambda tr: -tr[1])
+        self.best_spec, best = spec[0]
+        # explore: a close runner-up whose cost has not been timed yet gets a few cycles to show its real speed
+        for t, r in spec[1:3]:
+            if r >= 0.85 * best and self.auto.measured.get((tree_key(t), self.batch), 0) < 3:
+                self.best_spec = t
+                break
         self.choice = None if rates[0][1] >= best else self.best_spec
         self.last_rates = {tree_key(t): 1e3 * r for t, r in rates}
 
@@ -455,18 +502,19 @@ class AutoController:
         self.tokens[key] = self.tokens.get(key, 0) + n_tokens
         st = self.stats
         st.plain_run = st.plain_run + 1 if tree is None else 0
-        for c, r in observations:
-            st.add(c, r)
+        for c, r, d in observations:
+            st.add(c, r, d)
+        if wall_ms is not None and self.costs is not None:
+            pred = self.costs.plain_ms(self.greedy) if tree is None else self.costs.cycle_ms(tree, self.greedy)
+            ratio = min(max(wall_ms / pred, 0.1), 10.0)
+            keys = [("plain", self.batch)] if tree is None else [("spec", self.batch), (key, self.batch)]
+            for k in keys:
+                self.auto.correction[k] = 0.8 * self.auto.correction.get(k, ratio) + 0.2 * ratio
+                self.auto.measured[k] = self.auto.measured.get(k, 0) + 1
         if tree is not None and self.choice is None and self.auto.schedule is None and self.costs is not None:
             self._decide()  # a probe: decide again with its news; back off while plain keeps winning
             base = self.auto.probe_every
             st.probe_gap = min(2 * (st.probe_gap or base), 8 * base) if self.choice is None else 0
-        if wall_ms is not None and self.costs is not None:
-            kind = "plain" if tree is None else "spec"
-            pred = self.costs.plain_ms(self.greedy) if tree is None else self.costs.cycle_ms(tree, self.greedy)
-            ratio = min(max(wall_ms / pred, 0.2), 5.0)
-            k = (kind, self.batch)
-            self.auto.correction[k] = 0.9 * self.auto.correction.get(k, ratio) + 0.1 * ratio
 
     def summary(self) -> dict:
         steps = sum(self.counts.values())
