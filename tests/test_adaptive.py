@@ -163,13 +163,14 @@ def test_expected_tokens_and_observations():
     assert stats.nodes == 3 and stats.p()[1] > AcceptStats().p()[1]
     # per depth: acceptance that falls with depth makes long chains worth less than the pooled rate says
     falling = AcceptStats()
-    for _ in range(300):
+    for _ in range(100):
         falling.add(1, 0, 1)
-        falling.add(1, None, 3)
+        for d in range(2, 7):
+            falling.add(1, None, d)
     by_depth = falling.p_by_depth()
-    assert by_depth[0][0] > 0.75 and by_depth[2][0] < 0.15
+    assert by_depth[0][0] > 0.6 and all(q[0] < 0.2 for q in by_depth[1:])
     chain = DynamicTree(6, 5, 1)
-    assert expected_tokens(chain, by_depth) < expected_tokens(chain, falling.p())
+    assert expected_tokens(chain, by_depth) < expected_tokens(chain, by_depth[0]) - 0.5
     assert expected_tokens(DynamicTree(2, 1, 1), [[0.5], [0.2]]) == pytest.approx(1 + 0.5 + 0.1)
 
 
