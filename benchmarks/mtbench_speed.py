@@ -4,6 +4,10 @@
     python benchmarks/mtbench_speed.py --base lmsys/vicuna-7b-v1.3 --draft yuhuili/EAGLE-Vicuna-7B-v1.3 \\
         --num-questions 80 --max-new-tokens 512 --tree dynamic
 
+``--tree auto`` (the default) lets the runtime pick the tree, or plain decoding, per cycle from a measured cost
+model and the running acceptance (``eagle_runtime.adaptive``); the trees it used are printed and kept in the JSON
+(``summary.eagle.trees``: steps per tree and the plain fraction; with auto, tau counts plain steps as 1).
+
 Questions: ``--questions FILE`` (MT-bench jsonl: question_id, category, turns[2]); by default the shared
 ``mt_bench.jsonl`` beside the repository when it is there, else a built-in set of 16 two-turn questions in
 MT-bench's 8 categories. ``--num-questions N`` takes them round-robin over the categories. Both turns run; as in

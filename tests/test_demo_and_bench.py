@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,8 @@ def test_builtin_questions_cover_every_category():
 def test_benchmark_json_holds_every_printed_field(tmp_path):
     out = tmp_path / "res"
     cmd = [sys.executable, str(BENCH), "--num-questions", "2", "--max-new-tokens", "16", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = dict(os.environ, EAGLE_RUNTIME_CACHE=str(tmp_path / "cache"))  # tree="auto" caches its cost model
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jsons = list(out.glob("mtbench_*.json"))
     assert len(jsons) == 1 and jsons[0].with_suffix(".png").is_file()

@@ -267,8 +267,8 @@ class EagleModel:
             pos = torch.where(valid, out_len[:, None] + j, out.shape[1] - 1)
             out.scatter_(1, pos, torch.where(valid, emitted, out.gather(1, pos)))
             hit_eos = (torch.isin(emitted, eos_t) & valid).any(1)
-            hist.append(torch.where(finished, 0, n_emit))
             gained = torch.where(finished, 0, n_emit)
+            hist.append(gained)
             out_len = out_len + gained
             finished = finished | hit_eos | (out_len >= max_new_tokens)
             if ctrl is not None:
@@ -296,7 +296,6 @@ class EagleModel:
             pending.append((feat[:, None], updates["next_tok"][:, None]))
             self._commit(state, sp, updates)
             return emitted, n_emit
-        self._resync_ms = 0.0
         if pending:
             t0 = time.perf_counter()
             self._resync_head(state, pending)
