@@ -5,25 +5,24 @@ Two inputs decide:
 * a **cost model** measured once per (target, head, device, dtype, batch size, backend, threads) and cached as
   JSON under ``$EAGLE_RUNTIME_CACHE`` (default ``$XDG_CACHE_HOME/eagle_runtime`` or ``~/.cache/eagle_runtime``):
   the time of a target forward over ``n`` tokens, of a draft step over ``k`` nodes (head + logits + top-k) and
-  of acceptance over a tree of ``n`` nodes (greedy and sampled), each the fastest of a few interleaved runs;
+  of acceptance over a tree of ``n`` nodes (greedy and sampled), plus a real plain step and two real cycles
+  (:data:`REFERENCE_TREES`) whose excess over their parts becomes a fixed per-step overhead; each the fastest of
+  a few interleaved runs (timing noise on a shared machine only adds time);
 * the **running acceptance** per sampling setting: at every node of an accepted path the tree had ``c``
-  children and the target took the child of draft rank ``r`` (or none). ``p[r]``, the chance the accepted
-  child is rank ``r``, is estimated over the nodes that had a rank-``r`` child, with a weak prior and a decay
-  so that it follows the text.
+  children and the target took the child of draft rank ``r`` (or none). ``p[d][r]``, the chance the accepted
+  child at depth ``d`` is rank ``r``, is estimated over the nodes that had a rank-``r`` child, with a weak prior,
+  shrunk towards the estimate pooled over depths, and decayed so that it follows the text.
 
-A candidate tree's expected tokens per cycle is ``1 + sum over its nodes of prod(p[rank])`` along the node's
-path, for the tree that EAGLE-2's expansion would build from those rank probabilities (the ``top_k`` best
-nodes of each level expand, the ``total_tokens`` best are kept). Its cycle time is
-``target(N + 1) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1)``, times the ratio of measured
-to predicted step times (an average per tree once the tree has run 3 cycles, else over all trees; it absorbs
-what the model leaves out, e.g. a loaded machine). A runner-up within 15% whose cycles were never timed is
-tried for a few cycles. The best of
+A candidate tree's expected tokens per cycle is ``1 + sum over its nodes of prod(p[depth][rank])`` along the
+node's path, for the tree that EAGLE-2's expansion would build from those rank probabilities (the ``top_k``
+best nodes of each level expand, the ``total_tokens`` best are kept). Its cycle time is
+``target(N + 1) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1) + overhead``. The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
-plain decoding's ``1 / step time``; when plain wins the runtime decodes plainly and probes one speculative
-cycle after ``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to
-``8 * probe_every``, while probes keep confirming plain decoding). Decisions are re-taken every
-``decide_every`` speculative steps (every 2 while fewer than 32 path nodes have been observed) and after
-every probe.
+plain decoding's ``1 / step time``; the current choice is kept unless another is predicted 7.5% faster (the
+estimates wobble). When plain wins the runtime decodes plainly and probes one speculative cycle after
+``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to ``8 *
+probe_every``, while probes keep confirming plain decoding). Decisions are re-taken every ``decide_every``
+speculative steps (every 2 while fewer than 32 path nodes have been observed) and after every probe.
 
 Everything stays exact: any tree, changed between any two cycles, and plain steps in between give the same
 greedy tokens as plain decoding, and sampled tokens from the target's distribution.
@@ -46,7 +45,8 @@ import torch
 
 from .tree import DynamicTree
 
-COST_VERSION = 1
+COST_VERSION = 2
+REFERENCE_TREES = [(8, 3, 2), (4, 3, 1)]  # whole cycles timed at calibration: what the parts leave out
 TARGET_SIZES = [1, 2, 4, 8, 16, 32, 64]
 DRAFT_SIZES = [1, 2, 4, 8, 16]
 
@@ -235,9 +235,12 @@ class CostModel:
     accept_sampled: dict
     key: str = ""
     measured_s: float = 0.0
+    plain_overhead: float = 0.0  # a real plain step minus its parts (bookkeeping, rotary tables, ...)
+    cycle_overhead: float = 0.0  # a real cycle minus its parts (tree drafting's small ops, path gathers, ...)
 
     def plain_ms(self, greedy: bool) -> float:
-        return _interp(self.target, 1) + _interp(self.accept_greedy if greedy else self.accept_sampled, 1)
+        return (_interp(self.target, 1) + _interp(self.accept_greedy if greedy else self.accept_sampled, 1)
+                + self.plain_overhead)
 
     def cycle_ms(self, tree: DynamicTree, greedy: bool) -> float:
         n = tree.total_tokens + 1
@@ -245,13 +248,14 @@ class CostModel:
         # depth head passes over top_k nodes, the head's re-read of the accepted path (depth + 2 nodes; it also
         # stands for the root's top-k expansion), verification and acceptance
         return (_interp(self.target, n) + tree.depth * _interp(self.draft, tree.top_k)
-                + _interp(self.draft, tree.depth + 2) + _interp(acc, n))
+                + _interp(self.draft, tree.depth + 2) + _interp(acc, n) + self.cycle_overhead)
 
     def to_json(self) -> dict:
         enc = lambda t: {str(k): v for k, v in t.items()}  # noqa: E731
         return {"version": COST_VERSION, "key": self.key, "measured_s": self.measured_s, "target": enc(self.target),
                 "draft": enc(self.draft), "accept_greedy": enc(self.accept_greedy),
-                "accept_sampled": enc(self.accept_sampled)}
+                "accept_sampled": enc(self.accept_sampled), "plain_overhead": self.plain_overhead,
+                "cycle_overhead": self.cycle_overhead}
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
@@ -259,7 +263,8 @@ class CostModel:
             raise ValueError("stale cost-model entry")
         dec = lambda t: {int(k): float(v) for k, v in t.items()}  # noqa: E731
         return cls(dec(d["target"]), dec(d["draft"]), dec(d["accept_greedy"]), dec(d["accept_sampled"]),
-                   str(d.get("key", "")), float(d.get("measured_s", 0.0)))
+                   str(d.get("key", "")), float(d.get("measured_s", 0.0)), float(d["plain_overhead"]),
+                   float(d["cycle_overhead"]))
 
 
 def cost_key(model, batch: int) -> str:
@@ -372,7 +377,23 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
 
         return run
 
+    def step_fn(tree):
+        """A real plain step (``tree`` None) or cycle on a state prefilled with a random prompt; neither commits."""
+        from .generate import _Sampling
+
+        sp = _Sampling(torch.zeros(B, device=dev), torch.ones(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
+                       torch.tensor(0, device=dev), torch.tensor(0, device=dev))
+        prompt = torch.randint(0, V, (B, max(prefix, 1)), generator=g).tolist()
+        state = model._prefill(prompt, sp, head is not None)
+        if tree is None:
+            return lambda: model._plain_step(state, sp)
+        return lambda: model._cycle(state, sp, tree)
+
     jobs = {("target", n): tgt_fn(n) for n in TARGET_SIZES}
+    jobs[("step", 0)] = step_fn(None)
+    if head is not None:
+        for i, t in enumerate(REFERENCE_TREES):
+            jobs[("step", i + 1)] = step_fn(DynamicTree(*t))
     jobs.update({("draft", k): draft_fn(k) for k in DRAFT_SIZES})
     for n in TARGET_SIZES:
         jobs[("accept_greedy", n)] = accept_fn(n, True)
@@ -386,8 +407,13 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
             for key, fn in jobs.items():
                 best[key] = min(best.get(key, math.inf), timed(fn))
     table = lambda name: _monotone({n: best[(name, n)] for (what, n) in best if what == name})  # noqa: E731
-    return CostModel(table("target"), table("draft"), table("accept_greedy"), table("accept_sampled"),
-                     cost_key(model, batch), time.perf_counter() - t0)
+    cm = CostModel(table("target"), table("draft"), table("accept_greedy"), table("accept_sampled"),
+                   cost_key(model, batch), time.perf_counter() - t0)
+    cm.plain_overhead = max(best[("step", 0)] - cm.plain_ms(True), 0.0)
+    if head is not None:
+        extra = [best[("step", i + 1)] - cm.cycle_ms(DynamicTree(*t), True) for i, t in enumerate(REFERENCE_TREES)]
+        cm.cycle_overhead = max(sum(extra) / len(extra), 0.0)
+    return cm
 
 
 def get_costs(model, batch: int) -> CostModel:
@@ -423,9 +449,7 @@ class AutoTree:
         self.num_nodes = max(t.num_nodes for t in self.candidates)
         self.stats: dict = {}  # sampling setting -> AcceptStats (kept across generate calls)
         self.costs: dict = {}  # batch size -> CostModel
-        # measured / predicted step time (EMA): ("plain" | "spec", batch), and per tree (tree key, batch)
-        self.correction: dict = {}
-        self.measured: dict = {}  # (tree key, batch) -> how many steps were timed
+        self.switch_margin = 0.93
 
     def draft_slots(self) -> int:
         return max(t.draft_slots() for t in self.candidates)
@@ -452,31 +476,30 @@ class AutoController:
         self.counts: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
         self.last_rates: dict[str, float] = {}
+        self.wall_ms: dict[str, float] = {}
         if costs is not None:
             self._decide()
 
     def _rates(self) -> list[tuple]:
         """``[(tree or None, predicted tokens per ms)]``, plain first."""
         p = self.stats.p_by_depth()
-        corr, B = self.auto.correction, self.batch
-        c_spec = corr.get(("spec", B), 1.0)
-        rates = [(None, 1.0 / (self.costs.plain_ms(self.greedy) * corr.get(("plain", B), 1.0)))]
+        rates = [(None, 1.0 / self.costs.plain_ms(self.greedy))]
         for t in self.auto.candidates:
-            k = (tree_key(t), B)
-            c = corr[k] if self.auto.measured.get(k, 0) >= 3 else c_spec  # a tree's own timings once it has some
-            rates.append((t, expected_tokens(t, p) / (self.costs.cycle_ms(t, self.greedy) * c)))
+            rates.append((t, expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy)))
         return rates
 
     def _decide(self) -> None:
         rates = self._rates()
-        spec = sorted(rates[1:], key=lambda tr: -tr[1])
-        self.best_spec, best = spec[0]
-        # explore: a close runner-up whose cost has not been timed yet gets a few cycles to show its real speed
-        for t, r in spec[1:3]:
-            if r >= 0.85 * best and self.auto.measured.get((tree_key(t), self.batch), 0) < 3:
-                self.best_spec = t
-                break
-        self.choice = None if rates[0][1] >= best else self.best_spec
+        self.best_spec, best = max(rates[1:], key=lambda tr: tr[1])
+        if rates[0][1] >= best:
+            best_choice, best = None, rates[0][1]
+        else:
+            best_choice = self.best_spec
+        current = next((r for t, r in rates if t is self.choice), 0.0)
+        if current < self.auto.switch_margin * best:  # hysteresis: estimates wobble, switching costs nothing
+            self.choice = best_choice                  # but chasing noise does
+        if self.choice is not None:
+            self.best_spec = self.choice
         self.last_rates = {tree_key(t): 1e3 * r for t, r in rates}
 
     def next_tree(self):
@@ -504,13 +527,8 @@ class AutoController:
         st.plain_run = st.plain_run + 1 if tree is None else 0
         for c, r, d in observations:
             st.add(c, r, d)
-        if wall_ms is not None and self.costs is not None:
-            pred = self.costs.plain_ms(self.greedy) if tree is None else self.costs.cycle_ms(tree, self.greedy)
-            ratio = min(max(wall_ms / pred, 0.1), 10.0)
-            keys = [("plain", self.batch)] if tree is None else [("spec", self.batch), (key, self.batch)]
-            for k in keys:
-                self.auto.correction[k] = 0.8 * self.auto.correction.get(k, ratio) + 0.2 * ratio
-                self.auto.measured[k] = self.auto.measured.get(k, 0) + 1
+        if wall_ms is not None:
+            self.wall_ms[key] = self.wall_ms.get(key, 0.0) + wall_ms
         if tree is not None and self.choice is None and self.auto.schedule is None and self.costs is not None:
             self._decide()  # a probe: decide again with its news; back off while plain keeps winning
             base = self.auto.probe_every
@@ -525,5 +543,6 @@ class AutoController:
             "plain_fraction": self.counts.get("plain", 0) / steps if steps else 0.0,
             "last_choice": tree_key(self.choice),
             "rank_accept_p": [round(v, 4) for v in self.stats.p()[:4]],
+            "wall_ms": {k: round(v, 1) for k, v in self.wall_ms.items()},
             "predicted_tokens_per_s": {k: round(v, 1) for k, v in sorted(self.last_rates.items(), key=lambda kv: -kv[1])[:5]},
         }
