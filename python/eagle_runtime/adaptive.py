@@ -16,7 +16,8 @@ Two inputs decide:
 A candidate tree's expected tokens per cycle is ``1 + sum over its nodes of prod(p[depth][rank])`` along the
 node's path, for the tree that EAGLE-2's expansion would build from those rank probabilities (the ``top_k``
 best nodes of each level expand, the ``total_tokens`` best are kept). Its cycle time is
-``target(N + 1) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1) + overhead``. The best of
+``target(N + 1) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1) + a + b * depth`` (``a``, ``b``
+fitted to the two timed cycles). The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
 plain decoding's ``1 / step time``; the current choice is kept unless another is predicted 7.5% faster (the
 estimates wobble). When plain wins the runtime decodes plainly and probes one speculative cycle after
@@ -45,8 +46,8 @@ import torch
 
 from .tree import DynamicTree
 
-COST_VERSION = 2
-REFERENCE_TREES = [(8, 3, 2), (4, 3, 1)]  # whole cycles timed at calibration: what the parts leave out
+COST_VERSION = 3
+REFERENCE_TREES = [(2, 1, 1), (12, 5, 2)]  # whole cycles timed at calibration (depths 1 and 5): the overhead fit
 TARGET_SIZES = [1, 2, 4, 8, 16, 32, 64]
 DRAFT_SIZES = [1, 2, 4, 8, 16]
 
@@ -236,7 +237,8 @@ class CostModel:
     key: str = ""
     measured_s: float = 0.0
     plain_overhead: float = 0.0  # a real plain step minus its parts (bookkeeping, rotary tables, ...)
-    cycle_overhead: float = 0.0  # a real cycle minus its parts (tree drafting's small ops, path gathers, ...)
+    cycle_overhead: float = 0.0  # a real cycle minus its parts (tree drafting's small ops, path gathers, ...) ...
+    depth_overhead: float = 0.0  # ... is cycle_overhead + depth_overhead * depth
 
     def plain_ms(self, greedy: bool) -> float:
         return (_interp(self.target, 1) + _interp(self.accept_greedy if greedy else self.accept_sampled, 1)
@@ -248,14 +250,15 @@ class CostModel:
         # depth head passes over top_k nodes, the head's re-read of the accepted path (depth + 2 nodes; it also
         # stands for the root's top-k expansion), verification and acceptance
         return (_interp(self.target, n) + tree.depth * _interp(self.draft, tree.top_k)
-                + _interp(self.draft, tree.depth + 2) + _interp(acc, n) + self.cycle_overhead)
+                + _interp(self.draft, tree.depth + 2) + _interp(acc, n) + self.cycle_overhead
+                + self.depth_overhead * tree.depth)
 
     def to_json(self) -> dict:
         enc = lambda t: {str(k): v for k, v in t.items()}  # noqa: E731
         return {"version": COST_VERSION, "key": self.key, "measured_s": self.measured_s, "target": enc(self.target),
                 "draft": enc(self.draft), "accept_greedy": enc(self.accept_greedy),
                 "accept_sampled": enc(self.accept_sampled), "plain_overhead": self.plain_overhead,
-                "cycle_overhead": self.cycle_overhead}
+                "cycle_overhead": self.cycle_overhead, "depth_overhead": self.depth_overhead}
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
@@ -264,7 +267,7 @@ class CostModel:
         dec = lambda t: {int(k): float(v) for k, v in t.items()}  # noqa: E731
         return cls(dec(d["target"]), dec(d["draft"]), dec(d["accept_greedy"]), dec(d["accept_sampled"]),
                    str(d.get("key", "")), float(d.get("measured_s", 0.0)), float(d["plain_overhead"]),
-                   float(d["cycle_overhead"]))
+                   float(d["cycle_overhead"]), float(d["depth_overhead"]))
 
 
 def cost_key(model, batch: int) -> str:
@@ -411,8 +414,11 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
                    cost_key(model, batch), time.perf_counter() - t0)
     cm.plain_overhead = max(best[("step", 0)] - cm.plain_ms(True), 0.0)
     if head is not None:
-        extra = [best[("step", i + 1)] - cm.cycle_ms(DynamicTree(*t), True) for i, t in enumerate(REFERENCE_TREES)]
-        cm.cycle_overhead = max(sum(extra) / len(extra), 0.0)
+        (t1, t2) = (DynamicTree(*t) for t in REFERENCE_TREES)
+        e1, e2 = (best[("step", i + 1)] - cm.cycle_ms(t, True) for i, t in enumerate((t1, t2)))
+        slope = max((e2 - e1) / (t2.depth - t1.depth), 0.0)
+        cm.cycle_overhead = max(e1 - slope * t1.depth, 0.0)
+        cm.depth_overhead = slope
     return cm
 
 
