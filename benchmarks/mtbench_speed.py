@@ -5,6 +5,10 @@
         --num-questions 80 --max-new-tokens 512 --tree dynamic
     python benchmarks/mtbench_speed.py --head eagle3         # the demo's EAGLE-3 head (default: the higher-tau one)
 
+``--tree auto`` (the default) lets the runtime pick the tree, or plain decoding, per cycle from a measured cost
+model and the running acceptance (``eagle_runtime.adaptive``); the trees it used are printed and kept in the JSON
+(``summary.eagle.trees``: steps per tree and the plain fraction; with auto, tau counts plain steps as 1).
+
 Questions: ``--questions FILE`` (MT-bench jsonl: question_id, category, turns[2]); by default the shared
 ``mt_bench.jsonl`` beside the repository when it is there, else a built-in set of 16 two-turn questions in
 MT-bench's 8 categories. ``--num-questions N`` takes them round-robin over the categories. Both turns run; as in
@@ -36,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without the editable install
 
 from eagle_runtime import DynamicTree, EagleModel, StaticTree  # noqa: E402
+from eagle_runtime.adaptive import AutoTree  # noqa: E402
 
 DEFAULT_QUESTIONS = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data")) / "bench" / "mt_bench.jsonl"
 CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
@@ -123,6 +128,7 @@ class OurRunner:
 
     def __call__(self, ids, max_new, temperature, seed):
         r = self.model.generate([ids], max_new, temperature=temperature, seed=seed, speculative=self.speculative)
+        self.last_tree = r.tree
         return r.tokens[0], r.wall_time_s, r.prefill_time_s, (r.accept_lengths[0] if self.speculative else [])
 
 
@@ -168,17 +174,19 @@ class HFRunner:
 # The benchmark
 # ----------------------------------------------------------------------------------------------------------------
 def parse_tree(spec: str, demo: bool):
-    if spec == "demo" or (spec == "auto" and demo):
+    if spec == "auto":
+        return AutoTree()
+    if spec == "demo":
         from eagle_runtime.demo import demo_tree
 
         return demo_tree()
-    if spec in ("auto", "dynamic"):
+    if spec == "dynamic":
         return DynamicTree()
     if spec == "static":
         return StaticTree()
     m = re.fullmatch(r"(\d+),(\d+),(\d+)", spec)
     if not m:
-        raise SystemExit(f"--tree {spec!r}: use demo, dynamic, static or TOTAL,DEPTH,TOPK (e.g. 16,4,4)")
+        raise SystemExit(f"--tree {spec!r}: use auto, demo, dynamic, static or TOTAL,DEPTH,TOPK (e.g. 16,4,4)")
     return DynamicTree(*map(int, m.groups()))
 
 
@@ -201,6 +209,17 @@ def summarize(rows: list[dict], method: str) -> dict:
         "cycles": len(lens) if lens else None,
         "accept_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))) if lens else None,
     }
+
+
+def trees_used(rows: list[dict]) -> dict:
+    """Steps per tree over the generations (``plain`` = plain steps taken by ``tree="auto"``)."""
+    steps: dict[str, int] = {}
+    for r in rows:
+        for k, n in r.get("trees", {}).items():
+            steps[k] = steps.get(k, 0) + n
+    total = sum(steps.values())
+    return {"steps": dict(sorted(steps.items(), key=lambda kv: -kv[1])),
+            "plain_fraction": steps.get("plain", 0) / total if total else 0.0}
 
 
 def _ratio(a, b):
@@ -277,6 +296,7 @@ def run(args) -> dict:
                         "question_id": q["question_id"], "category": q["category"], "turn": turn + 1,
                         "prompt_tokens": len(ids), "tokens": len(new), "time_s": wall, "prefill_s": prefill,
                         "accept_lengths": lens,
+                        **({"trees": runners[m].last_tree["steps"]} if m == "eagle" else {}),
                     })
                     bar.update(1)
                 if temp == 0:
@@ -288,6 +308,7 @@ def run(args) -> dict:
                 answer = tok.decode(outs["plain"], skip_special_tokens=True).strip()
                 history.append((question, answer))
         summary = {m: summarize(rows[m], m) for m in methods}
+        summary["eagle"]["trees"] = trees_used(rows["eagle"])
         for m in methods:
             summary[m]["speedup"] = _ratio(summary[m]["tokens_per_s"], summary["plain"]["tokens_per_s"])
         per_cat = {}
@@ -319,7 +340,8 @@ def run(args) -> dict:
             "num_questions": len(questions),
             "max_new_tokens": args.max_new_tokens,
             "temperatures": args.temperatures,
-            "tree": {k: getattr(tree, k) for k in ("total_tokens", "depth", "top_k")} if isinstance(tree, DynamicTree) else "static",
+            "tree": ({k: getattr(tree, k) for k in ("total_tokens", "depth", "top_k")} if isinstance(tree, DynamicTree)
+                     else "auto" if isinstance(tree, AutoTree) else "static"),
             "backend": model.ops.name,
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
@@ -360,6 +382,8 @@ def report(res: dict) -> str:
         out.append(f"\n== temperature {key} ==")
         out.append(table(list(e["summary"].values()), SUMMARY_COLUMNS))
         out.append(f"accept_histogram (eagle): {e['summary']['eagle']['accept_histogram']}")
+        t = e["summary"]["eagle"]["trees"]
+        out.append(f"trees (eagle): {t['steps']} plain_fraction {t['plain_fraction']:.2f}")
         if "eagle_identical_to_plain" in e:
             i = e["eagle_identical_to_plain"]
             out.append(f"eagle_identical_to_plain: {i['identical']}/{i['total']} (all={i['all']})")
@@ -422,8 +446,9 @@ def main(argv=None) -> dict:
     p.add_argument("--num-questions", type=int, default=16, help="questions taken round-robin over categories (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
-    p.add_argument("--tree", default="auto", help="auto (demo tree for the demo pair, else dynamic), dynamic, static, T,D,K")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--tree", default="auto", help="auto (chosen per cycle by the measured cost model and the running "
+                   "acceptance, plain decoding included), demo (the demo pair's tuned tree), dynamic, static, T,D,K")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "triton"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-len", type=int, default=None, help="KV cache length (default: the model's context, <= 4096)")

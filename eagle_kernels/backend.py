@@ -4,7 +4,10 @@
            from the native extension where it is built (identical results), else from the reference.
 ``triton`` the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); tree-buffer
            construction comes from the native extension where it is built, else from the reference.
-``auto``   ``triton`` where CUDA is available, else ``torch``; the fallback is reported once.
+``cpu``    the fast CPU paths of :mod:`eagle_kernels.cpu_fast` (token-identical to the references, several times
+           faster at small sizes: no softmax/sort/RNG when greedy, a vectorised tree walk, SDPA over the existing
+           slots only, ``torch.topk`` under the reference's tie rule); tree buffers as for ``torch``.
+``auto``   ``triton`` where CUDA is available, else ``cpu``; the fallback is reported once.
 
 An explicitly requested backend that cannot run raises :class:`BackendUnavailable`. Nothing here touches a GPU
 at import time.
@@ -94,6 +97,20 @@ def _torch_ops() -> Ops:
     )
 
 
+def _cpu_ops() -> Ops:
+    from . import cpu_fast
+
+    return Ops(
+        "cpu",
+        cpu_fast.tree_attention,
+        cpu_fast.topk_expand,
+        cpu_fast.accept_tree,
+        cpu_fast.sample_tokens,
+        cpu_fast.kv_compact,
+        _native_tree_buffers(),
+    )
+
+
 _warned_fallback = False
 
 
@@ -113,10 +130,12 @@ def _triton_ops() -> Ops:
 
 
 def get_ops(backend: str = "auto") -> Ops:
-    """The op table for ``backend`` in ``{"auto", "torch", "triton"}``."""
+    """The op table for ``backend`` in ``{"auto", "cpu", "torch", "triton"}``."""
     global _warned_fallback
     if backend == "torch":
         return _torch_ops()
+    if backend == "cpu":
+        return _cpu_ops()
     if backend == "triton":
         ok, why = triton_available()
         if not ok:
@@ -128,7 +147,7 @@ def get_ops(backend: str = "auto") -> Ops:
         if torch.cuda.is_available():
             return _triton_ops()
         if not _warned_fallback:
-            warnings.warn("eagle_kernels: no CUDA device, using the 'torch' reference backend", stacklevel=2)
+            warnings.warn("eagle_kernels: no CUDA device, using the 'cpu' backend", stacklevel=2)
             _warned_fallback = True
-        return _torch_ops()
-    raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'torch' or 'triton'")
+        return _cpu_ops()
+    raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'cpu', 'torch' or 'triton'")

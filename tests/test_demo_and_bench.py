@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,8 @@ def test_builtin_questions_cover_every_category():
 def test_benchmark_json_holds_every_printed_field(tmp_path):
     out = tmp_path / "res"
     cmd = [sys.executable, str(BENCH), "--num-questions", "2", "--max-new-tokens", "16", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = dict(os.environ, EAGLE_RUNTIME_CACHE=str(tmp_path / "cache"))  # tree="auto" caches its cost model
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jsons = list(out.glob("mtbench_*.json"))
     assert len(jsons) == 1 and jsons[0].with_suffix(".png").is_file()
@@ -129,6 +131,7 @@ def test_benchmark_json_holds_every_printed_field(tmp_path):
     for key in ("backend", "dtype", "threads", "tree", "prompts_truncated", "num_questions", "max_new_tokens"):
         assert key in res["config"]
     printed_keys = {m.split(":")[0] for m in lines if ": " in m and not m.startswith(("device", "questions", "=="))}
-    known = {"accept_histogram (eagle)", "eagle_identical_to_plain", "hf_identical_to_plain", "benchmark_wall_s"}
+    known = {"accept_histogram (eagle)", "trees (eagle)", "eagle_identical_to_plain", "hf_identical_to_plain",
+             "benchmark_wall_s"}
     assert printed_keys <= known, printed_keys - known
     assert "hf_identical_to_plain" in zero and "benchmark_wall_s" in res

@@ -29,11 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--tree", choices=["dynamic", "static"], default="dynamic")
+    g.add_argument("--tree", choices=["auto", "dynamic", "static"], default="auto",
+                   help="auto: the tree (or plain decoding) a measured cost model finds fastest here")
     g.add_argument("--total-tokens", type=int, default=60, help="dynamic tree size (without the root)")
     g.add_argument("--depth", type=int, default=6, help="dynamic tree draft passes")
     g.add_argument("--top-k-draft", type=int, default=10, help="dynamic tree branching")
-    g.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    g.add_argument("--backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -49,10 +50,8 @@ def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     from .generate import EagleModel, GraphsUnavailable
 
-    tree = (
-        DynamicTree(a.total_tokens, a.depth, a.top_k_draft) if a.tree == "dynamic" else StaticTree()
-    )
     try:
+        tree = {"auto": "auto", "static": StaticTree()}.get(a.tree) or DynamicTree(a.total_tokens, a.depth, a.top_k_draft)
         model = EagleModel.from_pretrained(
             a.base, a.draft, dtype=_DTYPES.get(a.dtype), device=a.device, tree=tree, backend=a.backend,
             max_len=a.max_len, cuda_graphs=a.cuda_graphs,
@@ -68,13 +67,14 @@ def main(argv=None) -> int:
     n = res.num_new_tokens
     if a.json:
         print(json.dumps({"text": res.text, "tokens": res.tokens, "accept_lengths": res.accept_lengths,
-                          "tau": res.tau if a.draft else None, "tokens_per_s": n / res.wall_time_s}))
+                          "tau": res.tau if a.draft else None, "tokens_per_s": n / res.wall_time_s,
+                          "tree": res.tree}))
         return 0
     for i, text in enumerate(res.text or [str(t) for t in res.tokens]):
         print(f"[{i}] {a.prompt[i] if i < len(a.prompt) else ''}{text}")
     stats = f"{n} tokens in {res.wall_time_s:.2f} s ({n / res.wall_time_s:.1f} tok/s)"
     if a.draft:
-        stats += f", tau {res.tau:.2f}, accept histogram {res.accept_histogram()}"
+        stats += f", tau {res.tau:.2f}, accept histogram {res.accept_histogram()}, trees {res.tree['steps']}"
     print(stats, file=sys.stderr)
     return 0
 

@@ -18,6 +18,7 @@ import torch
 
 from eagle_kernels import get_ops
 
+from .adaptive import AutoTree, path_observations, tree_key
 from .draft import load_head
 from .drafter import Drafter, target_states
 from .loading import load_target
@@ -37,6 +38,7 @@ class GenerationResult:
     wall_time_s: float
     prefill_time_s: float
     speculative: bool
+    tree: dict | None = None  # the trees used: {"mode", "steps" per tree key, "plain_fraction", ...}; None if plain
 
     @property
     def num_new_tokens(self) -> int:
@@ -196,20 +198,22 @@ class EagleModel:
         head: the draft head (any :class:`~eagle_runtime.drafter.Drafter`: EAGLE-1 or EAGLE-3), or ``None`` for
             plain decoding only.
         tokenizer: a HF tokenizer (optional; without it prompts must be token ids and no text is returned).
-        tree: ``"dynamic"``, ``"static"`` or a :class:`DynamicTree` / :class:`StaticTree`.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`eagle_kernels.get_ops`).
+        tree: ``"auto"`` (default: the tree, or plain decoding, that a measured cost model and the running
+            acceptance say is fastest; see :mod:`eagle_runtime.adaptive`), ``"dynamic"``, ``"static"``, or a
+            :class:`DynamicTree` / :class:`StaticTree` / :class:`~eagle_runtime.adaptive.AutoTree`.
+        backend: ``"auto"``, ``"cpu"``, ``"torch"`` or ``"triton"`` (see :func:`eagle_kernels.get_ops`).
         cuda_graphs: on CUDA, capture each decode step (the whole draft + verify + accept cycle, or a plain
             step) as one CUDA graph per batch bucket (1..8, then multiples of 8) and replay it; needs the
             ``triton`` backend and the native extension built with CUDA. ``None`` (default): on when the target
             is on CUDA and both are present, else eager (said once); ``True`` on CUDA without them raises
-            :class:`GraphsUnavailable`. Ignored on CPU.
+            :class:`GraphsUnavailable`. Ignored on CPU and for ``tree="auto"`` (whose steps change shape).
 
     With graphs on, every bucket shares one target KV cache and one draft KV cache sized for the largest bucket
     seen (see :class:`BufferPool`; :meth:`reserve` sizes them up front) and every capture one graph memory pool.
     """
 
     def __init__(
-        self, target: Transformer, head: Drafter | None, tokenizer=None, tree="dynamic", backend="auto",
+        self, target: Transformer, head: Drafter | None, tokenizer=None, tree="auto", backend="auto",
         cuda_graphs: bool | None = None,
     ):
         self.target, self.head, self.tokenizer = target, head, tokenizer
@@ -258,7 +262,7 @@ class EagleModel:
         *,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
-        tree="dynamic",
+        tree="auto",
         backend: str = "auto",
         max_len: int | None = None,
         cuda_graphs: bool | None = None,
@@ -356,8 +360,14 @@ class EagleModel:
         sp.seed.fill_(int(seed))
         sp.offset.zero_()
         eos = self.target.cfg.eos_token_id if stop_on_eos else []
+        ctrl = None
+        if speculative and isinstance(tree, AutoTree):  # cost model measured (once, cached) before the clock
+            ctrl = tree.controller(self, B, temperature, top_p, top_k)
         t0 = time.perf_counter()
-        state = self._prefill(ids, sp, speculative)
+        # auto mode starting with plain steps on equal-length prompts: the head reads the prompt when first needed
+        pending: list = []  # auto mode: blocks of (features [B, m, H], next tokens [B, m]) the head has not read
+        defer = ctrl is not None and ctrl.choice is None and len({len(p) for p in ids}) == 1
+        state = self._prefill(ids, sp, speculative, pending if defer else None)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_prefill = time.perf_counter() - t0
@@ -369,23 +379,72 @@ class EagleModel:
         finished = torch.isin(state["next_tok"], eos_t) | (out_len >= max_new_tokens)
         finished[B_user:] = True  # bucket padding rows
         hist = []
-        step = self._step_fn(state, sp, speculative)
+        step = self._step_fn(state, sp, speculative) if ctrl is None else None
         while not bool(finished.all()):
             state["done"].copy_(finished)  # finished rows stop advancing and write only their own dead slots
-            emitted, n_emit, updates = step(state, sp)
-            self._commit(state, sp, updates)
+            if ctrl is None:
+                emitted, n_emit, updates = step(state, sp)
+                self._commit(state, sp, updates)
+            else:
+                t_step = time.perf_counter()
+                choice = ctrl.next_tree()
+                emitted, n_emit = self._auto_step(state, sp, choice, pending)
             j = torch.arange(emitted.shape[1], device=dev)
             valid = (j[None] < n_emit[:, None]) & ~finished[:, None]
             pos = torch.where(valid, out_len[:, None] + j, out.shape[1] - 1)
             out.scatter_(1, pos, torch.where(valid, emitted, out.gather(1, pos)))
             hit_eos = (torch.isin(emitted, eos_t) & valid).any(1)
-            hist.append(torch.where(finished, 0, n_emit))
-            out_len = out_len + torch.where(finished, 0, n_emit)
+            gained = torch.where(finished, 0, n_emit)
+            hist.append(gained)
+            out_len = out_len + gained
             finished = finished | hit_eos | (out_len >= max_new_tokens)
+            if ctrl is not None:
+                # the head's catch-up after plain steps is left out: it is the plain steps' debt, not the cycle's
+                wall_ms = 1e3 * (time.perf_counter() - t_step) - self._resync_ms if dev.type == "cpu" else None
+                ctrl.observe(choice, int(gained[:B_user].sum()), wall_ms, self._observations if choice is not None else ())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         wall = time.perf_counter() - t0
-        return self._result(ids[:B_user], out, out_len, hist, max_new_tokens, eos, wall, t_prefill, speculative)
+        res = self._result(ids[:B_user], out, out_len, hist, max_new_tokens, eos, wall, t_prefill, speculative)
+        if ctrl is not None:
+            res.tree = ctrl.summary()
+        elif speculative:
+            res.tree = {"mode": "fixed", "steps": {tree_key(tree): len(hist)}, "plain_fraction": 0.0}
+        return res
+
+    def _auto_step(self, state: dict, sp: _Sampling, choice, pending: list):
+        """One step of ``tree="auto"``: a plain step (its feature kept for the head) or a cycle with ``choice``.
+
+        Plain steps leave the head behind; before the next cycle it reads the pairs ``(f_i, t_{i+1})`` of those
+        steps in one pass, as in the prefill, so its cache and prediction are what a cycle expects."""
+        self._resync_ms = 0.0
+        if choice is None:
+            emitted, n_emit, updates, feat = self._plain_step(state, sp, with_features=True)
+            pending.append((feat[:, None], updates["next_tok"][:, None]))
+            self._commit(state, sp, updates)
+            return emitted, n_emit
+        if pending:
+            t0 = time.perf_counter()
+            self._resync_head(state, pending)
+            pending.clear()
+            self._resync_ms = 1e3 * (time.perf_counter() - t0)
+        emitted, n_emit, updates = self._cycle(state, sp, choice)
+        parents, acc = self._last_tree
+        self._observations = path_observations(parents, acc.accept_path, acc.accept_len, state["L"].shape[0])
+        self._commit(state, sp, updates)
+        return emitted, n_emit
+
+    def _resync_head(self, state: dict, pending: list) -> None:
+        tgt, L, head = self.target, state["L"], self.head
+        states = torch.cat([f for f, _ in pending], 1)  # [B, m, what the head reads]
+        toks = torch.cat([t for _, t in pending], 1)
+        B, m, dev = L.shape[0], states.shape[1], L.device
+        start = (L - m).clamp(min=0)
+        pos = start[:, None] + torch.arange(m, device=dev)
+        d_out = head(head.first_input(states), toks, tgt, pos, state["d_cache"], start, start, causal_mask(B, m, dev))
+        d_last = d_out[:, -1]
+        state["d_hidden"].copy_(d_last)
+        state["d_logits"].copy_(head.draft_logits(d_last, tgt))
 
     def _step_fn(self, state: dict, sp: _Sampling, speculative: bool):
         """The eager step, or a CUDA graph of it captured once per (batch bucket, mode) and replayed after."""
@@ -410,7 +469,9 @@ class EagleModel:
         return True
 
     # ----------------------------------------------------------------------------------------------------------
-    def _prefill(self, ids: list[list[int]], sp: _Sampling, speculative: bool) -> dict:
+    def _prefill(self, ids: list[list[int]], sp: _Sampling, speculative: bool, defer_head: list | None = None) -> dict:
+        """Target prefill and first token; with ``speculative`` also the head's pass over the prompt, or, when
+        ``defer_head`` is a list (equal-length prompts only), the head's inputs appended to it for later."""
         tgt, dev = self.target, self.target.embed_tokens.weight.device
         B, P = len(ids), max(len(p) for p in ids)
         n = torch.tensor([len(p) for p in ids], device=dev)
@@ -441,6 +502,11 @@ class EagleModel:
             shifted = torch.cat([tokens[:, 1:], torch.zeros(B, 1, dtype=torch.long, device=dev)], dim=1)
             shifted.scatter_(1, (n - 1)[:, None], first[:, None])
             d_cache = self._pool.cache("d_cache", B)
+            if defer_head is not None:
+                defer_head.append((states, shifted))
+                h0 = feats.new_zeros(B, head.cfg.hidden_size)
+                state.update(d_cache=d_cache, d_hidden=h0, d_logits=head.draft_logits(h0, tgt))
+                return state
             d_out = head(head.first_input(states), shifted, tgt, pos, d_cache, zero, zero, mask)
             d_last = d_out.gather(1, (n - 1)[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
             d_logits = head.draft_logits(d_last, tgt)
@@ -452,15 +518,19 @@ class EagleModel:
             state.update(d_cache=d_cache, d_hidden=d_last, d_logits=d_logits)
         return state
 
-    def _plain_step(self, state: dict, sp: _Sampling):
+    def _plain_step(self, state: dict, sp: _Sampling, with_features: bool = False):
         """One plain decoding step. Like :meth:`_cycle` it only reads ``state``; :meth:`_commit` applies it."""
         tgt, L = self.target, _live_len(state)
         B = L.shape[0]
         ones = torch.ones(B, 1, 1, dtype=torch.bool, device=L.device)
-        feats = tgt(state["next_tok"][:, None], L[:, None], state["cache"], L, L, ones)
+        head = self.head if with_features else None  # auto mode keeps what the head will read later
+        feats, states = target_states(tgt, state["next_tok"][:, None], L[:, None], state["cache"], L, L, ones, head)
         nxt = self.ops.sample_tokens(tgt.logits(feats[:, 0]), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         n_emit = torch.ones_like(L)
-        return nxt[:, None], n_emit, {"L": _advance(state, n_emit), "next_tok": nxt, "offset": sp.offset + 1}
+        updates = {"L": _advance(state, n_emit), "next_tok": nxt, "offset": sp.offset + 1}
+        if with_features:
+            return nxt[:, None], n_emit, updates, states[:, 0]
+        return nxt[:, None], n_emit, updates
 
     def _draft_step(self, state: dict):
         head, tgt, L = self.head, self.target, state["L"]
@@ -470,13 +540,13 @@ class EagleModel:
 
         return step
 
-    def _cycle(self, state: dict, sp: _Sampling):
+    def _cycle(self, state: dict, sp: _Sampling, tree=None):
         """One draft -> verify -> accept cycle: the emitted tokens ``[B, W]``, their count and the state updates.
 
         Only cache slots past the committed length are written (tree K/V, compaction, the head's re-read of the
         accepted path), and ``state``/``sp`` are read, not assigned: running it again before :meth:`_commit`
         gives the same result, which CUDA-graph warm-up and capture rely on."""
-        tgt, ops, tree = self.target, self.ops, self.tree
+        tgt, ops, tree = self.target, self.ops, tree or self.tree
         L, root = _live_len(state), state["next_tok"]
         B, dev = L.shape[0], L.device
         head = self.head
@@ -487,6 +557,7 @@ class EagleModel:
         feats, states = target_states(tgt, tokens, L[:, None] + bufs.depth, state["cache"], L, L, bufs.mask, head)
         acc = ops.accept_tree(tgt.logits(feats), tokens, parents, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         ops.kv_compact(state["cache"], L, acc.accept_path, acc.accept_len)
+        self._last_tree = (parents, acc)  # for tree="auto"'s acceptance statistics (eager steps only)
         # The accepted path (root first) and the token after it; the head re-reads them with true features.
         W = tree.max_depth + 1
         j = torch.arange(W, device=dev)

@@ -157,12 +157,17 @@ class DynamicTree:
         return tokens, torch.cat([root_par, parents], dim=1)
 
 
-def make_tree(spec) -> StaticTree | DynamicTree:
-    """``"dynamic"`` (EAGLE-2 defaults 60/6/10), ``"static"`` (mc_sim_7b_63), or a tree object."""
-    if isinstance(spec, (StaticTree, DynamicTree)):
+def make_tree(spec):
+    """``"auto"`` (an :class:`~eagle_runtime.adaptive.AutoTree`: the fastest candidate or plain decoding, chosen
+    as it runs), ``"dynamic"`` (EAGLE-2 defaults 60/6/10), ``"static"`` (mc_sim_7b_63), or a tree object."""
+    from .adaptive import AutoTree
+
+    if isinstance(spec, (StaticTree, DynamicTree, AutoTree)):
         return spec
+    if spec == "auto":
+        return AutoTree()
     if spec == "dynamic":
         return DynamicTree()
     if spec in ("static", "mc_sim_7b_63"):
         return StaticTree()
-    raise ValueError(f"unknown tree {spec!r}; use 'dynamic', 'static' or a StaticTree/DynamicTree")
+    raise ValueError(f"unknown tree {spec!r}; use 'auto', 'dynamic', 'static' or a StaticTree/DynamicTree/AutoTree")

@@ -1,0 +1,228 @@
+"""Fast CPU implementations of the ops, token-identical to :mod:`eagle_kernels.reference`.
+
+The references are written to be read; these are written for a CPU where every op is overhead-bound (about
+1-15 us per aten call at the sizes we run). Each function keeps its reference's contract (shapes, dtypes, tie
+rules) and returns the same tokens and paths; ``tests/test_cpu_fast.py`` checks that on every tree and batch
+layout, tied inputs included. What changes:
+
+* :func:`accept_tree` greedy (every ``temperature <= 0``): the target argmax per node and a vectorised walk;
+  no softmax, no sort, no random numbers, no Python loop over nodes. Sampled: the processed distribution comes
+  from :func:`reference.process_logits` and the random numbers from :func:`reference.hash_uniform` (so both follow
+  the reference whatever it becomes), siblings are tried rank by rank for all nodes at once, and the walk is
+  vectorised (pointer jumping over the parent links).
+* :func:`topk_expand`: ``torch.topk`` where its answer is provably the reference's (the top ``k + 1`` values
+  are distinct, so the set and its order are unique), the stable sort otherwise.
+* :func:`tree_attention`: ``scaled_dot_product_attention`` over only the slots that exist (prefix + tree),
+  GQA without copying K/V per query head; no mask at all for plain decoding.
+* :func:`sample_tokens`: greedy rows are an argmax (``torch.argmax`` returns the first maximal index, the
+  reference's tie rule); sampled batches go to the reference.
+* :func:`kv_compact`: one gather and one scatter for the whole batch, instead of a loop over sequences.
+
+Host reads (``int(...)`` of a CPU tensor) are free on CPU and used for shapes; this backend is for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .reference import AcceptOutput, TopkExpandOutput
+
+__all__ = ["tree_attention", "topk_expand", "accept_tree", "sample_tokens", "kv_compact", "topk_low_index"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Top-k with the reference's tie rule
+# --------------------------------------------------------------------------------------------------------------
+def topk_low_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` along the last dim, descending, ties towards the lower index (``reference._topk_stable``).
+
+    ``torch.topk`` does not promise an order among equal values. When the ``k + 1`` largest values of every
+    row are pairwise distinct, the top-``k`` set and its descending order are unique, so any correct top-k
+    returns the reference's answer; otherwise (ties, or ``k == V``) the stable sort decides.
+    """
+    V = x.shape[-1]
+    if k >= V or x.numel() == 0:
+        return reference._topk_stable(x, k)
+    vals, idx = torch.topk(x, k + 1, dim=-1)
+    if bool((vals[..., 1:] == vals[..., :-1]).any()):  # a tie somewhere: NaN never compares equal, see below
+        return reference._topk_stable(x, k)
+    if bool(torch.isnan(vals).any()):
+        return reference._topk_stable(x, k)
+    return vals[..., :k], idx[..., :k]
+
+
+def topk_expand(
+    logits: torch.Tensor,
+    parent_scores: torch.Tensor,
+    k: int,
+    out_k: int | None = None,
+    token_map: torch.Tensor | None = None,
+) -> TopkExpandOutput:
+    """:func:`reference.topk_expand` with ``torch.topk`` (see :func:`topk_low_index`); same arithmetic."""
+    B, N, V = logits.shape
+    out_k = k if out_k is None else out_k
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    vals, idx = topk_low_index(logp, k)
+    child_scores = vals + parent_scores.float().unsqueeze(-1)
+    flat = child_scores.reshape(B, N * k)
+    top_scores, top_index = topk_low_index(flat, out_k)
+    child_tokens = idx if token_map is None else token_map[idx]
+    top_tokens = child_tokens.reshape(B, N * k).gather(1, top_index)
+    return TopkExpandOutput(child_tokens, child_scores, top_scores, top_index, top_index // k, top_tokens)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tree attention
+# --------------------------------------------------------------------------------------------------------------
+def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=None):
+    """:func:`reference.tree_attention` over the ``max(prefix_len) + M`` existing slots with SDPA.
+
+    Plain decoding (``T == M == 1``, every prefix equal) runs without a mask. Queries that see no slot get
+    zeros, as in the reference. Math in float32 for half inputs (the reference's precision).
+    """
+    B, T, Hq, D = q.shape
+    Hkv, M = k_cache.shape[1], tree_mask.shape[-1]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    lo, hi = int(prefix_len.min()), int(prefix_len.max())
+    n = hi + M
+    k, v = k_cache[:, :, :n], v_cache[:, :, :n]
+    qh = q.transpose(1, 2)
+    if q.dtype != torch.float32:
+        qh, k, v = qh.float(), k.float(), v.float()
+    if lo == hi and T == 1 and M == 1 and bool(tree_mask.all()):
+        mask = None
+    elif lo == hi:
+        mask = torch.cat([tree_mask.new_ones(B, T, hi), tree_mask], dim=-1)[:, None]
+    else:
+        rel = torch.arange(n, device=q.device) - prefix_len.view(B, 1)
+        in_tree = tree_mask.gather(2, rel.clamp(0, M - 1).view(B, 1, n).expand(B, T, n))
+        mask = ((rel < 0).view(B, 1, n) | ((rel < M).view(B, 1, n) & in_tree))[:, None]
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    if lo == 0:  # a query with an empty prefix and an empty tree row sees nothing: zeros (SDPA gives NaN)
+        sees = (tree_mask.any(-1) | (prefix_len > 0).view(B, 1)).view(B, 1, T, 1)
+        out = torch.where(sees, out, torch.zeros((), dtype=out.dtype))
+    return out.transpose(1, 2).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling and acceptance
+# --------------------------------------------------------------------------------------------------------------
+def _all_greedy(temperature: torch.Tensor) -> bool:
+    return bool((temperature <= 0).all())
+
+
+def sample_tokens(logits, temperature, top_p, top_k, seed, offset):
+    """:func:`reference.sample_tokens`; an all-greedy batch is one argmax (first maximal index on ties)."""
+    if _all_greedy(temperature):
+        return torch.argmax(logits, dim=-1)
+    return reference.sample_tokens(logits, temperature, top_p, top_k, seed, offset)
+
+
+def _chain_from_good(good: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+    """``alive[b, i]``: every node on the root path of ``i`` (``i`` included) is ``good``. Pointer jumping:
+    ``ceil(log2 T)`` rounds of gathers, no host reads."""
+    B, T = parents.shape
+    alive = good.clone()
+    anc = parents.clamp(min=0)
+    has = parents >= 0
+    for _ in range(max(T - 1, 1).bit_length()):
+        alive = alive & (alive.gather(1, anc) | ~has)
+        has = has & has.gather(1, anc)
+        anc = anc.gather(1, anc)
+    return alive
+
+
+def _sibling_rank(parents: torch.Tensor) -> torch.Tensor:
+    """``rank[b, i]``: how many earlier siblings node ``i`` has (node-index order); 0 for the root."""
+    T = parents.shape[1]
+    same = parents[:, :, None] == parents[:, None, :]  # [B, T, T]
+    earlier = torch.ones(T, T, dtype=torch.bool, device=parents.device).tril(-1)
+    return (same & earlier).sum(-1)
+
+
+def _finish(alive: torch.Tensor, B: int, T: int, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Path (alive nodes in index order, -1 padded), accept length and the last node of each chain."""
+    nodes = torch.arange(T, device=dev).expand(B, T)
+    slot = torch.where(alive, alive.long().cumsum(1) - 1, T)  # T: a dump column
+    path = torch.full((B, T + 1), -1, dtype=torch.long, device=dev).scatter_(1, slot, nodes)[:, :T]
+    acc_len = alive.sum(1) - 1
+    last = path.gather(1, acc_len[:, None])[:, 0]
+    return path, acc_len, last
+
+
+def accept_tree(target_logits, tree_tokens, parents, temperature, top_p, top_k, seed, offset) -> AcceptOutput:
+    """:func:`reference.accept_tree`, vectorised over nodes; identical paths, lengths and tokens.
+
+    Greedy: child ``c`` of ``u`` is taken iff its token is the target argmax at ``u`` and no earlier sibling's
+    is; the accepted path is the chain of nodes whose whole root path was taken. Sampled: for every node at
+    once, the ``j``-th child is tried against ``p`` with the earlier children's tokens zeroed and renormalised
+    (the reference's arithmetic, step by step); ``c`` is taken iff it is the first accepted child of its
+    parent. The residual at the last node is ``p`` with all its children's tokens removed.
+    """
+    B, T, V = target_logits.shape
+    dev = target_logits.device
+    par = parents.clamp(min=0)
+    root = torch.arange(T, device=dev)[None] == 0
+    if _all_greedy(temperature):
+        amax = torch.argmax(target_logits, dim=-1)  # [B, T]; first maximal index, the reference's rule
+        match = (tree_tokens == amax.gather(1, par)) & ~root
+        # among matching siblings only the lowest index counts (duplicate sibling tokens)
+        same = (parents[:, :, None] == parents[:, None, :]) & match[:, None, :]
+        earlier_match = (same & torch.ones(T, T, dtype=torch.bool, device=dev).tril(-1)).any(-1)
+        good = (match & ~earlier_match) | root
+        path, acc_len, last = _finish(_chain_from_good(good, parents), B, T, dev)
+        return AcceptOutput(path, acc_len, amax.gather(1, last[:, None])[:, 0])
+
+    probs = reference.process_logits(target_logits, temperature, top_p, top_k)  # [B, T, V]
+    rank = _sibling_rank(parents)
+    rank = torch.where(root, -1, rank)
+    K = int(rank.max()) + 1  # most children of any node
+    bb = torch.arange(B, device=dev).view(B, 1)
+    nodes = torch.arange(T, device=dev).view(1, T)
+    r = reference.hash_uniform(seed, offset, bb, nodes, torch.tensor(0))  # [B, T]: child c's draw
+    taken = torch.zeros(B, T, dtype=torch.bool, device=dev)  # child accepted (before the first-accept rule)
+    for j in range(K):
+        # the j-th child of every node: kth[b, u] (or T where u has fewer children)
+        is_j = (rank == j) & ~root
+        kth = torch.full((B, T + 1), T, dtype=torch.long, device=dev)
+        kth.scatter_(1, torch.where(is_j, par, T), torch.where(is_j, nodes.expand(B, T), T))
+        kth = kth[:, :T]
+        has = kth < T
+        x = tree_tokens.gather(1, kth.clamp(max=T - 1))  # [B, T] token of u's j-th child
+        px = probs.gather(2, x[..., None])[..., 0]
+        ok = has & (r.gather(1, kth.clamp(max=T - 1)) < px)
+        taken |= torch.zeros(B, T + 1, dtype=torch.bool, device=dev).scatter_(1, kth, ok)[:, :T]
+        # reject: p <- normalise(p with p(x) = 0), only where u has a j-th child
+        zeroed = probs.scatter(2, x[..., None], 0.0)
+        total = zeroed.sum(-1, keepdim=True)
+        renorm = torch.where(total > 0, zeroed / total, zeroed)
+        probs = torch.where(has[..., None], renorm, probs)
+    # first accepted child wins: a taken child with an earlier taken sibling is not good
+    same = (parents[:, :, None] == parents[:, None, :]) & taken[:, None, :]
+    earlier_taken = (same & torch.ones(T, T, dtype=torch.bool, device=dev).tril(-1)).any(-1)
+    good = (taken & ~earlier_taken) | root
+    path, acc_len, last = _finish(_chain_from_good(good, parents), B, T, dev)
+    p_last = probs.gather(1, last.view(B, 1, 1).expand(B, 1, V))[:, 0]  # every child of `last` was rejected
+    u = reference.hash_uniform(seed, offset, bb, last.view(B, 1), torch.tensor(1), torch.arange(V, device=dev))
+    return AcceptOutput(path, acc_len, reference._race(p_last, u))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KV compaction
+# --------------------------------------------------------------------------------------------------------------
+def kv_compact(cache, prefix_len, accept_path, accept_len):
+    """:func:`reference.kv_compact` for the whole batch at once: gather every source, then scatter."""
+    Lp, B, H, S, D = cache.shape
+    W = int(accept_len.max()) + 1
+    j = torch.arange(W, device=cache.device)
+    keep = j[None] <= accept_len[:, None]
+    dst = prefix_len[:, None] + j  # [B, W]
+    src = torch.where(keep, prefix_len[:, None] + accept_path[:, :W].clamp(min=0), dst)
+    idx = src.view(1, B, 1, W, 1).expand(Lp, B, H, W, D)
+    moved = cache.gather(3, idx)
+    cache.scatter_(3, dst.view(1, B, 1, W, 1).expand(Lp, B, H, W, D), moved)
+    return cache

@@ -1,0 +1,556 @@
+"""Adaptive speculation (``tree="auto"``): pick the draft tree, or plain decoding, that maximises tokens/s.
+
+Two inputs decide:
+
+* a **cost model** measured once per (target, head, device, dtype, batch size, backend, threads) and cached as
+  JSON under ``$EAGLE_RUNTIME_CACHE`` (default ``$XDG_CACHE_HOME/eagle_runtime`` or ``~/.cache/eagle_runtime``):
+  the time of a target forward over ``n`` tokens, of a draft step over ``k`` nodes (head + logits + top-k) and
+  of acceptance over a tree of ``n`` nodes (greedy and sampled), plus a real plain step and two real cycles
+  (:data:`REFERENCE_TREES`) whose excess over their parts becomes a fixed per-step overhead; each the fastest of
+  a few interleaved runs (timing noise on a shared machine only adds time);
+* the **running acceptance** per sampling setting: at every node of an accepted path the tree had ``c``
+  children and the target took the child of draft rank ``r`` (or none). ``p[d][r]``, the chance the accepted
+  child at depth ``d`` is rank ``r``, is estimated over the nodes that had a rank-``r`` child, with a weak prior,
+  shrunk towards the estimate pooled over depths, and decayed so that it follows the text.
+
+A candidate tree's expected tokens per cycle is ``1 + sum over its nodes of prod(p[depth][rank])`` along the
+node's path, for the tree that EAGLE-2's expansion would build from those rank probabilities (the ``top_k``
+best nodes of each level expand, the ``total_tokens`` best are kept). Its cycle time is
+``target(N + 1) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1) + a + b * depth`` (``a``, ``b``
+fitted to the two timed cycles). The best of
+``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
+plain decoding's ``1 / step time``; the current choice is kept unless another is predicted 7.5% faster (the
+estimates wobble). When plain wins the runtime decodes plainly and probes one speculative cycle after
+``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to ``8 *
+probe_every``, while probes keep confirming plain decoding). Decisions are re-taken every ``decide_every``
+speculative steps (every 2 while fewer than 32 path nodes have been observed) and after every probe.
+
+Everything stays exact: any tree, changed between any two cycles, and plain steps in between give the same
+greedy tokens as plain decoding, and sampled tokens from the target's distribution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .tree import DynamicTree
+
+COST_VERSION = 4
+REFERENCE_TREES = [(2, 1, 1), (12, 5, 2)]  # whole cycles timed at calibration (depths 1 and 5): the overhead fit
+TARGET_SIZES = [1, 2, 4, 8, 16, 32, 64]
+DRAFT_SIZES = [1, 2, 4, 8, 16]
+
+
+def default_candidates() -> list[DynamicTree]:
+    """Chains (``top_k = 1``) of 1-8 draft tokens and small/medium EAGLE-2 trees."""
+    chains = [DynamicTree(c, c - 1, 1) for c in (1, 2, 3, 4, 5, 6, 8)]
+    trees = [(4, 2, 2), (6, 3, 2), (8, 3, 2), (8, 4, 2), (12, 5, 2), (8, 3, 4), (12, 3, 4), (16, 4, 4),
+             (24, 5, 4), (32, 6, 4), (32, 5, 8), (60, 6, 10)]
+    return chains + [DynamicTree(*t) for t in trees]
+
+
+def tree_key(tree) -> str:
+    """A short name: ``plain``, ``chain4`` (4 draft tokens in a row), ``16,4,4`` (total, depth, top-k)."""
+    if tree is None:
+        return "plain"
+    if isinstance(tree, DynamicTree):
+        if tree.top_k == 1:
+            return f"chain{tree.total_tokens}"
+        return f"{tree.total_tokens},{tree.depth},{tree.top_k}"
+    return type(tree).__name__
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Expected accepted length from rank probabilities
+# --------------------------------------------------------------------------------------------------------------
+def expected_tokens(tree: DynamicTree, p) -> float:
+    """Tokens per cycle (accepted + bonus) of ``tree`` when the accepted child has draft rank ``r`` w.p. ``p[r]``
+    (``p`` a list of floats, or one such list per depth 1, 2, ..., the last repeated for deeper levels).
+
+    Node value = probability that the node lies on the accepted path = product of ``p[rank]`` along its path;
+    the tree is the one EAGLE-2 builds when the draft's scores are those values.
+    """
+    per_depth = p if isinstance(p[0], (list, tuple)) else [p]
+    K = tree.top_k
+
+    def level(d):  # rank probabilities of the children at depth d (1-based)
+        q = per_depth[min(d, len(per_depth)) - 1]
+        return [q[r] if r < len(q) else 0.0 for r in range(K)]
+
+    if K == 1:  # a chain: 1 + p1 + p1 p2 + ...
+        total, v = 1.0, 1.0
+        for d in range(1, tree.total_tokens + 1):
+            v *= level(d)[0]
+            total += v
+        return total
+    pr = level(1)
+    pool = list(pr)
+    frontier = sorted(pr, reverse=True)[:K]
+    for s in range(tree.depth):
+        q = level(s + 2)
+        kids = [v * x for v in frontier for x in q]
+        pool += kids
+        frontier = sorted(kids, reverse=True)[:K]
+    pool.sort(reverse=True)
+    return 1.0 + sum(pool[: tree.total_tokens])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Acceptance statistics
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class AcceptStats:
+    """Per draft rank ``r``: how many path nodes had a rank-``r`` child (``tries``) and took it (``hits``)."""
+
+    max_rank: int = 16
+    decay: float = 0.995  # per observed node: about the last 200 nodes count
+    prior_p: tuple = (0.5, 0.12, 0.05, 0.03)
+    prior_weight: float = 2.0
+    depths: int = 6  # per-depth estimates for depths 1..depths (the last bucket holds deeper levels)
+    depth_weight: float = 8.0  # pseudo-observations pulling a depth's estimate to the pooled one
+    tries: list = field(default_factory=list)
+    hits: list = field(default_factory=list)
+    dtries: list = field(default_factory=list)
+    dhits: list = field(default_factory=list)
+    nodes: int = 0
+    plain_run: int = 0  # plain steps since the last speculative one (kept across generate calls)
+    probe_gap: int = 0  # current probing gap (0: not yet set)
+
+    def __post_init__(self):
+        self.tries = self.tries or [0.0] * self.max_rank
+        self.hits = self.hits or [0.0] * self.max_rank
+        self.dtries = self.dtries or [[0.0] * self.max_rank for _ in range(self.depths)]
+        self.dhits = self.dhits or [[0.0] * self.max_rank for _ in range(self.depths)]
+
+    def add(self, children: int, taken: int | None, depth: int = 1) -> None:
+        """One path node with ``children`` draft children (at tree depth ``depth``), of which rank ``taken`` was
+        accepted (or none)."""
+        d = self.decay
+        b = min(max(depth, 1), self.depths) - 1
+        for tries, hits in [(self.tries, self.hits)] + list(zip(self.dtries, self.dhits)):
+            for r in range(self.max_rank):
+                tries[r] *= d
+                hits[r] *= d
+        for r in range(min(children, self.max_rank)):
+            self.tries[r] += 1.0
+            self.dtries[b][r] += 1.0
+        if taken is not None and taken < self.max_rank:
+            self.hits[taken] += 1.0
+            self.dhits[b][taken] += 1.0
+        self.nodes += 1
+
+    def p_by_depth(self) -> list[list[float]]:
+        """``p`` per depth 1..``depths``, each shrunk towards the pooled :meth:`p` by ``depth_weight``."""
+        pooled, w = self.p(), self.depth_weight
+        out = []
+        for tries, hits in zip(self.dtries, self.dhits):
+            q = [(hits[r] + w * pooled[r]) / (tries[r] + w) for r in range(self.max_rank)]
+            s = sum(q)
+            out.append([v / s for v in q] if s > 1 else q)
+        return out
+
+    def p(self) -> list[float]:
+        out = []
+        for r in range(self.max_rank):
+            prior = self.prior_p[r] if r < len(self.prior_p) else self.prior_p[-1] * 0.5 ** (r - len(self.prior_p) + 1)
+            out.append((self.hits[r] + self.prior_weight * prior) / (self.tries[r] + self.prior_weight))
+        # ranks are chances of disjoint events: keep their sum at most 1
+        s = sum(out)
+        return [v / s for v in out] if s > 1 else out
+
+
+def path_observations(parents: torch.Tensor, accept_path: torch.Tensor, accept_len: torch.Tensor, rows: int):
+    """``(children, taken_rank, children's depth)`` for every node on each row's accepted path (the last node:
+    taken None)."""
+    B, T = parents.shape
+    dev = parents.device
+    par = parents.clamp(min=0)
+    is_child = parents >= 0
+    nchild = torch.zeros(B, T, dtype=torch.long, device=dev).scatter_add_(1, par, is_child.long())
+    same = (parents[:, :, None] == parents[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=dev).tril(-1)
+    rank = same.sum(-1)
+    path = accept_path.clamp(min=0)
+    W = path.shape[1]
+    obs_c = nchild.gather(1, path).tolist()
+    obs_r = rank.gather(1, path).tolist()
+    lens = accept_len.tolist()
+    out = []
+    for b in range(min(rows, B)):
+        n = lens[b]
+        for j in range(min(n + 1, W)):
+            out.append((obs_c[b][j], obs_r[b][j + 1] if j < n else None, j + 1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cost model
+# --------------------------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    env = os.environ.get("EAGLE_RUNTIME_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "eagle_runtime"
+
+
+def _interp(table: dict, n: float) -> float:
+    xs = sorted(table)
+    if n <= xs[0]:
+        return table[xs[0]] * max(n, 1) / max(xs[0], 1) if xs[0] > 1 else table[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if n <= b:
+            return table[a] + (table[b] - table[a]) * (n - a) / (b - a)
+    a, b = xs[-2], xs[-1]  # extrapolate with the last slope
+    return table[b] + (table[b] - table[a]) * (n - b) / (b - a)
+
+
+def _monotone(table: dict) -> dict:
+    """Costs grow with size and timing noise only adds time: ``cost[n] = min(measured[m] for m >= n)``."""
+    out, low = {}, math.inf
+    for n in sorted(table, reverse=True):
+        low = min(low, table[n])
+        out[n] = low
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class CostModel:
+    """Measured milliseconds: ``target[n]`` (forward + logits over n tokens), ``draft[k]`` (head over k nodes +
+    logits + top-k expansion), ``accept_greedy[n]`` / ``accept_sampled[n]`` (tree buffers, acceptance and KV
+    compaction over n nodes), ``sample`` (one plain token, greedy/sampled averaged)."""
+
+    target: dict
+    draft: dict
+    accept_greedy: dict
+    accept_sampled: dict
+    key: str = ""
+    measured_s: float = 0.0
+    plain_overhead: float = 0.0  # a real plain step minus its parts (bookkeeping, rotary tables, ...)
+    cycle_overhead: float = 0.0  # a real cycle minus its parts (tree drafting's small ops, path gathers, ...) ...
+    depth_overhead: float = 0.0  # ... is cycle_overhead + depth_overhead * depth
+
+    def plain_ms(self, greedy: bool) -> float:
+        return (_interp(self.target, 1) + _interp(self.accept_greedy if greedy else self.accept_sampled, 1)
+                + self.plain_overhead)
+
+    def cycle_ms(self, tree: DynamicTree, greedy: bool) -> float:
+        n = tree.total_tokens + 1
+        acc = self.accept_greedy if greedy else self.accept_sampled
+        # depth head passes over top_k nodes, the head's re-read of the accepted path (depth + 2 nodes; it also
+        # stands for the root's top-k expansion), verification and acceptance
+        return (_interp(self.target, n) + tree.depth * _interp(self.draft, tree.top_k)
+                + _interp(self.draft, tree.depth + 2) + _interp(acc, n) + self.cycle_overhead
+                + self.depth_overhead * tree.depth)
+
+    def to_json(self) -> dict:
+        enc = lambda t: {str(k): v for k, v in t.items()}  # noqa: E731
+        return {"version": COST_VERSION, "key": self.key, "measured_s": self.measured_s, "target": enc(self.target),
+                "draft": enc(self.draft), "accept_greedy": enc(self.accept_greedy),
+                "accept_sampled": enc(self.accept_sampled), "plain_overhead": self.plain_overhead,
+                "cycle_overhead": self.cycle_overhead, "depth_overhead": self.depth_overhead}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CostModel":
+        if d.get("version") != COST_VERSION:
+            raise ValueError("stale cost-model entry")
+        dec = lambda t: {int(k): float(v) for k, v in t.items()}  # noqa: E731
+        return cls(dec(d["target"]), dec(d["draft"]), dec(d["accept_greedy"]), dec(d["accept_sampled"]),
+                   str(d.get("key", "")), float(d.get("measured_s", 0.0)), float(d["plain_overhead"]),
+                   float(d["cycle_overhead"]), float(d["depth_overhead"]))
+
+
+def cost_key(model, batch: int) -> str:
+    """What the costs depend on: shapes (configs), device, dtype, batch, backend, threads, torch version."""
+    tgt = model.target
+    w = tgt.embed_tokens.weight
+    dev = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else f"cpu-{platform.machine()}"
+    cfgs = json.dumps([tgt.cfg.raw, model.head.cfg.raw if model.head is not None else None], sort_keys=True, default=str)
+    h = hashlib.sha1(cfgs.encode()).hexdigest()[:16]
+    return f"{h}|{dev}|{w.dtype}|B{batch}|{model.ops.name}|threads{torch.get_num_threads()}|torch{torch.__version__}"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_costs(key: str, directory: Path | None = None) -> CostModel | None:
+    path = (directory or cache_dir()) / "costs.json"
+    try:
+        entry = json.loads(path.read_text()).get(key)
+        return CostModel.from_json(entry) if entry else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # absent or unreadable: measure again
+
+
+def save_costs(cm: CostModel, directory: Path | None = None) -> None:
+    path = (directory or cache_dir()) / "costs.json"
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[cm.key] = cm.to_json()
+    try:
+        _write_json_atomic(path, data)
+    except OSError:
+        pass  # a read-only home: the model just measures again next time
+
+
+def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
+    """Time the pieces of a cycle on scratch caches (the model's own caches are not touched)."""
+    tgt, head, ops = model.target, model.head, model.ops
+    w = tgt.embed_tokens.weight
+    dev, B, V = w.device, batch, tgt.cfg.vocab_size
+    prefix = min(64, max(tgt.max_len - 2 * max(TARGET_SIZES) - 2, 0))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    cache = tgt.new_cache(B, prefix + max(TARGET_SIZES) + 2)
+    L = torch.full((B,), prefix, dtype=torch.long, device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def timed(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    def tgt_fn(n):
+        tok = torch.randint(0, V, (B, n), generator=g).to(dev)
+        mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(B, n, n)
+        pos = L[:, None] + torch.arange(n, device=dev)
+        return lambda: tgt.logits(tgt(tok, pos, cache, L, L, mask))
+
+    def draft_fn(k):
+        if head is None:
+            return lambda: None
+        d_cache = head.new_cache(B, prefix + max(DRAFT_SIZES) + 2)
+        h = torch.randn(B, k, tgt.cfg.hidden_size, generator=g).to(dev, w.dtype)
+        tok = torch.randint(0, V, (B, k), generator=g).to(dev)
+        mask = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)
+        pos = L[:, None].expand(B, k)
+        zeros = torch.zeros(B, k, device=dev)
+
+        def run():
+            lg = tgt.logits(head(h, tok, tgt, pos, d_cache, L, L, mask))
+            ops.topk_expand(lg, zeros, min(4, V), out_k=min(4, V))
+
+        return run
+
+    def accept_fn(n, greedy):
+        parents = torch.tensor([-1] + [(i - 1) // 2 for i in range(1, n)], device=dev).expand(B, n).contiguous()
+        logits = torch.randn(B, n, V, generator=g).to(dev)
+        tokens = torch.randint(0, V, (B, n), generator=g).to(dev)
+        temp = torch.full((B,), 0.0 if greedy else 1.0, device=dev)
+        top_p, top_k = torch.ones(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
+        seed, off = torch.tensor(0, device=dev), torch.tensor(0, device=dev)
+        kv = torch.zeros(2, B, 1, prefix + n + 1, 1, dtype=w.dtype, device=dev)
+
+        def run():
+            bufs = ops.build_tree_buffers(parents, n - 1)
+            if n == 1:
+                ops.sample_tokens(logits[:, 0], temp, top_p, top_k, seed, off)
+            else:
+                acc = ops.accept_tree(logits, tokens, parents, temp, top_p, top_k, seed, off)
+                ops.kv_compact(kv, L, acc.accept_path, acc.accept_len)
+            return bufs
+
+        return run
+
+    def step_fn(tree):
+        """A real plain step (``tree`` None) or cycle on a state prefilled with a random prompt; neither commits."""
+        from .generate import _Sampling
+
+        sp = _Sampling(torch.zeros(B, device=dev), torch.ones(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
+                       torch.tensor(0, device=dev), torch.tensor(0, device=dev))
+        prompt = torch.randint(0, V, (B, max(prefix, 1)), generator=g).tolist()
+        state = model._prefill(prompt, sp, head is not None)
+        if tree is None:
+            return lambda: model._plain_step(state, sp)
+        return lambda: model._cycle(state, sp, tree)
+
+    jobs = {("target", n): tgt_fn(n) for n in TARGET_SIZES}
+    jobs[("step", 0)] = step_fn(None)
+    if head is not None:
+        for i, t in enumerate(REFERENCE_TREES):
+            jobs[("step", i + 1)] = step_fn(DynamicTree(*t))
+    jobs.update({("draft", k): draft_fn(k) for k in DRAFT_SIZES})
+    for n in TARGET_SIZES:
+        jobs[("accept_greedy", n)] = accept_fn(n, True)
+        jobs[("accept_sampled", n)] = accept_fn(n, False)
+    t0 = time.perf_counter()
+    best: dict = {}
+    with torch.inference_mode():
+        for fn in jobs.values():  # warm-up
+            fn()
+        for _ in range(reps):  # interleaved, fastest of reps: robust to other jobs on the machine
+            for key, fn in jobs.items():
+                best[key] = min(best.get(key, math.inf), timed(fn))
+    table = lambda name: _monotone({n: best[(name, n)] for (what, n) in best if what == name})  # noqa: E731
+    cm = CostModel(table("target"), table("draft"), table("accept_greedy"), table("accept_sampled"),
+                   cost_key(model, batch), time.perf_counter() - t0)
+    cm.plain_overhead = max(best[("step", 0)] - cm.plain_ms(True), 0.0)
+    if head is not None:
+        (t1, t2) = (DynamicTree(*t) for t in REFERENCE_TREES)
+        e1, e2 = (best[("step", i + 1)] - cm.cycle_ms(t, True) for i, t in enumerate((t1, t2)))
+        # Capped at one head step: a level's glue costs less than the head pass it wraps, and on a loaded machine
+        # the longer reference cycle is preempted more often, which once fitted 5 ms per level and chains only.
+        slope = min(max((e2 - e1) / (t2.depth - t1.depth), 0.0), _interp(cm.draft, 1))
+        cm.cycle_overhead = max(e1 - slope * t1.depth, 0.0)
+        cm.depth_overhead = slope
+    return cm
+
+
+def get_costs(model, batch: int) -> CostModel:
+    """The cached cost model for ``model`` at ``batch``, measured (about a second on CPU) if absent."""
+    key = cost_key(model, batch)
+    cm = load_costs(key)
+    if cm is None:
+        cm = measure_costs(model, batch)
+        save_costs(cm)
+    return cm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tree spec and the per-generation controller
+# --------------------------------------------------------------------------------------------------------------
+class AutoTree:
+    """``tree="auto"``: the runtime picks a candidate (or plain decoding) per cycle; see the module docstring.
+
+    Args:
+        candidates: the trees to choose from (default :func:`default_candidates`).
+        probe_every: plain steps between probing speculative cycles while plain decoding wins.
+        decide_every: steps between re-decisions.
+        schedule: a test hook ``f(step) -> tree or None``; when given it replaces the choice (``None`` = plain).
+    """
+
+    def __init__(self, candidates: list | None = None, probe_every: int = 32, decide_every: int = 16,
+                 schedule: Callable | None = None):
+        self.candidates = list(candidates or default_candidates())
+        if not self.candidates:
+            raise ValueError("auto tree needs at least one candidate")
+        self.probe_every, self.decide_every, self.schedule = probe_every, decide_every, schedule
+        self.max_depth = max(t.max_depth for t in self.candidates)
+        self.num_nodes = max(t.num_nodes for t in self.candidates)
+        self.stats: dict = {}  # sampling setting -> AcceptStats (kept across generate calls)
+        self.costs: dict = {}  # batch size -> CostModel
+        self.switch_margin = 0.93
+
+    def draft_slots(self) -> int:
+        return max(t.draft_slots() for t in self.candidates)
+
+    def controller(self, model, batch: int, temperature: float, top_p: float, top_k: int) -> "AutoController":
+        if batch not in self.costs and self.schedule is None:  # a forced schedule needs no costs
+            self.costs[batch] = get_costs(model, batch)
+        key = (round(float(temperature), 3), round(float(top_p), 3), int(top_k))
+        stats = self.stats.setdefault(key, AcceptStats())
+        return AutoController(self, self.costs.get(batch), stats, batch, temperature <= 0)
+
+    def __repr__(self) -> str:
+        return f"AutoTree({len(self.candidates)} candidates)"
+
+
+class AutoController:
+    """Chooses each step's tree during one ``generate`` call and records what it chose."""
+
+    def __init__(self, auto: AutoTree, costs: CostModel, stats: AcceptStats, batch: int, greedy: bool):
+        self.auto, self.costs, self.stats, self.batch, self.greedy = auto, costs, stats, batch, greedy
+        self.step = 0
+        self.choice = None
+        self.best_spec = auto.candidates[0]
+        self.counts: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}
+        self.last_rates: dict[str, float] = {}
+        self.wall_ms: dict[str, float] = {}
+        if costs is not None:
+            self._decide()
+
+    def _rates(self) -> list[tuple]:
+        """``[(tree or None, predicted tokens per ms)]``, plain first."""
+        p = self.stats.p_by_depth()
+        rates = [(None, 1.0 / self.costs.plain_ms(self.greedy))]
+        for t in self.auto.candidates:
+            rates.append((t, expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy)))
+        return rates
+
+    def _decide(self) -> None:
+        rates = self._rates()
+        self.best_spec, best = max(rates[1:], key=lambda tr: tr[1])
+        if rates[0][1] >= best:
+            best_choice, best = None, rates[0][1]
+        else:
+            best_choice = self.best_spec
+        current = next((r for t, r in rates if t is self.choice), 0.0)
+        if current < self.auto.switch_margin * best:  # hysteresis: estimates wobble, switching costs nothing
+            self.choice = best_choice                  # but chasing noise does
+        if self.choice is not None:
+            self.best_spec = self.choice
+        self.last_rates = {tree_key(t): 1e3 * r for t, r in rates}
+
+    def next_tree(self):
+        """The tree for this step, or ``None`` for a plain step."""
+        if self.auto.schedule is not None:
+            return self.auto.schedule(self.step)
+        if self.choice is not None:  # while plain decoding wins, only probes bring news
+            every = self.auto.decide_every if self.stats.nodes >= 32 else 2
+            if self.step and self.step % every == 0:
+                self._decide()
+        if self.choice is None:
+            st = self.stats
+            gap = st.probe_gap or (self.auto.probe_every if st.nodes >= 16 else max(self.auto.probe_every // 4, 1))
+            if st.plain_run >= gap:
+                return self.best_spec
+        return self.choice
+
+    def observe(self, tree, n_tokens: int, wall_ms: float | None, observations=()) -> None:
+        """After a step: what it emitted (row 0..B-1 total), its wall time (None: unknown) and path nodes."""
+        self.step += 1
+        key = tree_key(tree)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.tokens[key] = self.tokens.get(key, 0) + n_tokens
+        st = self.stats
+        st.plain_run = st.plain_run + 1 if tree is None else 0
+        for c, r, d in observations:
+            st.add(c, r, d)
+        if wall_ms is not None:
+            self.wall_ms[key] = self.wall_ms.get(key, 0.0) + wall_ms
+        if tree is not None and self.choice is None and self.auto.schedule is None and self.costs is not None:
+            self._decide()  # a probe: decide again with its news; back off while plain keeps winning
+            base = self.auto.probe_every
+            st.probe_gap = min(2 * (st.probe_gap or base), 8 * base) if self.choice is None else 0
+
+    def summary(self) -> dict:
+        steps = sum(self.counts.values())
+        return {
+            "mode": "auto",
+            "steps": dict(self.counts),
+            "tokens": dict(self.tokens),
+            "plain_fraction": self.counts.get("plain", 0) / steps if steps else 0.0,
+            "last_choice": tree_key(self.choice),
+            "rank_accept_p": [round(v, 4) for v in self.stats.p()[:4]],
+            "wall_ms": {k: round(v, 1) for k, v in self.wall_ms.items()},
+            "predicted_tokens_per_s": {k: round(v, 1) for k, v in sorted(self.last_rates.items(), key=lambda kv: -kv[1])[:5]},
+        }

@@ -1,0 +1,237 @@
+"""tree="auto": exactness when the tree changes between cycles, the cost-model cache, and the choice logic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target, random_head
+from eagle_runtime import adaptive
+from eagle_runtime.adaptive import AcceptStats, AutoTree, CostModel, expected_tokens, path_observations
+from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.tree import make_tree
+
+PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park", "One day, a bird", "Lily had a big"]
+# A forced schedule: plain steps, chains, small and large dynamic trees and the static tree, changing every step.
+SCHEDULE = [None, DynamicTree(3, 2, 1), DynamicTree(8, 3, 2), None, None, DynamicTree(16, 4, 4), StaticTree(),
+            DynamicTree(1, 0, 1), DynamicTree(60, 6, 10), None]
+
+
+def _model(path, head_dir, tree):
+    target = load_target(path, max_len=320)
+    head = load_head(head_dir, target) if head_dir else random_head(target, seed=1)
+    return EagleModel(target, head, _load_tokenizer(path), tree=tree, backend="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("EAGLE_RUNTIME_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_exact_when_the_tree_changes_every_step(stories_dir, trained_head_dir, batch):
+    auto = AutoTree(candidates=[t for t in SCHEDULE if t is not None and not isinstance(t, StaticTree)]
+                    + [DynamicTree(8, 3, 2)], schedule=lambda step: SCHEDULE[step % len(SCHEDULE)])
+    auto.max_depth = max(auto.max_depth, StaticTree().max_depth)
+    auto.num_nodes = max(auto.num_nodes, StaticTree().num_nodes)
+    model = _model(stories_dir, trained_head_dir, auto)
+    plain = model.generate(PROMPTS[:batch], 40, speculative=False)
+    spec = model.generate(PROMPTS[:batch], 40)
+    assert spec.tokens == plain.tokens
+    used = spec.tree["steps"]
+    assert used.get("plain", 0) >= 2 and len(used) >= 5, used  # plain steps and several trees were really used
+    assert max(max(a) for a in spec.accept_lengths) >= 3  # drafts got accepted across the changes
+
+
+def test_auto_default_is_exact_and_reports_its_choice(stories_dir, trained_head_dir, tmp_path):
+    model = _model(stories_dir, trained_head_dir, "auto")
+    assert isinstance(model.tree, AutoTree) and isinstance(make_tree("auto"), AutoTree)
+    plain = model.generate(PROMPTS[:2], 32, speculative=False)
+    spec = model.generate(PROMPTS[:2], 32)
+    assert spec.tokens == plain.tokens
+    info = spec.tree
+    assert info["mode"] == "auto" and 0.0 <= info["plain_fraction"] <= 1.0 and sum(info["steps"].values()) > 0
+    json.dumps(info)  # the CLI and the benchmark print it as JSON
+    assert (tmp_path / "cache" / "costs.json").is_file()  # measured once, cached
+    fixed = EagleModel(model.target, model.head, model.tokenizer, tree=DynamicTree(8, 3, 2), backend="cpu")
+    out = fixed.generate(PROMPTS[0], 8)
+    assert out.tree["mode"] == "fixed" and list(out.tree["steps"]) == ["8,3,2"] and out.tree["plain_fraction"] == 0
+
+
+def _sampling_joint(model, ids, n=3):
+    from eagle_kernels import reference
+
+    joint = {(): 1.0}
+    tgt = model.target
+    for _ in range(n):
+        nxt = {}
+        seqs = list(joint)
+        toks = torch.tensor([ids + list(s) for s in seqs])
+        probs = reference.process_logits(tgt.logits(tgt.forward_causal(toks))[:, -1], torch.ones(len(seqs)),
+                                          torch.ones(len(seqs)), torch.full((len(seqs),), 3))
+        for s, p in zip(seqs, probs):
+            for t in p.nonzero().flatten().tolist():
+                nxt[s + (t,)] = joint[s] * float(p[t])
+        joint = nxt
+    return joint
+
+
+def test_sampling_with_changing_trees_follows_the_target(stories_dir, trained_head_dir):
+    """Plain step, then a tree, then another: the first three tokens' joint law is the target's (chi-square)."""
+    from scipy.stats import chisquare
+
+    sched = [None, DynamicTree(8, 3, 2), DynamicTree(3, 2, 1)]
+    model = _model(stories_dir, trained_head_dir, AutoTree(candidates=sched[1:], schedule=lambda s: sched[s % 3]))
+    ids = model.encode("Once upon a time, there was a little")[0]
+    joint = _sampling_joint(model, ids)
+    n = 2000
+    out = model.generate([ids] * n, 4, temperature=1.0, top_k=3, seed=5, stop_on_eos=False)
+    counts: dict = {}
+    for t in out.tokens:
+        counts[tuple(t[:3])] = counts.get(tuple(t[:3]), 0) + 1
+    keys = sorted(joint, key=lambda k: -joint[k])
+    assert sum(counts.get(k, 0) for k in keys) == n, "a sample fell outside the target's support"
+    big = [k for k in keys if joint[k] * n >= 5]
+    obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    exp = [joint[k] * n for k in big] + [n - sum(joint[k] * n for k in big)]
+    p = chisquare(obs, exp).pvalue
+    print(f"auto (changing trees) sampling vs the target's joint law: chi-square p = {p:.3g}")
+    assert p > 1e-3
+
+
+def test_cost_model_cache_round_trip(stories_dir, tmp_path, monkeypatch):
+    model = _model(stories_dir, None, "auto")
+    calls = []
+    real = adaptive.measure_costs
+    monkeypatch.setattr(adaptive, "measure_costs", lambda m, b: calls.append(b) or real(m, b, reps=1))
+    a = adaptive.get_costs(model, 1)
+    b = adaptive.get_costs(model, 1)  # from disk
+    assert calls == [1]
+    assert b.to_json() == a.to_json() and a.key == adaptive.cost_key(model, 1)
+    assert all(a.target[n] <= a.target[m] for n in a.target for m in a.target if n < m)  # monotone in size
+    folder = tmp_path / "cache"
+    assert [p.name for p in folder.iterdir()] == ["costs.json"]  # atomic write: no temp file left behind
+    (folder / "costs.json").write_text("{not json")
+    assert adaptive.load_costs(a.key) is None  # unreadable cache: measured again, never trusted
+    adaptive.get_costs(model, 2)
+    assert calls == [1, 2] and adaptive.load_costs(adaptive.cost_key(model, 2)) is not None
+
+
+def _costs(target_ms, draft_ms):
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    return CostModel({n: target_ms * (1 + 0.01 * n) for n in sizes}, {k: draft_ms * (1 + 0.02 * k) for k in sizes},
+                     {n: 0.01 for n in sizes}, {n: 0.05 for n in sizes})
+
+
+def _choice(costs, p, greedy=True):
+    stats = AcceptStats(prior_weight=1e-9)
+    stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
+    stats.tries = [1000.0] * stats.max_rank
+    ctrl = adaptive.AutoController(AutoTree(), costs, stats, 1, greedy)
+    return ctrl.choice
+
+
+def test_choice_logic_on_synthetic_costs():
+    good = [0.8, 0.1, 0.04, 0.02]
+    # A cheap head and good acceptance: speculate; an expensive head (or poor acceptance): plain decoding.
+    assert _choice(_costs(10.0, 0.5), good) is not None
+    assert _choice(_costs(10.0, 12.0), good) is None
+    assert _choice(_costs(10.0, 0.5), [0.05, 0.01]) is None
+    # A nearly free verify of many tokens and a cheap head favour a big tree over a chain, and vice versa.
+    wide = _choice(_costs(10.0, 0.2), [0.5, 0.2, 0.1, 0.05])
+    assert wide.top_k > 1
+    steep = CostModel({n: 10.0 * n for n in [1, 2, 4, 8, 16, 32, 64]}, {k: 0.1 for k in [1, 2, 4, 8, 16]},
+                      {n: 0.0 for n in [1, 64]}, {n: 0.0 for n in [1, 64]})
+    chain = _choice(steep, [0.95, 0.03])  # every verified token costs a full forward: only sure tokens pay
+    assert chain is None or chain.top_k == 1
+
+
+def test_expected_tokens_and_observations():
+    assert expected_tokens(DynamicTree(4, 3, 1), [1.0]) == pytest.approx(5.0)
+    assert expected_tokens(DynamicTree(3, 2, 1), [0.5]) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    # width 2, depth 0: both children of the root, p0 + p1
+    assert expected_tokens(DynamicTree(2, 0, 2), [0.6, 0.3]) == pytest.approx(1.9)
+    # a root with children 1, 2 (ranks 0, 1); node 2 has child 3; accepted path 0 -> 2 -> 3
+    parents = torch.tensor([[-1, 0, 0, 2]])
+    obs = path_observations(parents, torch.tensor([[0, 2, 3, -1]]), torch.tensor([2]), 1)
+    assert obs == [(2, 1, 1), (1, 0, 2), (0, None, 3)]
+    stats = AcceptStats()
+    for c, r, d in obs:
+        stats.add(c, r, d)
+    assert stats.nodes == 3 and stats.p()[1] > AcceptStats().p()[1]
+    # per depth: acceptance that falls with depth makes long chains worth less than the pooled rate says
+    falling = AcceptStats()
+    for _ in range(100):
+        falling.add(1, 0, 1)
+        for d in range(2, 7):
+            falling.add(1, None, d)
+    by_depth = falling.p_by_depth()
+    assert by_depth[0][0] > 0.6 and all(q[0] < 0.2 for q in by_depth[1:])
+    chain = DynamicTree(6, 5, 1)
+    assert expected_tokens(chain, by_depth) < expected_tokens(chain, by_depth[0]) - 0.5
+    assert expected_tokens(DynamicTree(2, 1, 1), [[0.5], [0.2]]) == pytest.approx(1 + 0.5 + 0.1)
+
+
+def test_head_catches_up_after_plain_steps(stories_dir):
+    """After plain steps the head reads what it missed: its prediction equals a fresh prefill's on the same text
+    (a stale head would keep greedy output exact but draft badly, so exactness tests cannot see this)."""
+    from eagle_runtime.generate import _Sampling
+
+    model = _model(stories_dir, None, AutoTree(schedule=lambda s: None))
+    ids = model.encode("Once upon a time")[0]
+
+    def sampling():
+        return _Sampling(torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor(0), torch.tensor(0))
+
+    with torch.inference_mode():
+        sp = sampling()
+        state = model._prefill([ids], sp, True)
+        gen, pending = [int(state["next_tok"])], []
+        for _ in range(5):
+            emitted, _ = model._auto_step(state, sp, None, pending)
+            gen.append(int(emitted[0, 0]))
+        model._resync_head(state, pending)
+        fresh = model._prefill([ids + gen[:-1]], sampling(), True)
+    assert int(fresh["next_tok"]) == gen[-1]
+    torch.testing.assert_close(state["d_hidden"], fresh["d_hidden"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state["d_logits"], fresh["d_logits"], rtol=1e-4, atol=1e-3)
+
+
+def test_cli_tree_auto_json(stories_dir, tmp_path, capsys):
+    from eagle_runtime import save_head
+    from eagle_runtime.cli import main
+
+    head_dir = save_head(random_head(load_target(stories_dir, max_len=128), seed=2), tmp_path / "head")
+    args = ["generate", "--base", str(stories_dir), "--draft", str(head_dir), "--prompt", "Once upon a time",
+            "--max-new-tokens", "6", "--max-len", "128", "--device", "cpu"]
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tree"]["mode"] == "auto" and sum(out["tree"]["steps"].values()) >= 1
+    assert main(args + ["--tree", "dynamic", "--total-tokens", "0"]) == 2  # a bad tree: one line, status 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_deferred_head_prefill_matches_the_eager_one(stories_dir):
+    """tree="auto" starting plain leaves the prompt to the head's catch-up: same head state as the prefill's."""
+    from eagle_runtime.generate import _Sampling
+
+    model = _model(stories_dir, None, AutoTree(schedule=lambda s: None))
+    ids = model.encode("Once upon a time, a cat")[0]
+
+    def sampling():
+        return _Sampling(torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor(0), torch.tensor(0))
+
+    with torch.inference_mode():
+        eager = model._prefill([ids], sampling(), True)
+        pending: list = []
+        sp = sampling()
+        state = model._prefill([ids], sp, True, pending)
+        for _ in range(3):
+            model._auto_step(state, sp, None, pending)
+        model._resync_head(state, pending)
+        gen = model.generate([ids], 4, speculative=False).tokens[0]
+        fresh = model._prefill([ids + gen[:3]], sampling(), True)
+    assert int(eager["next_tok"]) == gen[0]
+    torch.testing.assert_close(state["d_hidden"], fresh["d_hidden"], rtol=1e-4, atol=1e-4)

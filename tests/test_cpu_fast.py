@@ -1,0 +1,160 @@
+"""The fast CPU backend (eagle_kernels.cpu_fast) against the references: same tokens, paths and tie rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eagle_kernels import cpu_fast, get_ops, reference
+
+# (temperature, top_p, top_k): greedy, plain, top-p, top-k, both, top-k = 1, tiny top-p
+SETTINGS = [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.8, 0), (1.3, 1.0, 5), (0.9, 0.6, 4), (1.0, 1.0, 1), (1.0, 1e-4, 0)]
+PARENTS = {
+    "single": [-1],
+    "chain": [-1, 0, 1, 2, 3],
+    "star": [-1, 0, 0, 0, 0, 0],
+    "tree": [-1, 0, 0, 1, 1, 2, 0, 3],
+    "deep": [-1, 0, 1, 1, 2, 4, 5, 6, 7, 3, 9, 10, 11, 8],
+}
+
+
+def _drafts(logits, parents, g):
+    """Draft tokens near the top of the parent's target row (so paths get accepted); siblings may repeat."""
+    B, T, V = logits.shape
+    top = logits.topk(3, dim=-1).indices
+    pick = torch.randint(0, 3, (B, T), generator=g)
+    tok = top.gather(1, parents.clamp(min=0)[..., None].expand(B, T, 3)).gather(2, pick[..., None])[..., 0]
+    tok[:, 0] = 0
+    return tok
+
+
+def _same(a, b, what):
+    for name in a._fields:
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.equal(x, y), f"{what}: {name} fast {x.tolist()} reference {y.tolist()}"
+
+
+@pytest.mark.parametrize("shape", list(PARENTS))
+@pytest.mark.parametrize("V", [5, 111])  # V = 5 with rounded logits: argmax ties everywhere
+def test_accept_tree_identical(shape, V):
+    row = PARENTS[shape]
+    B, T = 7, len(row)
+    g = torch.Generator().manual_seed(V * 100 + T)
+    parents = torch.tensor([row] * B)
+    accepted = 0
+    for trial in range(6):
+        logits = 2.5 * torch.randn(B, T, V, generator=g)
+        if V == 5:
+            logits = logits.round()
+        tokens = _drafts(logits, parents, g)
+        rows = [SETTINGS[(i + trial) % len(SETTINGS)] for i in range(B)]
+        t, p, k = (torch.tensor(x) for x in zip(*rows))
+        for temps in (torch.zeros(B), t):  # an all-greedy batch (the fast path) and a mixed one
+            seed, off = torch.tensor(trial * 7919 + 2**40), torch.tensor(trial % 3)
+            out = cpu_fast.accept_tree(logits, tokens, parents, temps, p, k, seed, off)
+            ref = reference.accept_tree(logits, tokens, parents, temps, p, k, seed, off)
+            _same(out, ref, f"{shape} V={V} trial {trial} temps {temps.tolist()}")
+            accepted += int(ref.accept_len.sum())
+    assert accepted > 0 or T == 1
+
+
+def test_accept_tree_varied_trees_per_row():
+    """Each row its own random tree (as dynamic trees are), duplicate sibling tokens included."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 6, 12, 9
+    parents = torch.stack([torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)])
+                           for _ in range(B)])
+    for trial in range(10):
+        logits = (2 * torch.randn(B, T, V, generator=g)).round()
+        tokens = torch.randint(0, 3, (B, T), generator=g)  # few distinct tokens: repeated siblings
+        for temps in (torch.zeros(B), torch.tensor([0.0, 1.0, 0.5, 2.0, 1.0, 0.0])):
+            args = (logits, tokens, parents, temps, torch.ones(B), torch.zeros(B, dtype=torch.long),
+                    torch.tensor(trial), torch.tensor(1))
+            _same(cpu_fast.accept_tree(*args), reference.accept_tree(*args), f"trial {trial}")
+
+
+def test_sample_tokens_identical():
+    g = torch.Generator().manual_seed(7)
+    B, V = 14, 111
+    logits = (2 * torch.randn(B, V, generator=g)).round()  # ties for the greedy rows
+    rows = [SETTINGS[i % len(SETTINGS)] for i in range(B)]
+    t, p, k = (torch.tensor(x) for x in zip(*rows))
+    for temps in (torch.zeros(B), t):
+        for seed in range(3):
+            a = cpu_fast.sample_tokens(logits, temps, p, k, torch.tensor(seed), torch.tensor(2))
+            b = reference.sample_tokens(logits, temps, p, k, torch.tensor(seed), torch.tensor(2))
+            assert torch.equal(a, b), (a.tolist(), b.tolist())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("B,N,V,k,out_k", [(1, 1, 111, 4, 4), (2, 5, 111, 3, 6), (3, 4, 7, 7, 10), (1, 3, 9, 1, 3)])
+def test_topk_expand_identical(B, N, V, k, out_k, tied):
+    g = torch.Generator().manual_seed(B * N * V + k)
+    logits = torch.randn(B, N, V, generator=g)
+    if tied:
+        logits = logits.round()  # many equal logits: the fast path must fall back to the tie rule
+        logits[:, -1] = logits[:, 0]  # two identical rows: equal child scores across rows
+    scores = torch.zeros(B, N) if tied else torch.randn(B, N, generator=g)
+    tmap = torch.randperm(V, generator=g) + 1000
+    for token_map in (None, tmap):
+        out = cpu_fast.topk_expand(logits, scores, k, out_k, token_map)
+        ref = reference.topk_expand(logits, scores, k, out_k, token_map)
+        for name in ref._fields:
+            assert torch.equal(getattr(out, name), getattr(ref, name)), name
+
+
+def test_topk_low_index_rule():
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    vals, idx = cpu_fast.topk_low_index(x, 2)
+    assert idx.tolist() == [[1, 2], [0, 1]] and vals.tolist() == [[3.0, 3.0], [2.0, 2.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["decode", "tree", "ragged", "empty_prefix"])
+def test_tree_attention_matches_reference(case, dtype):
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, D, S = 3, 4, 1, 16, 40
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 2]] * B)
+    mask = reference.build_tree_buffers(parents).mask
+    prefix = {"decode": [9, 9, 9], "tree": [7, 7, 7], "ragged": [0, 1, 13], "empty_prefix": [0, 0, 0]}[case]
+    if case == "decode":
+        mask = torch.ones(B, 1, 1, dtype=torch.bool)
+    if case == "empty_prefix":
+        mask = mask.clone()
+        mask[1, 2] = False  # a query that sees nothing at all gets zeros
+    T = mask.shape[1]
+    q = torch.randn(B, T, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    pl = torch.tensor(prefix)
+    exact = reference.tree_attention(q.double(), k.double(), v.double(), pl, mask).float()
+    ref = reference.tree_attention(q, k, v, pl, mask).float()
+    out = cpu_fast.tree_attention(q, k, v, pl, mask)
+    assert out.dtype == dtype and out.shape == q.shape
+    err, err_ref = (out.float() - exact).abs().max(), (ref - exact).abs().max()
+    assert err <= 2 * err_ref + 1e-5, f"fast {err:.3g} vs reference {err_ref:.3g}"
+    if case == "empty_prefix":
+        assert torch.all(out[1, 2] == 0)
+
+
+def test_kv_compact_identical():
+    g = torch.Generator().manual_seed(5)
+    Lp, B, H, S, D = 4, 3, 2, 30, 5
+    cache = torch.randn(Lp, B, H, S, D, generator=g)
+    prefix = torch.tensor([0, 4, 11])
+    path = torch.tensor([[0, 2, 5, -1, -1, -1], [0, -1, -1, -1, -1, -1], [0, 1, 3, 4, 5, -1]])
+    acc = torch.tensor([2, 0, 4])
+    a = cpu_fast.kv_compact(cache.clone(), prefix, path, acc)
+    b = reference.kv_compact(cache.clone(), prefix, path, acc)
+    assert torch.equal(a, b)
+
+
+def test_auto_backend_is_cpu_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("auto picks triton where CUDA is present")
+    with pytest.warns(UserWarning, match="'cpu' backend"):
+        import eagle_kernels.backend as be
+
+        be._warned_fallback = False
+        assert get_ops("auto").name == "cpu"
+    assert get_ops("torch").name == "torch"  # the reference stays reachable
