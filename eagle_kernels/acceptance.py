@@ -101,25 +101,6 @@ def _unkey(k):
 
 
 @triton.jit
-def _probes(lo, hi, NPROBE: tl.constexpr):
-    """NPROBE keys spread over the open interval (lo, hi), int64; hi - lo >= 2."""
-    j = tl.arange(0, NPROBE).to(tl.int64) + 1
-    return lo + 1 + ((hi - lo - 1) * j) // (NPROBE + 1)
-
-
-@triton.jit
-def _load_y(row, stride_v, offs, V, t):
-    return tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
-
-
-@triton.jit
-def _q(row, stride_v, offs, V, t, m, s, thr, sk):
-    """Top-k renormalised probability of the block ``offs``; 0 outside the top-k cut and past the end."""
-    y = _load_y(row, stride_v, offs, V, t)
-    return tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)
-
-
-@triton.jit
 def _kept(q, offs, tau, idx_cut):
     return (q > tau) | ((q == tau) & (offs <= idx_cut))
 
@@ -140,32 +121,19 @@ def _row_argmax(row, stride_v, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(row, stride_v, V, t, BLOCK_V: tl.constexpr):
-    """max of y = x / t and sum of exp(y - max): two passes, the same arithmetic as torch.softmax."""
-    m = tl.full([], float("-inf"), tl.float32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        m = tl.maximum(m, tl.max(_load_y(row, stride_v, offs, V, t), 0))
-    s = tl.full([], 0.0, tl.float32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        s += tl.sum(tl.where(offs < V, tl.exp(_load_y(row, stride_v, offs, V, t) - m), 0.0), 0)
-    return m, s
-
-
-@triton.jit
 def _topk_threshold(row, stride_v, V, t, m, kk, BLOCK_V: tl.constexpr, NPROBE: tl.constexpr):
     """The kk-th largest y: the largest key K with count(y >= unkey(K)) >= kk (k-ary search, early exit)."""
     lo = tl.full([], _KEY_NEG_INF, tl.int64)  # count(y >= -inf) = V >= kk
     hi = _key(m).to(tl.int64) + 1  # nothing lies above the max
     done = tl.full([], 0, tl.int32)
     while (hi - lo > 1) & (done == 0):
-        keys = _probes(lo, hi, NPROBE)
-        probe = _unkey(keys)
+        keys = lo + 1 + ((hi - lo - 1) * (tl.arange(0, NPROBE).to(tl.int64) + 1)) // (NPROBE + 1)  # in (lo, hi)
+        k32 = keys.to(tl.int32)
+        probe = tl.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)  # _unkey
         cnt = tl.zeros([NPROBE], tl.int32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            y = _load_y(row, stride_v, offs, V, t)
+            y = tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
             ge = (y[:, None] >= probe[None, :]) & (offs < V)[:, None]
             cnt += tl.sum(ge.to(tl.int32), 0)
         ok = cnt >= kk  # a prefix of the probes (count falls as the key rises)
@@ -186,12 +154,13 @@ def _topp_cut(row, stride_v, V, t, m, s, thr, sk, top_p, BLOCK_V: tl.constexpr, 
     lo = tl.full([], -1, tl.int64)
     hi = ((1.0 / s) / sk).to(tl.int32, bitcast=True).to(tl.int64)  # the largest q: exp(0) / s / sk
     while hi - lo > 1:
-        keys = _probes(lo, hi, NPROBE)
+        keys = lo + 1 + ((hi - lo - 1) * (tl.arange(0, NPROBE).to(tl.int64) + 1)) // (NPROBE + 1)  # in (lo, hi)
         probe = keys.to(tl.int32).to(tl.float32, bitcast=True)
         mass = tl.zeros([NPROBE], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            q = _q(row, stride_v, offs, V, t, m, s, thr, sk)
+            y = tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
+            q = tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)  # _q, inlined
             mass += tl.sum(tl.where(q[:, None] > probe[None, :], q[:, None], 0.0), 0)
         ok = mass < top_p  # a suffix of the probes
         lo = tl.max(tl.where(ok, lo, keys), 0)
@@ -201,7 +170,8 @@ def _topp_cut(row, stride_v, V, t, m, s, thr, sk, top_p, BLOCK_V: tl.constexpr, 
     c_eq = tl.full([], 0, tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        q = _q(row, stride_v, offs, V, t, m, s, thr, sk)
+        y = tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
+        q = tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)  # _q, inlined
         mass_gt += tl.sum(tl.where(q > tau, q, 0.0), 0)
         c_eq += tl.sum(((q == tau) & (offs < V)).to(tl.int32), 0)
     # tied tokens are taken lowest index first while the mass before them is below top_p
@@ -217,7 +187,8 @@ def _topp_cut(row, stride_v, V, t, m, s, thr, sk, top_p, BLOCK_V: tl.constexpr, 
             cnt = tl.full([], 0, tl.int32)
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
-                q = _q(row, stride_v, offs, V, t, m, s, thr, sk)
+                y = tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
+                q = tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)  # _q, inlined
                 cnt += tl.sum(((q == tau) & (offs <= mid) & (offs < V)).to(tl.int32), 0)
             if cnt >= need:
                 hi_i = mid
@@ -251,30 +222,38 @@ def _summary_kernel(
         arg = _row_argmax(row, stride_lv, V, BLOCK_V)
     else:
         t = temp
-        m, s = _row_stats(row, stride_lv, V, t, BLOCK_V)
+        # the passes are written out here: in the interpreter each nested @triton.jit call costs milliseconds
+        m = tl.full([], float("-inf"), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            m = tl.maximum(m, tl.max(tl.load(row + offs * stride_lv, mask=offs < V, other=float("-inf"))
+                                     .to(tl.float32) / t, 0))
+        s = tl.full([], 0.0, tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            y = tl.load(row + offs * stride_lv, mask=offs < V, other=float("-inf")).to(tl.float32) / t
+            s += tl.sum(tl.where(offs < V, tl.exp(y - m), 0.0), 0)
         if (top_k > 0) & (top_k < V):
             thr = _topk_threshold(row, stride_lv, V, t, m, top_k, BLOCK_V, NPROBE)
         sk = tl.full([], 0.0, tl.float32)  # the reference renormalises after top-k even when it keeps everything
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            y = _load_y(row, stride_lv, offs, V, t)
+            y = tl.load(row + offs * stride_lv, mask=offs < V, other=float("-inf")).to(tl.float32) / t
             sk += tl.sum(tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s, 0.0), 0)
         if top_p < 1.0:
             tau, idx_cut = _topp_cut(row, stride_lv, V, t, m, s, thr, sk, top_p, BLOCK_V, NPROBE)
         norm = tl.full([], 0.0, tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            q = _q(row, stride_lv, offs, V, t, m, s, thr, sk)
-            norm += tl.sum(tl.where(_kept(q, offs, tau, idx_cut), q, 0.0), 0)
+            y = tl.load(row + offs * stride_lv, mask=offs < V, other=float("-inf")).to(tl.float32) / t
+            q = tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)
+            norm += tl.sum(tl.where((q > tau) | ((q == tau) & (offs <= idx_cut)), q, 0.0), 0)
+    f = tl.arange(0, 8)  # one vector store per buffer: the fields in order (m, s, thr, sk, tau, norm)
+    vals = tl.where(f == 0, m, tl.where(f == 1, s, tl.where(f == 2, thr, tl.where(f == 3, sk,
+                    tl.where(f == 4, tau, norm)))))
     r = b * T + i
-    tl.store(SUMF + r * 6 + 0, m)
-    tl.store(SUMF + r * 6 + 1, s)
-    tl.store(SUMF + r * 6 + 2, thr)
-    tl.store(SUMF + r * 6 + 3, sk)
-    tl.store(SUMF + r * 6 + 4, tau)
-    tl.store(SUMF + r * 6 + 5, norm)
-    tl.store(SUMI + r * 2 + 0, arg)
-    tl.store(SUMI + r * 2 + 1, idx_cut)
+    tl.store(SUMF + r * 6 + f, vals, mask=f < 6)
+    tl.store(SUMI + r * 2 + f, tl.where(f == 0, arg, idx_cut), mask=f < 2)
 
 
 @triton.jit
@@ -285,7 +264,8 @@ def _race(row, stride_v, V, t, m, s, thr, sk, tau, idx_cut, norm, z_left, remove
     best_i = tl.full([], 0, tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        q = _q(row, stride_v, offs, V, t, m, s, thr, sk)
+        y = tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
+        q = tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)
         p = tl.where(_kept(q, offs, tau, idx_cut), q, 0.0) / norm / z_left
         u = _to_uniform(_mix(h_flag, offs))
         score = tl.where(p > 0, tl.log(tl.where(p > 0, p, 1.0)) - tl.log(-tl.log(u)), float("-inf"))
