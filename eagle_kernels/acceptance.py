@@ -130,12 +130,12 @@ def _topk_threshold(row, stride_v, V, t, m, kk, BLOCK_V: tl.constexpr, NPROBE: t
         keys = lo + 1 + ((hi - lo - 1) * (tl.arange(0, NPROBE).to(tl.int64) + 1)) // (NPROBE + 1)  # in (lo, hi)
         k32 = keys.to(tl.int32)
         probe = tl.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)  # _unkey
-        cnt = tl.zeros([NPROBE], tl.int32)
+        acc = tl.zeros([BLOCK_V, NPROBE], tl.int32)  # reduced once after the loop, not per block
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             y = tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
-            ge = (y[:, None] >= probe[None, :]) & (offs < V)[:, None]
-            cnt += tl.sum(ge.to(tl.int32), 0)
+            acc += ((y[:, None] >= probe[None, :]) & (offs < V)[:, None]).to(tl.int32)
+        cnt = tl.sum(acc, 0)
         ok = cnt >= kk  # a prefix of the probes (count falls as the key rises)
         exact = cnt == kk
         if tl.sum(exact.to(tl.int32), 0) > 0:  # exactly kk values at or above this probe: that is the cut
@@ -156,24 +156,27 @@ def _topp_cut(row, stride_v, V, t, m, s, thr, sk, top_p, BLOCK_V: tl.constexpr, 
     while hi - lo > 1:
         keys = lo + 1 + ((hi - lo - 1) * (tl.arange(0, NPROBE).to(tl.int64) + 1)) // (NPROBE + 1)  # in (lo, hi)
         probe = keys.to(tl.int32).to(tl.float32, bitcast=True)
-        mass = tl.zeros([NPROBE], tl.float32)
+        acc = tl.zeros([BLOCK_V, NPROBE], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             y = tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
             q = tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)  # _q, inlined
-            mass += tl.sum(tl.where(q[:, None] > probe[None, :], q[:, None], 0.0), 0)
+            acc += tl.where(q[:, None] > probe[None, :], q[:, None], 0.0)
+        mass = tl.sum(acc, 0)
         ok = mass < top_p  # a suffix of the probes
         lo = tl.max(tl.where(ok, lo, keys), 0)
         hi = tl.min(tl.where(ok, keys, hi), 0)
     tau = hi.to(tl.int32).to(tl.float32, bitcast=True)
-    mass_gt = tl.full([], 0.0, tl.float32)
-    c_eq = tl.full([], 0, tl.int32)
+    acc_m = tl.zeros([BLOCK_V], tl.float32)
+    acc_c = tl.zeros([BLOCK_V], tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         y = tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
         q = tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)  # _q, inlined
-        mass_gt += tl.sum(tl.where(q > tau, q, 0.0), 0)
-        c_eq += tl.sum(((q == tau) & (offs < V)).to(tl.int32), 0)
+        acc_m += tl.where(q > tau, q, 0.0)
+        acc_c += ((q == tau) & (offs < V)).to(tl.int32)
+    mass_gt = tl.sum(acc_m, 0)
+    c_eq = tl.sum(acc_c, 0)
     # tied tokens are taken lowest index first while the mass before them is below top_p
     need = c_eq
     if tau > 0.0:
@@ -184,12 +187,13 @@ def _topp_cut(row, stride_v, V, t, m, s, thr, sk, top_p, BLOCK_V: tl.constexpr, 
         hi_i = tl.full([], 0, tl.int32) + V - 1
         while hi_i - lo_i > 1:
             mid = (lo_i + hi_i) // 2
-            cnt = tl.full([], 0, tl.int32)
+            acc_c = tl.zeros([BLOCK_V], tl.int32)
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
                 y = tl.load(row + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32) / t
                 q = tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)  # _q, inlined
-                cnt += tl.sum(((q == tau) & (offs <= mid) & (offs < V)).to(tl.int32), 0)
+                acc_c += ((q == tau) & (offs <= mid) & (offs < V)).to(tl.int32)
+            cnt = tl.sum(acc_c, 0)
             if cnt >= need:
                 hi_i = mid
             else:
@@ -223,31 +227,36 @@ def _summary_kernel(
     else:
         t = temp
         # the passes are written out here: in the interpreter each nested @triton.jit call costs milliseconds
-        m = tl.full([], float("-inf"), tl.float32)
+        # and each pass accumulates elementwise, reducing across the block once after the loop
+        acc = tl.full([BLOCK_V], float("-inf"), tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            m = tl.maximum(m, tl.max(tl.load(row + offs * stride_lv, mask=offs < V, other=float("-inf"))
-                                     .to(tl.float32) / t, 0))
-        s = tl.full([], 0.0, tl.float32)
+            acc = tl.maximum(acc, tl.load(row + offs * stride_lv, mask=offs < V, other=float("-inf"))
+                             .to(tl.float32) / t)
+        m = tl.max(acc, 0)
+        acc = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             y = tl.load(row + offs * stride_lv, mask=offs < V, other=float("-inf")).to(tl.float32) / t
-            s += tl.sum(tl.where(offs < V, tl.exp(y - m), 0.0), 0)
+            acc += tl.where(offs < V, tl.exp(y - m), 0.0)
+        s = tl.sum(acc, 0)
         if (top_k > 0) & (top_k < V):
             thr = _topk_threshold(row, stride_lv, V, t, m, top_k, BLOCK_V, NPROBE)
-        sk = tl.full([], 0.0, tl.float32)  # the reference renormalises after top-k even when it keeps everything
+        acc = tl.zeros([BLOCK_V], tl.float32)  # the reference renormalises after top-k even when it keeps all
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             y = tl.load(row + offs * stride_lv, mask=offs < V, other=float("-inf")).to(tl.float32) / t
-            sk += tl.sum(tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s, 0.0), 0)
+            acc += tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s, 0.0)
+        sk = tl.sum(acc, 0)
         if top_p < 1.0:
             tau, idx_cut = _topp_cut(row, stride_lv, V, t, m, s, thr, sk, top_p, BLOCK_V, NPROBE)
-        norm = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             y = tl.load(row + offs * stride_lv, mask=offs < V, other=float("-inf")).to(tl.float32) / t
             q = tl.where((offs < V) & (y >= thr), tl.exp(y - m) / s / sk, 0.0)
-            norm += tl.sum(tl.where((q > tau) | ((q == tau) & (offs <= idx_cut)), q, 0.0), 0)
+            acc += tl.where((q > tau) | ((q == tau) & (offs <= idx_cut)), q, 0.0)
+        norm = tl.sum(acc, 0)
     f = tl.arange(0, 8)  # one vector store per buffer: the fields in order (m, s, thr, sk, tau, norm)
     vals = tl.where(f == 0, m, tl.where(f == 1, s, tl.where(f == 2, thr, tl.where(f == 3, sk,
                     tl.where(f == 4, tau, norm)))))
