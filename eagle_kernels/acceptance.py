@@ -29,6 +29,11 @@ Two kernels, so that the vocabulary-wide work runs on every tree row at once:
    race ``argmax_v log P_now(v) - log(-log hash_uniform(seed, offset, b, u, 1, v))``. Greedy rows follow the
    stored argmax with no random numbers.
 
+GPU speed is unmeasured (no GPU in 2026-11; ``benchmarks/bench_acceptance.py`` times it). Both kernels compile for
+sm_90 without spills (summary: 160 registers at 4 warps). Expected limit: one program per row reads the row ~20 times,
+so at V = 128256 the per-SM L2 bandwidth, not the grid, bounds it; the next step is compacting the few top-k
+candidates after the first search pass (or splitting a row over several programs).
+
 The random stream is the reference's ``fmix32`` chain on ``uint32`` (both 32-bit halves of the int64 seed are
 mixed), so the same ``(seed, offset)`` gives the same tokens on every backend. Seed, offset and the sampling
 parameters stay in device tensors and the summaries in a buffer allocated per call: no host synchronisation,
