@@ -36,6 +36,7 @@ __all__ = [
     "kv_compact",
     "hash_uniform",
     "moe_experts",
+    "GREEDY_TEMPERATURE",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -230,11 +231,16 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 def hash_uniform(seed: torch.Tensor, offset: torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
     """Uniform float32 numbers in (0, 1) from ``(seed, offset, c0, c1, ...)``, broadcast together.
 
-    ``h = fmix32(seed); h = fmix32(h ^ offset); for c in counters: h = fmix32(h ^ (c + 0x9E3779B9))``, each value
-    taken modulo 2**32, then ``u = ((h >> 8) + 0.5) / 2**24``. Kernels implement the same function so a seed gives
-    identical draws on every backend.
+    ``h = fmix32(seed_lo); h = fmix32(h ^ (seed_hi + 0x9E3779B9)); h = fmix32(h ^ offset);
+    for c in counters: h = fmix32(h ^ (c + 0x9E3779B9))``, each value taken modulo 2**32, where ``seed_lo`` and
+    ``seed_hi`` are the low and high 32-bit halves of the int64 seed (two's complement), then
+    ``u = ((h >> 8) + 0.5) / 2**24``. Both halves of the seed are mixed, so ``0``, ``2**32`` and ``-2**32`` give
+    different streams; the state is 32 bits, so two distinct seeds share a stream with probability ``2**-32``.
+    Kernels implement the same function so a seed gives identical draws on every backend.
     """
-    h = _fmix32(seed.to(torch.int64) & _M32)
+    s = seed.to(torch.int64)
+    h = _fmix32(s & _M32)
+    h = _fmix32(h ^ (((s >> 32) + 0x9E3779B9) & _M32))
     h = _fmix32(h ^ (offset.to(torch.int64) & _M32))
     for c in counters:
         h = _fmix32(h ^ ((c.to(torch.int64) + 0x9E3779B9) & _M32))
@@ -244,6 +250,12 @@ def hash_uniform(seed: torch.Tensor, offset: torch.Tensor, *counters: torch.Tens
 # --------------------------------------------------------------------------------------------------------------
 # Sampling and acceptance
 # --------------------------------------------------------------------------------------------------------------
+GREEDY_TEMPERATURE = 1e-5
+"""Rows with ``temperature < GREEDY_TEMPERATURE`` are greedy (vLLM's ``_SAMPLING_EPS`` is the same 1e-5): dividing
+logits by a tiny temperature overflows float32 (``1e-37`` turns logits of 40 into ``inf`` and softmax into NaN),
+and below 1e-5 a sampled row is a one-hot at the argmax unless two logits lie within about 1e-4 of each other."""
+
+
 def process_logits(
     logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
 ) -> torch.Tensor:
@@ -251,25 +263,44 @@ def process_logits(
 
     Args:
         logits: ``[B, ..., V]``.
-        temperature, top_p, top_k: ``[B]`` per sequence. ``temperature == 0`` gives a one-hot at the argmax
-            (lowest index on ties). ``top_k <= 0`` or ``>= V`` disables top-k; ``top_p == 1`` disables top-p.
-            Top-p keeps the smallest prefix of tokens sorted by descending probability whose mass reaches
-            ``top_p`` (the token that crosses the threshold is kept).
+        temperature, top_p, top_k: ``[B]`` per sequence.
+
+    The order and semantics are transformers' warpers (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+    ``TopPLogitsWarper`` with ``min_tokens_to_keep=1``), which vLLM follows too:
+
+    1. ``y = logits / temperature``. ``temperature < GREEDY_TEMPERATURE`` (0 included) gives a one-hot at the
+       argmax of the raw logits (lowest index on ties) and ignores top-k/top-p.
+    2. top-k keeps every token with ``y >= `` the k-th largest ``y``: tokens tied with the k-th value are all kept
+       (transformers' ``scores < topk(scores, k)[..., -1]`` removal), so more than ``k`` tokens may survive.
+       ``top_k <= 0`` or ``>= V`` disables it.
+    3. top-p acts on the distribution *renormalised over the top-k survivors*: sorted by descending probability,
+       a token is kept while the renormalised mass strictly before it is below ``top_p`` (the token that crosses
+       ``top_p`` is kept, and the most probable token always is). This is transformers' ascending rule "remove
+       where the cumulative mass <= 1 - top_p", counted from the other end. ``top_p >= 1`` disables it.
+       Tie rule: among tokens of equal probability straddling the top-p cut the lowest indices are kept;
+       transformers keeps whichever ``torch.sort`` puts last (on CPU its stable ascending sort keeps the
+       highest indices), the only place where the two differ.
+
+    Example: ``logits = [ln 4, ln 3, ln 2, ln 1]``, ``temperature 1``, ``top_k 3``, ``top_p 0.75``: top-k keeps
+    ``[4, 3, 2] / 9``; top-p keeps token 0 (mass before 0), token 1 (4/9 < 0.75) and drops token 2 (7/9), giving
+    ``[4/7, 3/7, 0, 0]``. Top-p on the full distribution would have kept token 2 (mass before it 0.7).
     """
     B, V = logits.shape[0], logits.shape[-1]
     shape = (B,) + (1,) * (logits.dim() - 1)
     x = logits.float()
     t = temperature.float().reshape(shape)
-    greedy = t <= 0
-    probs = torch.softmax(x / torch.where(greedy, torch.ones_like(t), t), dim=-1)
-    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    rank = torch.arange(V, device=logits.device)
+    greedy = t < GREEDY_TEMPERATURE
+    y = x / torch.where(greedy, torch.ones_like(t), t)
+    probs = torch.softmax(y, dim=-1)
     kk = top_k.to(torch.int64).reshape(shape)
     kk = torch.where((kk <= 0) | (kk > V), torch.full_like(kk, V), kk)
-    keep = (rank < kk).expand_as(sorted_p).clone()
-    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each token
+    kth = torch.sort(y, dim=-1, descending=True).values.gather(-1, (kk - 1).expand(y.shape[:-1] + (1,)))
+    probs = torch.where(y >= kth, probs, torch.zeros_like(probs))
+    probs = probs / probs.sum(-1, keepdim=True)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # renormalised top-k mass strictly before each token
     tp = top_p.float().reshape(shape)
-    keep &= (before < tp) | (tp >= 1)  # top_p == 1 keeps everything, even where float cumsum reaches 1 early
+    keep = (before < tp) | (tp >= 1)  # top_p == 1 keeps everything, even where float cumsum reaches 1 early
     keep[..., 0] = True
     kept_sorted = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
     out = torch.zeros_like(probs).scatter(-1, order, kept_sorted)
@@ -300,7 +331,7 @@ def sample_tokens(
     seed: torch.Tensor,
     offset: torch.Tensor,
 ) -> torch.Tensor:
-    """One token per row of ``logits [B, V]`` (plain decoding). Greedy where ``temperature == 0``.
+    """One token per row of ``logits [B, V]`` (plain decoding). Greedy where ``temperature < GREEDY_TEMPERATURE``.
 
     Random stream: ``hash_uniform(seed, offset, b, 2**31 - 1, 1, v)`` (node ``2**31 - 1`` keeps it apart from
     the streams of :func:`accept_tree`). ``seed`` and ``offset`` are scalar int64 tensors.
@@ -335,7 +366,7 @@ def accept_tree(
         target_logits: ``[B, T, V]``; row ``i`` is the target's next-token logits after node ``i``.
         tree_tokens: ``[B, T]`` int64; ``tree_tokens[:, 0]`` (the root) is already decided.
         parents: ``[B, T]`` tree (see module docstring); siblings are tried in node-index order.
-        temperature, top_p, top_k: ``[B]``; ``temperature == 0`` is greedy.
+        temperature, top_p, top_k: ``[B]``; ``temperature < GREEDY_TEMPERATURE`` is greedy (see :func:`process_logits`).
         seed, offset: scalar int64 tensors; the caller advances ``offset`` once per cycle.
 
     Greedy: from the root, move to the child whose token equals the target argmax; stop when none does; the

@@ -12,12 +12,14 @@ if not torch.cuda.is_available():  # must precede the first `import triton`: ker
 import pytest  # noqa: E402
 
 from eagle_kernels import reference  # noqa: E402
-from eagle_kernels.acceptance import accept_tree, sample_tokens  # noqa: E402
+from eagle_kernels.acceptance import _summaries, accept_tree, sample_tokens  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (temperature, top_p, top_k): greedy, plain, top-p, top-k, both, top-k = 1, tiny top-p
-SETTINGS = [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.8, 0), (1.3, 1.0, 5), (0.9, 0.6, 4), (1.0, 1.0, 1), (1.0, 1e-4, 0)]
+# (temperature, top_p, top_k): greedy, plain, top-p, top-k, both, top-k = 1, tiny top-p, both (the demo pair's
+# setting), a tiny temperature (greedy by the 1e-5 rule)
+SETTINGS = [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.8, 0), (1.3, 1.0, 5), (0.9, 0.6, 4), (1.0, 1.0, 1), (1.0, 1e-4, 0),
+            (0.8, 0.9, 40), (1e-37, 0.9, 40)]
 
 
 def _params(B, settings=SETTINGS):
@@ -52,6 +54,27 @@ PARENTS = {
     "star": [-1, 0, 0, 0, 0, 0],
     "tree": [-1, 0, 0, 1, 1, 2, 0, 3],
 }
+SEEDS = (0, 12345, 2**32, -(2**32), 2**63 - 1, -(2**63))  # the high half of the seed matters
+
+
+def _summary_probs(logits, temperature, top_p, top_k):
+    """The processed distribution the summary kernel describes, rebuilt in torch (see acceptance.py)."""
+    sumf, sumi = _summaries(logits, temperature, top_p, top_k)
+    m, s, thr, sk, tau, norm = (sumf[..., i : i + 1] for i in range(6))
+    arg, idx_cut = sumi[..., 0:1].long(), sumi[..., 1:2].long()
+    B, T, V = logits.shape
+    t = temperature.float().view(B, 1, 1)
+    greedy = t < reference.GREEDY_TEMPERATURE
+    y = logits.float() / torch.where(greedy, torch.ones_like(t), t)
+    q = torch.where(y >= thr, torch.exp(y - m) / s / sk, torch.zeros_like(y))
+    v = torch.arange(V, device=logits.device)
+    # tau is the kernel's own q of the crossing token; torch's exp may differ from the kernel's by an ulp, so the
+    # tokens within 1e-6 of tau are the crossing group (distinct random q values are never that close)
+    near = (q - tau).abs() <= 1e-6 * tau
+    kept = ((q > tau) & ~near) | (near & (v <= idx_cut))
+    probs = torch.where(kept, q, torch.zeros_like(q)) / norm
+    onehot = torch.zeros_like(probs).scatter(-1, arg, 1.0)
+    return torch.where(greedy, onehot, probs)
 
 
 @pytest.mark.parametrize("shape", list(PARENTS))
@@ -64,7 +87,7 @@ def test_accept_identical_to_reference(shape, V):
     parents = torch.tensor([parents_row] * B, device=DEV)
     tokens = _likely_drafts(logits, parents, g)
     temperature, top_p, top_k = _params(B)
-    for seed in (0, 12345, 2**40 + 7):
+    for seed in (12345, 2**32, -(2**63)):  # three seeds as before, two of them needing the high half
         seed_t, off_t = torch.tensor(seed, device=DEV), torch.tensor(seed % 5, device=DEV)
         out = accept_tree(logits, tokens, parents, temperature, top_p, top_k, seed_t, off_t)
         ref = reference.accept_tree(logits, tokens, parents, temperature, top_p, top_k, seed_t, off_t)
@@ -77,11 +100,56 @@ def test_sample_identical_to_reference():
     g = torch.Generator().manual_seed(7)
     logits = (2 * torch.randn(B, V, generator=g)).to(DEV, torch.float16)
     temperature, top_p, top_k = _params(B)
-    for seed in range(4):
+    draws = []
+    for seed in SEEDS:
         args = (logits, temperature, top_p, top_k, torch.tensor(seed, device=DEV), torch.tensor(3, device=DEV))
         out = sample_tokens(*args)
         ref = reference.sample_tokens(*args)
         assert torch.equal(out, ref), (seed, out.tolist(), ref.tolist())
+        draws.append(out)
+    assert not torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[3])  # 0, 2**32, -2**32
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "fp16", "masked"])
+def test_summary_is_the_reference_distribution(case):
+    """Every row's cut (top-k with its ties, top-p over the renormalised top-k mass) is the reference's."""
+    g = torch.Generator().manual_seed(len(case))
+    settings = SETTINGS + [(1.0, 0.5, 9), (2.0, 0.95, 60), (1.0, 1.0, 111), (1.0, 0.3, 1)]
+    B, T, V = len(settings), 4, 111
+    if case == "ties":
+        logits = torch.randint(0, 4, (B, T, V), generator=g).float()
+        # top-p off the values where a tie group's count times its probability is exactly top_p (26 ties of 1/26
+        # at top_p 0.5): there float rounding of the mass before each tie decides, in the reference too
+        settings = [(t, p if p >= 1 else 0.97 * p + 0.013, k) for t, p, k in settings]
+    else:
+        logits = 3 * torch.randn(B, T, V, generator=g)
+    if case == "fp16":
+        logits = logits.half()
+    if case == "masked":  # -inf logits (a vocabulary mask) and a row with a single finite logit
+        logits[:, :, ::3] = float("-inf")
+        logits[0, 1, 1:] = float("-inf")
+    logits = logits.to(DEV)
+    temperature, top_p, top_k = _params(B, settings)
+    ours = _summary_probs(logits, temperature, top_p, top_k)
+    ref = reference.process_logits(logits, temperature, top_p, top_k)
+    bad = ((ours > 0) != (ref > 0)).any(-1)
+    assert not bad.any(), f"rows {bad.nonzero().tolist()} keep other tokens than the reference"
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_tiny_temperature_is_greedy():
+    B, T, V = 4, 3, 111
+    g = torch.Generator().manual_seed(2)
+    logits = (50 * torch.randn(B, T, V, generator=g)).to(DEV)  # 50 / 1e-37 overflows float32
+    parents = torch.tensor([[-1, 0, 1]] * B, device=DEV)
+    tokens = _likely_drafts(logits, parents, g)
+    tiny = torch.tensor([1e-37, 1e-30, 9e-6, 0.0], device=DEV)
+    top_p, top_k = torch.full((B,), 0.9, device=DEV), torch.full((B,), 5, device=DEV)
+    s, o = torch.tensor(1, device=DEV), torch.tensor(0, device=DEV)
+    out = accept_tree(logits, tokens, parents, tiny, top_p, top_k, s, o)
+    greedy = reference.accept_tree(logits, tokens, parents, torch.zeros(B, device=DEV), top_p, top_k, s, o)
+    _assert_same(out, greedy)
+    assert torch.equal(sample_tokens(logits[:, 0], tiny, top_p, top_k, s, o), logits[:, 0].argmax(-1))
 
 
 def test_ties_at_the_cut():
@@ -91,7 +159,7 @@ def test_ties_at_the_cut():
     logits = torch.randint(0, 4, (B, 2, V), generator=g).float().to(DEV)
     parents = torch.tensor([[-1, 0]] * B, device=DEV)
     tokens = torch.randint(0, V, (B, 2), generator=g).to(DEV)
-    temperature, top_p, top_k = _params(B, [(1.0, 1.0, 3), (1.0, 0.3, 0), (0.5, 0.5, 7), (1.0, 1.0, 9)])
+    temperature, top_p, top_k = _params(B, [(1.0, 1.0, 3), (1.0, 0.3, 0), (0.5, 0.5, 7), (1.0, 1.0, 9), (1.0, 0.4, 5)])
     for seed in range(3):
         s, o = torch.tensor(seed, device=DEV), torch.tensor(0, device=DEV)
         _assert_same(accept_tree(logits, tokens, parents, temperature, top_p, top_k, s, o),

@@ -71,7 +71,7 @@ class _Sampling:
     offset: torch.Tensor
 
 
-def _check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+def _check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int = 0) -> None:
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
@@ -80,6 +80,8 @@ def _check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens
         raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not -(2**63) <= int(seed) < 2**63:
+        raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
 
 
 def _native_cuda() -> bool:
@@ -334,7 +336,7 @@ class EagleModel:
     ) -> GenerationResult:
         """Generate from one prompt or a batch (text or token ids). ``speculative=False`` is plain decoding
         in the same runtime. Temperature 0 is greedy."""
-        _check_sampling(temperature, top_p, top_k, max_new_tokens)
+        _check_sampling(temperature, top_p, top_k, max_new_tokens, seed)
         if speculative and self.head is None:
             raise ValueError("speculative decoding needs a draft head (load one with draft=...)")
         ids = self.encode(prompts)
