@@ -5,7 +5,7 @@ The references are written to be read; these are written for a CPU where every o
 rules) and returns the same tokens and paths; ``tests/test_cpu_fast.py`` checks that on every tree and batch
 layout, tied inputs included. What changes:
 
-* :func:`accept_tree` greedy (every ``temperature <= 0``): the target argmax per node and a vectorised walk;
+* :func:`accept_tree` greedy (every ``temperature < GREEDY_TEMPERATURE``): the target argmax per node and a vectorised walk;
   no softmax, no sort, no random numbers, no Python loop over nodes. Sampled: the processed distribution comes
   from :func:`reference.process_logits` and the random numbers from :func:`reference.hash_uniform` (so both follow
   the reference whatever it becomes), siblings are tried rank by rank for all nodes at once, and the walk is
@@ -112,7 +112,7 @@ def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=None):
 # Sampling and acceptance
 # --------------------------------------------------------------------------------------------------------------
 def _all_greedy(temperature: torch.Tensor) -> bool:
-    return bool((temperature <= 0).all())
+    return bool((temperature < reference.GREEDY_TEMPERATURE).all())
 
 
 def sample_tokens(logits, temperature, top_p, top_k, seed, offset):

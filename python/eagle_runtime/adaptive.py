@@ -44,6 +44,8 @@ from typing import Callable
 
 import torch
 
+from eagle_kernels.reference import GREEDY_TEMPERATURE
+
 from .tree import DynamicTree
 
 COST_VERSION = 4
@@ -467,7 +469,7 @@ class AutoTree:
             self.costs[batch] = get_costs(model, batch)
         key = (round(float(temperature), 3), round(float(top_p), 3), int(top_k))
         stats = self.stats.setdefault(key, AcceptStats())
-        return AutoController(self, self.costs.get(batch), stats, batch, temperature <= 0)
+        return AutoController(self, self.costs.get(batch), stats, batch, temperature < GREEDY_TEMPERATURE)
 
     def __repr__(self) -> str:
         return f"AutoTree({len(self.candidates)} candidates)"
