@@ -82,6 +82,11 @@ def _native():
             extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": ["-O3"]},
         )
         cpu_note = ""
+        if not any(os.path.isfile(os.path.join(d, "cuda_runtime.h")) for d in ext.include_dirs):
+            # Seen with an nvcc installed without the CUDA runtime headers: every CUDA compile would fail after
+            # a minute; build the CPU part right away and say why.
+            ext = cpu_extension()
+            cpu_note = f"CUDA compile skipped: no cuda_runtime.h in the CUDA include path {ce.CUDA_HOME}/include"
     else:
         ext = cpu_extension()
         cpu_note = "torch is a CPU build" if not torch.version.cuda else f"no nvcc under CUDA_HOME={ce.CUDA_HOME}"
@@ -102,6 +107,7 @@ def _native():
             if with_cuda:
                 _warn(f"the CUDA build of eagle_kernels._C failed ({first}); building the CPU-only extension")
                 to_cpu_only(ext)
+                self.compiler = None  # run() made a compiler object from the option; let it make a fresh one
                 try:
                     super().run()
                     write_build_info(where, True, False, f"CPU only: CUDA compile failed: {first}")

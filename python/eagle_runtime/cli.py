@@ -112,8 +112,9 @@ def generate(a) -> int:
     return 0
 
 
-def env_report() -> list[str]:
-    """Lines describing what this install can run: torch, CUDA, triton, the native extension and why not."""
+def env_report(build_info=None) -> list[str]:
+    """Lines describing what this install can run: torch, CUDA, triton, the native extension and why not.
+    ``build_info``: the ``_native_build.json`` that setup.py wrote (default: the one beside ``eagle_kernels``)."""
     import json as _json
     from pathlib import Path
 
@@ -133,7 +134,7 @@ def env_report() -> list[str]:
         lines.append(f"triton: {triton.__version__} ({'kernels can run' if ok else 'kernels cannot run: ' + why})")
     except ImportError as e:
         lines.append(f"triton: not importable ({e})")
-    info_path = Path(eagle_kernels.__file__).parent / "_native_build.json"
+    info_path = Path(build_info or Path(eagle_kernels.__file__).parent / "_native_build.json")
     try:
         info = _json.loads(info_path.read_text())
     except (OSError, ValueError):
