@@ -110,7 +110,7 @@ def test_saves_are_atomic(tmp_path, stories, monkeypatch):
 def test_sigterm_saves_and_exits_cleanly(tmp_path, stories_dir, small_corpus):
     out = tmp_path / "head"
     cmd = [sys.executable, "-m", "eagle_runtime.train", "--base", stories_dir, "--corpus", small_corpus, "--out", out,
-           "--steps", "100000", "--save-every", "2", "--eval-every", "0", "--batch-size", "2", "--seq-len", "32"]
+           "--steps", "100000", "--save-every", "2", "--eval-every", "1000", "--batch-size", "2", "--seq-len", "32"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT)]))
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
