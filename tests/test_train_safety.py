@@ -191,3 +191,14 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, stories_dir, bad_row, cap
     path.write_text("\n".join([good, good, bad_row, good]))
     rc, err = _run_cli(["--base", stories_dir, "--corpus", path, "--out", tmp_path / "o"], capsys)
     assert rc == 2 and err.count("\n") == 1 and f"{path}:3:" in err, err
+
+
+@pytest.mark.parametrize("flag,value", [("--steps", 0), ("--warmup", -1), ("--eval-every", -1), ("--seq-len", 1),
+                                        ("--lr", "inf"), ("--store-dtype", "int8")])
+def test_target_trainer_flags_rejected_in_one_line(tmp_path, flag, value, capsys):
+    from eagle_runtime.train_target import main as target_main
+
+    with pytest.raises(SystemExit) as e:
+        target_main(["--out", str(tmp_path / "t"), flag, str(value)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and flag in err and "Traceback" not in err, err

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .config import ConfigError
 from .draft import EagleHead, head_config, init_head_, save_head
-from .loading import CheckpointError, load_target
+from .loading import CheckpointError, atomic_write, load_target
 from .model import Transformer
 
 
@@ -353,22 +353,6 @@ def _load_state(state_path: Path, head, opt, dev) -> tuple[int, list]:
     return step, history
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX):
-    a kill at any moment leaves the old file or the new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _save(head, opt, step, history, out: Path, cfg: TrainConfig) -> None:
     """The published head files, the resume state and the config, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -376,15 +360,15 @@ def _save(head, opt, step, history, out: Path, cfg: TrainConfig) -> None:
     try:
         save_head(head, tmp_dir)
         for f in sorted(tmp_dir.iterdir()):  # whole files renamed into place, never written in place
-            _atomic_write(out / f.name, lambda p, f=f: os.replace(f, p))
+            atomic_write(out / f.name, lambda p, f=f: os.replace(f, p))
     finally:
         for f in tmp_dir.iterdir():
             f.unlink()
         tmp_dir.rmdir()
     state = {"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}
-    _atomic_write(out / "train_state.pt", lambda p: torch.save(state, p))
+    atomic_write(out / "train_state.pt", lambda p: torch.save(state, p))
     summary = {"train": asdict(cfg), "steps_done": step, "last": history[-1] if history else None}
-    _atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
 
 
 @contextlib.contextmanager
