@@ -168,6 +168,11 @@ def test_argparse_errors_are_one_line(stories_dir, capsys, argv):
     _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", *argv], capsys, "error")
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_temperature_not_finite_or_negative(stories_dir, capsys, value):
+    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--temperature", value], capsys, "temperature")
+
+
 def test_max_new_tokens_zero(stories_dir, capsys):
     _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--max-new-tokens", 0], capsys, "max-new-tokens")
 

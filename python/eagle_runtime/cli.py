@@ -82,6 +82,8 @@ def generate(a) -> int:
 
     if a.max_new_tokens < 1:
         return fail(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if not math.isfinite(a.temperature):
+        return fail(f"--temperature must be finite, got {a.temperature}")
     if a.max_len is not None and a.max_len <= 0:
         return fail(f"--max-len must be a positive integer, got {a.max_len}")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
