@@ -147,7 +147,7 @@ def env_report(build_info=None) -> list[str]:
         if getattr(_C, "with_cuda", False):
             state = "built with CUDA"
         else:
-            reason = info["reason"] if info and not info.get("cuda") else "built without CUDA"
+            reason = info["reason"] if info and not info.get("cuda") else "no build record says why"
             state = f"built (CPU only: {reason.removeprefix('CPU only: ')})"
     else:
         try:
