@@ -415,6 +415,9 @@ def main(argv=None) -> int:
     except (*USER_ERRORS, FileExistsError, ConfigError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the training loop (loading): nothing to save
+        print("error: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     last = res["history"][-1] if res["history"] else {}
     print(json.dumps({"out": res["out"], "steps": res["steps"], "interrupted": res["interrupted"], "last": last},
                      indent=2))
