@@ -19,19 +19,25 @@ when it has one, else ``User: ...\\nAssistant:``; a prompt longer than the conte
 Per temperature (``--temperatures``, default 0 and 1): tokens/s of each method (prefill included, one warm-up
 generation per method excluded), speedups over plain, EAGLE's mean accepted length tau (accepted drafts + the
 bonus token per cycle) and acceptance histogram, a per-category table, and at temperature 0 whether EAGLE's
-outputs are token-identical to plain decoding's. Writes ``mtbench_<device>.json`` (every printed field) and
-``mtbench_<device>.png`` into ``--out`` (default ``results/`` at the repository root).
+outputs are token-identical to plain decoding's. Writes ``mtbench_<device>_<model>_<UTC time>.json`` (every
+printed field) and the matching ``.png`` into ``--out`` (default: ``$EAGLE_RESULTS_DIR``, else ``results/`` under
+the current directory), each written atomically (a temporary file in the same folder, then a rename), so runs never
+overwrite each other and an interrupted run leaves no partial file. Bad arguments (including a malformed
+``--questions`` file or an unwritable ``--out``) are one-line errors with exit status 2, before any model loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
 import sys
+import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -76,8 +82,7 @@ BUILTIN_QUESTIONS = [
 def load_questions(path: Path | None, n: int | None) -> tuple[list[dict], str]:
     """Questions taken round-robin over the categories (so any ``n`` covers them evenly); and their source."""
     if path is not None:
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_questions(path)
         source = str(path)
     else:
         rows = [{"question_id": i, "category": c, "turns": [a, b]} for i, (c, a, b) in enumerate(BUILTIN_QUESTIONS, 1)]
@@ -93,6 +98,35 @@ def load_questions(path: Path | None, n: int | None) -> tuple[list[dict], str]:
                 picked.append(by_cat[c][i])
         i += 1
     return picked[:n] if n else picked, source
+
+
+def read_questions(path: Path) -> list[dict]:
+    """MT-bench jsonl rows, checked: a JSON object per line with a ``category`` string and ``turns`` (a non-empty
+    list of strings); ``question_id`` (an integer) defaults to the line number. Errors name the file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--questions {path}: cannot read it ({e})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"--questions {path}:{n}: not JSON ({e})") from None
+        if not isinstance(r, dict) or not isinstance(r.get("category"), str):
+            raise ValueError(f"--questions {path}:{n}: a row must be an object with a 'category' string")
+        turns = r.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
+            raise ValueError(f"--questions {path}:{n}: 'turns' must be a non-empty list of non-empty strings")
+        qid = r.setdefault("question_id", n)
+        if isinstance(qid, bool) or not isinstance(qid, int):
+            raise ValueError(f"--questions {path}:{n}: 'question_id' must be an integer")
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"--questions {path} holds no questions")
+    return rows
 
 
 def make_prompt(tokenizer, history: list[tuple[str, str | None]]) -> str:
@@ -186,7 +220,7 @@ def parse_tree(spec: str, demo: bool):
         return StaticTree()
     m = re.fullmatch(r"(\d+),(\d+),(\d+)", spec)
     if not m:
-        raise SystemExit(f"--tree {spec!r}: use auto, demo, dynamic, static or TOTAL,DEPTH,TOPK (e.g. 16,4,4)")
+        raise ValueError(f"--tree {spec!r}: use auto, demo, dynamic, static or TOTAL,DEPTH,TOPK (e.g. 16,4,4)")
     return DynamicTree(*map(int, m.groups()))
 
 
@@ -226,7 +260,7 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def run(args) -> dict:
+def run(args, questions: tuple[list[dict], str] | None = None) -> dict:
     t_start = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and args.threads:
@@ -240,7 +274,7 @@ def run(args) -> dict:
     else:
         base, draft = args.base, args.draft
         if draft is None:
-            raise SystemExit("--base needs --draft (an EAGLE-1 or EAGLE-3 head)")
+            raise ValueError("--base needs --draft (an EAGLE-1 or EAGLE-3 head)")
     tree = parse_tree(args.tree, demo)
     model = EagleModel.from_pretrained(base, draft, dtype=dtype, device=device, tree=tree, backend=args.backend,
                                        max_len=args.max_len, cuda_graphs=args.cuda_graphs)
@@ -252,7 +286,7 @@ def run(args) -> dict:
         raise SystemExit(2)
     tok = model.tokenizer
     if tok is None:
-        raise SystemExit(f"no tokenizer in {base}")
+        raise ValueError(f"no tokenizer in {base}")
     cfg = model.target.cfg
     eos = cfg.eos_token_id
     runners = {"plain": OurRunner(model, False), "eagle": OurRunner(model, True)}
@@ -262,11 +296,11 @@ def run(args) -> dict:
         runners["hf"] = HFRunner(str(resolve_dir(base)), dtype, device, eos, tok.pad_token_id)
     methods = [m for m in METHODS if m in runners]
     qpath = Path(args.questions) if args.questions else (DEFAULT_QUESTIONS if DEFAULT_QUESTIONS.is_file() else None)
-    questions, source = load_questions(qpath, args.num_questions)
+    questions, source = questions or load_questions(qpath, args.num_questions)
     room = max(tree.num_nodes, tree.draft_slots()) + 2
     budget = model.target.max_len - args.max_new_tokens - room
     if budget < 8:
-        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {model.target.max_len} positions")
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {model.target.max_len} positions")
 
     # Warm-up (excluded): one short generation per method.
     warm_ids, _ = encode(tok, make_prompt(tok, [(questions[0]["turns"][0], None)]), budget)
@@ -431,8 +465,62 @@ def plot(res: dict, path: Path) -> None:
     axes[2].legend()
     fig.suptitle(f"MT-bench speed: {res['config']['base']} on {res['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # the path may be a temporary name
     plt.close(fig)
+
+
+def check_args(args) -> tuple[list[dict], str]:
+    """Every argument checked before any model loads (ValueError, one line); returns the questions."""
+    from eagle_runtime.loading import check_device
+
+    if args.num_questions < 0:
+        raise ValueError(f"--num-questions must be >= 0 (0 = all), got {args.num_questions}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    bad = [t for t in args.temperatures if not (math.isfinite(t) and t >= 0)]
+    if bad:
+        raise ValueError(f"--temperatures must be finite and >= 0, got {bad}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    if args.max_len is not None and args.max_len <= 0:
+        raise ValueError(f"--max-len must be a positive integer, got {args.max_len}")
+    if not -(2**63) <= args.seed < 2**63 - 10**6:
+        raise ValueError(f"--seed {args.seed} does not fit in a signed 64-bit integer (with the question ids added)")
+    if args.base is not None and args.draft is None:
+        raise ValueError("--base needs --draft (an EAGLE-1 head)")
+    if args.device is not None:
+        check_device(args.device)
+    parse_tree(args.tree, args.base is None)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: not a writable directory ({e.strerror or e})") from None
+    qpath = Path(args.questions) if args.questions else (DEFAULT_QUESTIONS if DEFAULT_QUESTIONS.is_file() else None)
+    return load_questions(qpath, args.num_questions)
+
+
+def result_name(res: dict, when: datetime | None = None) -> str:
+    """``mtbench_<device>_<model>_<UTC time>``: one file per run, comparable across devices and models."""
+    slug = lambda x: re.sub(r"[^A-Za-z0-9]+", "_", str(x)).strip("_").lower()[:60]  # noqa: E731
+    base = res["config"]["base"]
+    model = "demo" if base.startswith("eagle_runtime.demo") else Path(base.rstrip("/")).name
+    stamp = (when or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return f"mtbench_{slug(res['device'])}_{slug(model)}_{stamp}"
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it to ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def main(argv=None) -> dict:
@@ -459,16 +547,27 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "results"))
+    p.add_argument("--out", default=os.environ.get("EAGLE_RESULTS_DIR", "results"),
+                   help="results folder (default: $EAGLE_RESULTS_DIR, else results/ under the current directory)")
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage block
     args = p.parse_args(argv)
-    res = run(args)
+    try:
+        questions = check_args(args)
+    except ValueError as e:
+        p.error(str(e).splitlines()[0])
+    from eagle_runtime.cli import USER_ERRORS
+
+    try:
+        res = run(args, questions)
+    except USER_ERRORS as e:  # e.g. a model directory that does not exist or does not load
+        p.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(report(res))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "mtbench_" + re.sub(r"[^A-Za-z0-9]+", "_", res["device"]).strip("_").lower()
-    (out / f"{name}.json").write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
-    plot(res, out / f"{name}.png")
-    print(f"wrote {out / name}.json and .png")
+    name = result_name(res)
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    write_atomic(json_path, lambda t: t.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n"))
+    write_atomic(png_path, lambda t: plot(res, t))
+    print(f"wrote {json_path.resolve()} and {png_path.name}")
     return res
 
 

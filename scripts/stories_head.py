@@ -54,7 +54,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "eagle_runtime.train", "--base", str(BASE),
            "--corpus", str(SHARED / "corpus" / "tinystories_val.txt"), "--out", str(out),
            "--steps", str(a.steps), "--batch-size", "16", "--seq-len", "256", "--lr", "3e-3",
-           "--eval-every", "250", "--max-minutes", str(a.minutes)]
+           "--eval-every", "250", "--max-minutes", str(a.minutes), "--overwrite"]  # a rerun replaces the head
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     subprocess.run(cmd, check=True, env=env)
     train_s = time.time() - t0

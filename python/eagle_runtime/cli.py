@@ -1,25 +1,55 @@
-"""Command line: ``python -m eagle_runtime generate --base DIR --draft DIR --prompt TEXT``."""
+"""Command line: ``python -m eagle_runtime generate --base DIR --draft DIR --prompt TEXT`` and
+``python -m eagle_runtime env`` (torch, triton, CUDA and the native extension, and why not).
+
+Bad input is reported as one line on stderr with exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import warnings
 
 import torch
 
 from eagle_kernels import BackendUnavailable
 
 from .config import ConfigError
-from .loading import CheckpointError
+from .loading import CheckpointError, check_device
 from .tree import DynamicTree, StaticTree
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The errors the library raises for bad input; each becomes one line and exit status 2.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ConfigError, CheckpointError, BackendUnavailable, ValueError)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``PROG: error: ...``) with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _one_line_warning(message, *args, **kwargs) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def check_seed(seed: int) -> None:
+    if not INT64[0] <= seed <= INT64[1]:
+        raise ValueError(f"--seed {seed} does not fit in a signed 64-bit integer")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eagle_runtime", description="EAGLE speculative decoding.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = OneLineParser(prog="python -m eagle_runtime", description="EAGLE speculative decoding.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("--base", required=True, help="target model: HF directory or hub id")
     g.add_argument("--draft", help="EAGLE-1 head: directory or hub id (omit for plain decoding)")
@@ -35,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=6, help="dynamic tree draft passes")
     g.add_argument("--top-k-draft", type=int, default=10, help="dynamic tree branching")
     g.add_argument("--backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -43,41 +73,120 @@ def _parser() -> argparse.ArgumentParser:
                         "native extension allow)")
     g.add_argument("--max-len", type=int, default=None, help="KV cache length (default: min(config, 4096))")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub.add_parser("env", help="report torch, triton, CUDA and the native extension (built or not, and why)")
     return p
 
 
-def main(argv=None) -> int:
-    a = _parser().parse_args(argv)
-    from .generate import EagleModel, GraphsUnavailable
+def _finite(x):
+    """JSON has no NaN/inf: such values (e.g. tau with no decode cycle) become null."""
+    return x if x is None or math.isfinite(x) else None
 
-    try:
-        tree = {"auto": "auto", "static": StaticTree()}.get(a.tree) or DynamicTree(a.total_tokens, a.depth, a.top_k_draft)
-        model = EagleModel.from_pretrained(
-            a.base, a.draft, dtype=_DTYPES.get(a.dtype), device=a.device, tree=tree, backend=a.backend,
-            max_len=a.max_len, cuda_graphs=a.cuda_graphs,
-        )
-        prompts = a.prompt if len(a.prompt) > 1 else a.prompt[0]
-        res = model.generate(
-            prompts, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-            seed=a.seed, speculative=a.draft is not None,
-        )
-    except (FileNotFoundError, ConfigError, CheckpointError, BackendUnavailable, ValueError, GraphsUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def generate(a) -> int:
+    from .generate import EagleModel
+
+    if a.max_new_tokens < 1:
+        return fail(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if not math.isfinite(a.temperature):
+        return fail(f"--temperature must be finite, got {a.temperature}")
+    if a.max_len is not None and a.max_len <= 0:
+        return fail(f"--max-len must be a positive integer, got {a.max_len}")
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_seed(a.seed)
+    check_device(device)
+    tree = {"auto": "auto", "static": StaticTree()}.get(a.tree) or DynamicTree(a.total_tokens, a.depth, a.top_k_draft)
+    model = EagleModel.from_pretrained(
+        a.base, a.draft, dtype=_DTYPES.get(a.dtype), device=device, tree=tree, backend=a.backend,
+        max_len=a.max_len, cuda_graphs=a.cuda_graphs,
+    )
+    prompts = a.prompt if len(a.prompt) > 1 else a.prompt[0]
+    res = model.generate(
+        prompts, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+        seed=a.seed, speculative=a.draft is not None,
+    )
     n = res.num_new_tokens
+    rate = n / res.wall_time_s if res.wall_time_s > 0 else None
     if a.json:
         print(json.dumps({"text": res.text, "tokens": res.tokens, "accept_lengths": res.accept_lengths,
-                          "tau": res.tau if a.draft else None, "tokens_per_s": n / res.wall_time_s,
-                          "tree": res.tree}))
+                          "tau": _finite(res.tau) if a.draft else None, "tokens_per_s": _finite(rate),
+                          "tree": res.tree}, allow_nan=False))
         return 0
     for i, text in enumerate(res.text or [str(t) for t in res.tokens]):
         print(f"[{i}] {a.prompt[i] if i < len(a.prompt) else ''}{text}")
-    stats = f"{n} tokens in {res.wall_time_s:.2f} s ({n / res.wall_time_s:.1f} tok/s)"
+    stats = f"{n} tokens in {res.wall_time_s:.2f} s" + (f" ({rate:.1f} tok/s)" if rate else "")
     if a.draft:
         stats += f", tau {res.tau:.2f}, accept histogram {res.accept_histogram()}, trees {res.tree['steps']}"
     print(stats, file=sys.stderr)
     return 0
 
+
+def env_report(build_info=None) -> list[str]:
+    """Lines describing what this install can run: torch, CUDA, triton, the native extension and why not.
+    ``build_info``: the ``_native_build.json`` that setup.py wrote (default: the one beside ``eagle_kernels``)."""
+    import json as _json
+    from pathlib import Path
+
+    import eagle_kernels
+    from eagle_kernels import native_available, triton_available
+
+    lines = [f"python: {sys.version.split()[0]}"]
+    cuda = torch.cuda.is_available()
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+    lines.append(f"torch: {torch.__version__} ({build}; CUDA device available: {'yes' if cuda else 'no'})")
+    if cuda:
+        lines.append(f"cuda device: {torch.cuda.get_device_name(0)}")
+    try:
+        import triton
+
+        ok, why = triton_available()
+        lines.append(f"triton: {triton.__version__} ({'kernels can run' if ok else 'kernels cannot run: ' + why})")
+    except ImportError as e:
+        lines.append(f"triton: not importable ({e})")
+    info_path = Path(build_info or Path(eagle_kernels.__file__).parent / "_native_build.json")
+    try:
+        info = _json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        info = None
+    if native_available():
+        from eagle_kernels import _C
+
+        if getattr(_C, "with_cuda", False):
+            state = "built with CUDA"
+        else:
+            reason = info["reason"] if info and not info.get("cuda") else "no build record says why"
+            state = f"built (CPU only: {reason.removeprefix('CPU only: ')})"
+    else:
+        try:
+            import eagle_kernels._C  # noqa: F401
+            why = ""
+        except ImportError as e:
+            why = str(e)
+        if info and not info.get("built"):
+            why = info["reason"]
+        elif info is None:
+            why = "never built here (pip install --no-build-isolation -e . builds it; see csrc/README.md)"
+        state = f"not built ({why}); the reference ops are used"
+    lines.append(f"native extension eagle_kernels._C: {state}")
+    return lines
+
+
+def main(argv=None) -> int:
+    from .generate import GraphsUnavailable
+
+    a = _parser().parse_args(argv)
+    if a.command == "env":
+        print("\n".join(env_report()))
+        return 0
+    with warnings.catch_warnings():  # restores showwarning on the way out
+        warnings.simplefilter("default")
+        warnings.showwarning = _one_line_warning
+        try:
+            return generate(a)
+        except USER_ERRORS + (GraphsUnavailable,) as e:
+            return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except KeyboardInterrupt:
+            fail("interrupted")
+            return 130
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,9 @@ import torch
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 class ConfigError(ValueError):
     """A checkpoint's config cannot be served by this runtime."""
 
@@ -48,6 +51,13 @@ class ModelConfig:
                 f"unknown architecture model_type={mtype!r} (architectures={archs}); "
                 f"supported: {sorted(SUPPORTED_ARCHITECTURES.values())}"
             )
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ConfigError(f"config of {mtype!r} model lacks required key(s) {missing}")
+        for k in _REQUIRED:
+            v = d[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"config {k}={v!r} must be a positive integer")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
         heads = d["num_attention_heads"]
@@ -79,13 +89,24 @@ class ModelConfig:
             raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}")
         return cfg
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    @staticmethod
+    def read_json(path: str | Path) -> dict:
+        """The dict in a ``config.json``; a missing file is FileNotFoundError, a malformed one ConfigError."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} holds a {type(d).__name__}, not a JSON object")
+        return d
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(cls.read_json(path))
 
 
 def _rope_scaling(d: dict) -> dict | None:

@@ -9,6 +9,7 @@ All per-cycle state lives in device tensors; the only host read per cycle is whe
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from dataclasses import dataclass
@@ -294,10 +295,18 @@ class EagleModel:
 
     # ----------------------------------------------------------------------------------------------------------
     def encode(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        """Token ids per prompt. A prompt is a string or a sequence of integer ids (list, tuple, 1-D numpy array
+        or tensor); a batch is a list/tuple of prompts or a 2-D array."""
+        if hasattr(prompts, "tolist") and not isinstance(prompts, str):  # numpy arrays and tensors
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and _is_id(prompts[0])):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of either")
+        vocab = self.target.cfg.vocab_size
+        k = getattr(self.tree, "top_k", getattr(self.tree, "max_rank", 0))
+        if self.head is not None and k > vocab:
+            raise ValueError(f"the draft tree's top-k {k} exceeds the vocabulary of {vocab} tokens")
         out = []
         for p in prompts:
             if isinstance(p, str):
@@ -305,10 +314,13 @@ class EagleModel:
                     raise ValueError("a text prompt needs a tokenizer; pass token ids or load one")
                 ids = self.tokenizer(p)["input_ids"] if p else []
             else:
+                if hasattr(p, "tolist"):
+                    p = p.tolist()
+                if not isinstance(p, (list, tuple)) or not all(_is_id(t) for t in p):
+                    raise ValueError(f"a prompt must be a string or a sequence of integer token ids, got {type(p).__name__}")
                 ids = [int(t) for t in p]
             if not ids:
                 raise ValueError("empty prompt: give at least one token")
-            vocab = self.target.cfg.vocab_size
             if min(ids) < 0 or max(ids) >= vocab:
                 raise ValueError(f"prompt token ids must lie in [0, {vocab})")
             out.append(ids)
@@ -597,7 +609,7 @@ class EagleModel:
             accepts.append([n for n in hist_l[b] if n > 0])
         text = None
         if self.tokenizer is not None:
-            text = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+            text = [_continuation_text(self.tokenizer, p, t) for p, t in zip(ids, tokens)]
         return GenerationResult(tokens, text, accepts, [len(p) for p in ids], wall, t_prefill, speculative)
 
 
@@ -627,6 +639,26 @@ def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
         warnings.warn(msg, stacklevel=3)
+
+
+def _is_id(t) -> bool:
+    """An integer token id (Python, numpy or 0-d tensor integers; not bool)."""
+    if isinstance(t, bool):
+        return False
+    if isinstance(t, numbers.Integral):
+        return True
+    return isinstance(t, torch.Tensor) and t.ndim == 0 and not t.is_floating_point() and t.dtype != torch.bool
+
+
+def _continuation_text(tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text that ``new`` adds after ``prompt``: decode(prompt + new) minus decode(prompt), as transformers'
+    streamers do. Decoding ``new`` alone drops a word's leading space (SentencePiece's "▁there" decodes to
+    "there" at the start of a string), so ``prompt + text`` would read "timethere"."""
+    before = tokenizer.decode(prompt, skip_special_tokens=True)
+    full = tokenizer.decode(prompt + new, skip_special_tokens=True)
+    if full.startswith(before):
+        return full[len(before):]
+    return tokenizer.decode(new, skip_special_tokens=True)  # a tokenizer that rewrites the prompt's text
 
 
 def _load_tokenizer(base):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +24,8 @@ class CheckpointError(ValueError):
 
 def resolve_dir(name_or_path: str | Path, allow_patterns: list[str] | None = None) -> Path:
     """A local directory as is; otherwise a hub id resolved through the Hugging Face cache (offline works)."""
+    if not str(name_or_path).strip():
+        raise FileNotFoundError("empty model path: give a model directory or a hub id like 'org/name'")
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
@@ -45,8 +51,11 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         if (d / index_name).is_file():
-            with open(d / index_name) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(d / index_name) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{d / index_name} is not a valid index ({_one_line(e)})") from None
             break
         if (d / single).is_file():
             files = [single]
@@ -60,13 +69,66 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         path = d / name
         if not path.is_file():
             raise CheckpointError(f"shard {name} listed in the index is missing from {d}")
-        if name.endswith(".safetensors"):
+        state.update(_read_weights(path))
+    return state
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """One weights file as tensors, never unpickling code; unreadable, truncated or non-finite data raise
+    :class:`CheckpointError`."""
+    try:
+        if path.name.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state.update(load_file(str(path)))
+            state = load_file(str(path))
         else:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip raise many types; all mean a corrupt or foreign file
+        raise CheckpointError(f"cannot read weights {path} (corrupt, truncated or not a checkpoint): {_one_line(e)}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path} does not hold a mapping of names to tensors")
+    for k, v in state.items():
+        # NaN/inf weights give NaN logits, which surface much later as out-of-range sampled ids.
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{k} in {path} holds NaN or infinite values")
     return state
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` that exists here, or a one-line :class:`ValueError`."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+            raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, {build})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def check_max_len(max_len: int | None, context: int) -> int | None:
+    """Validate a requested KV cache length: a positive integer; beyond the model's context only warns."""
+    if max_len is None:
+        return None
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
+    if max_len > context:
+        warnings.warn(
+            f"max_len {max_len} exceeds the model's context of {context} positions (max_position_embeddings): "
+            "positions beyond it are untrained, and the KV cache grows with max_len",
+            stacklevel=3,
+        )
+    return max_len
 
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
@@ -110,13 +172,11 @@ def load_target(
     max_len: int | None = None,
 ) -> Transformer:
     """Our :class:`Transformer` with the weights of a HF LLaMA-family or Mixtral checkpoint."""
+    check_device(device)
     d = resolve_dir(name_or_path)
-    config_path = d / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json at {config_path}")
-    with open(config_path) as f:
-        config = json.load(f)
-    ModelConfig.from_dict(config)  # an unsupported architecture is reported before any weights are read
+    config = ModelConfig.read_json(d / "config.json")
+    cfg = ModelConfig.from_dict(config)  # an unsupported architecture is reported before any weights are read
+    check_max_len(max_len, cfg.max_position_embeddings)
     try:
         return target_from_state_dict(config, load_state_dict(d), dtype, device, max_len)
     except CheckpointError as e:
@@ -128,7 +188,10 @@ def target_from_state_dict(
 ) -> Transformer:
     """Our :class:`Transformer` from a HF config dict and HF-named tensors (e.g. a live transformers model)."""
     cfg = ModelConfig.from_dict(config)
-    max_len = max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+    if max_len is None:
+        max_len = min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+    elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
     with torch.device("meta"):
         model = Transformer(cfg, max_len)
     tied = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
@@ -149,3 +212,19 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
         if tuple(state[k].shape) != tuple(shape):
             raise CheckpointError(f"{k} in {where} has shape {tuple(state[k].shape)}, the config implies {tuple(shape)}")
     model.load_state_dict(state, assign=True, strict=not skip)
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX):
+    a kill at any moment leaves the old file or the new one, never a partial one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

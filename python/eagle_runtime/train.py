@@ -16,9 +16,15 @@ decay; gradient clipping 0.5. Saves the published EAGLE-1 format (``config.json`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
+import signal
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .config import ConfigError
 from .draft import EagleHead, head_config, init_head_, save_head
-from .loading import load_target
+from .loading import CheckpointError, atomic_write, load_target
 from .model import Transformer
 
 
@@ -50,6 +57,32 @@ class TrainConfig:
     max_minutes: float | None = None
     seed: int = 0
 
+    def __post_init__(self):
+        """Reject values that cannot train (one-line ValueError). ``warmup 0`` means no warm-up, ``eval_every 0``
+        evaluates only after the last step, ``save_every 0`` saves only at the end."""
+        positive = ("steps", "batch_size", "eval_batches")
+        non_negative = ("warmup", "eval_every", "save_every", "weight_decay", "noise", "cls_weight")
+        for name in positive + non_negative + ("lr", "grad_clip", "holdout_fraction", "seq_len", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v!r}")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be >= 2 (the head predicts the next position), got {self.seq_len}")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ValueError(f"--lr and --grad-clip must be > 0, got {self.lr} and {self.grad_clip}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"--holdout-fraction must lie in (0, 1), got {self.holdout_fraction}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"--max-minutes must be > 0, got {self.max_minutes}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must lie in [0, 2**63), got {self.seed}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
@@ -57,6 +90,8 @@ class TrainConfig:
 def _chat_rows(row: dict) -> list[tuple[str, str]] | None:
     if "messages" in row or "conversations" in row:
         msgs = row.get("messages") or row.get("conversations")
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise ValueError("'messages'/'conversations' must be a list of objects")
         out = []
         for m in msgs:
             role = m.get("role", m.get("from", "user"))
@@ -100,8 +135,17 @@ def load_corpus(path: str | Path, tokenizer) -> list[tuple[list[int], list[int]]
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                chat = _chat_rows(row)
+                try:
+                    row = json.loads(line)
+                    chat = _chat_rows(row) if isinstance(row, dict) else None
+                except (ValueError, AttributeError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: not a valid jsonl row ({type(e).__name__}: {e})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n}: a row must be a JSON object, got {type(row).__name__}")
+                if chat is not None and not all(isinstance(t, str) for _, t in chat):
+                    raise ValueError(f"{path}:{n}: every chat turn's content must be a string")
+                if "text" in row and chat is None and not isinstance(row["text"], str):
+                    raise ValueError(f"{path}:{n}: 'text' must be a string")
                 if chat is not None:
                     docs.append(encode_chat(tokenizer, chat))
                 elif "text" in row:
@@ -121,8 +165,9 @@ def load_corpus(path: str | Path, tokenizer) -> list[tuple[list[int], list[int]]
     return docs
 
 
-def pack(docs, seq_len: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate documents into ``[N, seq_len]`` rows (loss mask zero across document joins)."""
+def pack(docs, seq_len: int, pad_id: int = 0, what: str = "corpus") -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate documents into ``[N, seq_len]`` rows (loss mask zero across document joins). ``what`` names
+    the split in errors."""
     ids: list[int] = []
     mask: list[int] = []
     for d_ids, d_mask in docs:
@@ -132,9 +177,13 @@ def pack(docs, seq_len: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tenso
             mask[len(mask) - len(d_mask)] = 0  # never train the head across a document boundary
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"corpus too small for one sequence of {seq_len} tokens")
+        raise ValueError(f"{what} ({len(docs)} documents, {len(ids)} tokens) is shorter than one sequence of "
+                         f"{seq_len} tokens (--seq-len)")
     t = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
     m = torch.tensor(mask[: n * seq_len], dtype=torch.float32).view(n, seq_len)
+    if m[:, 1:].sum() == 0:  # the loss reads positions 1..T-1
+        raise ValueError(f"{what} has no trainable tokens (a chat corpus needs assistant turns: the loss covers "
+                         "assistant tokens only)")
     return t, m
 
 
@@ -170,9 +219,19 @@ def train_head(
     resume: bool = False,
     tokenizer=None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Train a head for ``base`` on ``corpus``; saves into ``out`` and returns the metrics history."""
+    """Train a head for ``base`` on ``corpus``; saves into ``out`` and returns the metrics history.
+
+    ``out`` holding a head is an error unless ``resume`` (continue it) or ``overwrite`` (replace it). Every save is
+    atomic (temporary files in ``out``, then renames). SIGINT/SIGTERM (main thread) stop at the next step
+    boundary, save, and return with ``"interrupted"`` set to the signal's name."""
     cfg = cfg or TrainConfig()
+    out = Path(out)
+    if resume and not (out / "train_state.pt").is_file():
+        raise FileNotFoundError(f"--resume: no {out / 'train_state.pt'}")
+    if not resume and not overwrite:
+        _refuse_overwrite(out)  # before any model or corpus is loaded
     torch.manual_seed(cfg.seed)
     target = base if isinstance(base, Transformer) else load_target(base, max_len=max(cfg.seq_len, 64))
     if tokenizer is None:
@@ -189,28 +248,39 @@ def train_head(
     rng = random.Random(cfg.seed)
     rng.shuffle(docs)
     n_hold = max(1, int(len(docs) * cfg.holdout_fraction))
-    train_t, train_m = pack(docs[n_hold:], cfg.seq_len)
-    hold_t, hold_m = pack(docs[:n_hold], cfg.seq_len)
+    if len(docs) < 2:
+        raise ValueError(f"corpus {corpus} holds {len(docs)} document; the held-out split needs one of its own")
+    train_t, train_m = pack(docs[n_hold:], cfg.seq_len, what=f"the training split of {corpus}")
+    hold_t, hold_m = pack(docs[:n_hold], cfg.seq_len, what=(
+        f"the held-out split of {corpus} (--holdout-fraction {cfg.holdout_fraction}: at least 1 document; it must "
+        "fill a whole sequence, so use a larger corpus or fraction, or a smaller --seq-len)"))
     head = EagleHead(head_config(target.cfg), target.max_len).to(dev)
     init_head_(head, cfg.seed)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     step, history = 0, []
-    state_path = out / "train_state.pt"
     if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume: no {state_path}")
-        st = torch.load(state_path, map_location=dev, weights_only=False)
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        step, history = st["step"], st["history"]
-    sched = lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0)))  # noqa: E731
+        step, history = _load_state(out / "train_state.pt", head, opt, dev)
+    sched = lambda s: lr_factor(s, cfg)  # noqa: E731
     gen = torch.Generator().manual_seed(cfg.seed + step)
     t_start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train head", dynamic_ncols=True)
     head.train()
-    while step < cfg.steps:
+    stop: list[str] = []
+    with _stop_on_signals(stop):
+        step = _train_loop(head, target, opt, sched, gen, train_t, train_m, hold_t, hold_m, cfg, step, history,
+                           out, bar, t_start, stop)
+    bar.close()
+    head.eval()
+    _save(head, opt, step, history, out, cfg)
+    if stop:
+        print(f"{stop[0]}: stopped at step {step}, saved to {out} (continue with --resume)", file=sys.stderr)
+    return {"history": history, "out": str(out), "steps": step, "interrupted": stop[0] if stop else None}
+
+
+def _train_loop(head, target, opt, sched, gen, train_t, train_m, hold_t, hold_m, cfg, step, history, out, bar,
+                t_start, stop) -> int:
+    dev = target.embed_tokens.weight.device
+    while step < cfg.steps and not stop:
         if cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes:
             bar.write(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
             break
@@ -226,17 +296,20 @@ def train_head(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{acc.item():.3f}")
         rec = {"step": step, "loss": loss.item(), "reg": reg.item(), "cls": cls.item(), "acc": acc.item()}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             rec.update(evaluate(head, target, hold_t, hold_m, cfg))
             bar.write(f"step {step}: held-out loss {rec['eval_loss']:.4f} top-1 {rec['eval_acc']:.3f}")
             head.train()
         history.append(rec)
-        if step % cfg.save_every == 0:
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             _save(head, opt, step, history, out, cfg)
-    bar.close()
-    head.eval()
-    _save(head, opt, step, history, out, cfg)
-    return {"history": history, "out": str(out), "steps": step}
+    return step
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps (none when 0), then cosine decay to 0 at ``cfg.steps``."""
+    warm = 1.0 if cfg.warmup == 0 else min(1.0, (step + 1) / cfg.warmup)
+    return warm * 0.5 * (1 + math.cos(math.pi * min(step / cfg.steps, 1.0)))
 
 
 @torch.no_grad()
@@ -252,14 +325,77 @@ def evaluate(head: EagleHead, target: Transformer, tokens, mask, cfg: TrainConfi
     return {"eval_loss": sum(losses) / len(losses), "eval_acc": sum(accs) / len(accs)}
 
 
+HEAD_FILES = ("pytorch_model.bin", "model.safetensors", "train_state.pt")
+
+
+def _refuse_overwrite(out: Path) -> None:
+    """A trained head is never replaced silently."""
+    found = [f for f in HEAD_FILES if (out / f).exists()]
+    if found:
+        raise FileExistsError(f"{out} already holds a head ({', '.join(found)}): pass --resume to continue it or "
+                              "--overwrite to replace it")
+
+
+def _load_state(state_path: Path, head, opt, dev) -> tuple[int, list]:
+    """Restore a ``train_state.pt`` written by :func:`_save`: tensors and plain values only (``weights_only``
+    loading never runs code from the file)."""
+    if not state_path.is_file():
+        raise FileNotFoundError(f"--resume: no {state_path}")
+    try:
+        st = torch.load(state_path, map_location=dev, weights_only=True)
+        head.load_state_dict(st["head"])
+        opt.load_state_dict(st["opt"])
+        step, history = int(st["step"]), list(st["history"])
+    except Exception as e:  # unpickling refusals, truncation and foreign files raise many types
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"--resume: cannot restore {state_path} ({type(e).__name__}: "
+                              f"{lines[0][:200] if lines else ''})") from None
+    return step, history
+
+
 def _save(head, opt, step, history, out: Path, cfg: TrainConfig) -> None:
-    save_head(head, out)
-    torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}, out / "train_state.pt")
-    with open(out / "train_config.json", "w") as f:
-        json.dump({"train": asdict(cfg), "steps_done": step, "last": history[-1] if history else None}, f, indent=2)
+    """The published head files, the resume state and the config, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".save.", dir=out))
+    try:
+        save_head(head, tmp_dir)
+        for f in sorted(tmp_dir.iterdir()):  # whole files renamed into place, never written in place
+            atomic_write(out / f.name, lambda p, f=f: os.replace(f, p))
+    finally:
+        for f in tmp_dir.iterdir():
+            f.unlink()
+        tmp_dir.rmdir()
+    state = {"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}
+    atomic_write(out / "train_state.pt", lambda p: torch.save(state, p))
+    summary = {"train": asdict(cfg), "steps_done": step, "last": history[-1] if history else None}
+    atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
 
 
-def main(argv=None) -> None:
+@contextlib.contextmanager
+def _stop_on_signals(stop: list):
+    """While active, SIGINT and SIGTERM append their name to ``stop`` (the loop then saves and returns) instead of
+    killing the process mid-write. Only the main thread can install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [signal.SIGINT, signal.SIGTERM]
+    old = {s: signal.getsignal(s) for s in sigs}
+
+    def handler(signum, frame):
+        stop.append(signal.Signals(signum).name)
+
+    for s in sigs:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s in sigs:
+            signal.signal(s, old[s])
+
+
+def main(argv=None) -> int:
+    from .cli import USER_ERRORS, OneLineParser
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--head", choices=["eagle1", "eagle3"], default="eagle1")
     kind, argv = pre.parse_known_args(argv)
@@ -267,22 +403,36 @@ def main(argv=None) -> None:
         from .train_eagle3 import main as main_eagle3
 
         return main_eagle3(argv)
-    p = argparse.ArgumentParser(prog="python -m eagle_runtime.train", description="Train an EAGLE-1 draft head "
-                                "(--head eagle3: an EAGLE-3 head, see python -m eagle_runtime.train --head eagle3 -h).")
+    p = OneLineParser(prog="python -m eagle_runtime.train", description="Train an EAGLE-1 draft head "
+                      "(--head eagle3: an EAGLE-3 head, see python -m eagle_runtime.train --head eagle3 -h).")
     p.add_argument("--base", required=True, help="target model: HF directory or hub id")
     p.add_argument("--corpus", required=True, help="plain text (blank-line separated documents) or chat jsonl")
     p.add_argument("--out", required=True, help="output directory (published EAGLE-1 format)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a head already in OUT")
     d = TrainConfig()
     for name, val in asdict(d).items():
         typ = float if name == "max_minutes" else type(val)
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=val)
     a = p.parse_args(argv)
-    cfg = TrainConfig(**{k: getattr(a, k) for k in asdict(d)})
-    res = train_head(a.base, a.corpus, a.out, cfg, resume=a.resume)
+    try:
+        cfg = TrainConfig(**{k: getattr(a, k) for k in asdict(d)})
+        if a.resume and a.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        res = train_head(a.base, a.corpus, a.out, cfg, resume=a.resume, overwrite=a.overwrite)
+    except (*USER_ERRORS, FileExistsError, ConfigError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before the training loop (loading): nothing to save
+        print("error: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     last = res["history"][-1] if res["history"] else {}
-    print(json.dumps({"out": res["out"], "steps": res["steps"], "last": last}, indent=2))
+    print(json.dumps({"out": res["out"], "steps": res["steps"], "interrupted": res["interrupted"], "last": last},
+                     indent=2))
+    if res["interrupted"]:
+        return 128 + signal.Signals[res["interrupted"]].value
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

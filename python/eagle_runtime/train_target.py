@@ -20,6 +20,8 @@ import argparse
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .loading import load_target
+from .loading import atomic_write, load_target
 from .model import Transformer
 
 # The repository's sibling ``shared/data`` holds the read-only data (corpora, the stories260k tokenizer);
@@ -68,6 +70,30 @@ class TargetConfig:
     store_dtype: str = "float32"
     train_files: list[str] = field(default_factory=lambda: [str(p) for p in DEFAULT_TRAIN])
     heldout_file: str = str(DEFAULT_HELDOUT)
+
+    def __post_init__(self):
+        """One-line ValueErrors for settings that cannot train; ``warmup 0`` is no warm-up and ``eval_every 0``
+        evaluates only the saved model at the end."""
+        for name in ("dim", "layers", "heads", "kv_heads", "intermediate", "max_position_embeddings", "batch_size",
+                     "steps", "eval_tokens", "heldout_stories"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        for name in ("warmup", "eval_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {v!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be >= 2, got {self.seq_len}")
+        for name in ("lr", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("--weight-decay must be >= 0 and --min-lr-ratio in [0, 1]")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"--max-minutes must be > 0, got {self.max_minutes}")
+        if self.store_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"--store-dtype must be float32, float16 or bfloat16, got {self.store_dtype!r}")
 
     def hf_config(self, tokenizer) -> dict:
         if self.dim % self.heads or self.heads % self.kv_heads:
@@ -188,12 +214,19 @@ def save_hf(model: Transformer, hf_cfg: dict, tokenizer, out: str | Path, dtype:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "config.json", "w") as f:
-        json.dump(hf_cfg, f, indent=2)
-    with open(out / "generation_config.json", "w") as f:
-        json.dump({"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"]}, f, indent=2)
-    save_file(hf_state_dict(model, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(str(out))
+    gen_cfg = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"]}
+    # Every file is written to a temporary name in ``out`` and renamed: a kill never leaves a partial file.
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2)))
+    atomic_write(out / "generation_config.json", lambda p: p.write_text(json.dumps(gen_cfg, indent=2)))
+    state = hf_state_dict(model, dtype)
+    atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -247,7 +280,7 @@ def train_target(cfg: TargetConfig, out: str | Path, tokenizer_dir: str | Path =
         if progress_frac >= 1.0:
             bar.write(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
             break
-        warm = min(1.0, (step + 1) / cfg.warmup)
+        warm = 1.0 if cfg.warmup == 0 else min(1.0, (step + 1) / cfg.warmup)
         cos = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_frac))
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm * cos
@@ -262,7 +295,7 @@ def train_target(cfg: TargetConfig, out: str | Path, tokenizer_dir: str | Path =
         rec = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time_s": time.perf_counter() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if step % cfg.eval_every == 0:
+        if cfg.eval_every and step % cfg.eval_every == 0:
             rec["heldout_loss"] = heldout_loss(model, held, cfg.seq_len, cfg.eval_tokens)
             bar.write(f"step {step}: train loss {rec['loss']:.3f}, held-out loss {rec['heldout_loss']:.3f}")
         history.append(rec)
@@ -287,8 +320,7 @@ def train_target(cfg: TargetConfig, out: str | Path, tokenizer_dir: str | Path =
         "hf_max_abs_logit_diff": check_hf_agreement(out, held[: 2 * 64].view(2, 64)),
         "config": asdict(cfg),
     }
-    with open(Path(out) / "train_metrics.json", "w") as f:
-        json.dump({**metrics, "history": history}, f, indent=1)
+    atomic_write(Path(out) / "train_metrics.json", lambda p: p.write_text(json.dumps({**metrics, "history": history}, indent=1)))
     return metrics
 
 
@@ -308,11 +340,17 @@ def main(argv=None) -> dict:
         else:
             p.add_argument(flag, type=type(val), default=val)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage block
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = TargetConfig(**{k: getattr(a, k) for k in asdict(d)})
-    m = train_target(cfg, a.out, a.tokenizer)
+    from .cli import USER_ERRORS
+
+    try:
+        cfg = TargetConfig(**{k: getattr(a, k) for k in asdict(d)})
+        m = train_target(cfg, a.out, a.tokenizer)
+    except USER_ERRORS as e:
+        p.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=2))
     return m
 

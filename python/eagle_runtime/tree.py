@@ -108,8 +108,15 @@ class DynamicTree:
     top_k: int = 10
 
     def __post_init__(self):
+        for name in ("total_tokens", "depth", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"DynamicTree {name} must be an integer, got {v!r}")
         if self.top_k < 1 or self.depth < 0 or self.total_tokens < 1:
-            raise ValueError(f"invalid dynamic tree {self}")
+            raise ValueError(f"invalid dynamic tree {self}: needs top_k >= 1, depth >= 0, total_tokens >= 1")
+        if self.total_tokens <= self.depth:
+            # the verify buffers are sized for a path of depth + 1 drafts; fewer nodes cannot fill it
+            raise ValueError(f"DynamicTree total_tokens {self.total_tokens} must exceed depth {self.depth}")
         pool = self.top_k + self.depth * self.top_k**2
         if self.total_tokens > pool:
             raise ValueError(f"total_tokens {self.total_tokens} exceeds the {pool} candidates top_k/depth produce")

@@ -1,0 +1,204 @@
+"""Draft-head training is safe to run and to stop: resume never runs code from the state file, saves are atomic,
+SIGTERM saves and exits, a trained head is never overwritten silently, and bad settings or corpora are one-line
+errors (exit status 2 from the command line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eagle_runtime import load_head, load_target
+from eagle_runtime.draft import EagleHead, head_config
+from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.loading import CheckpointError
+from eagle_runtime.train import TrainConfig, _load_state, _save, lr_factor, main, train_head
+
+from conftest import CORPUS, ROOT, require
+
+SMALL = dict(batch_size=2, seq_len=32, eval_batches=1, warmup=1)
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """The first 60 stories of the shared validation set (a few thousand tokens)."""
+    stories = require(CORPUS / "tinystories_val.txt").read_text(encoding="utf-8").split("\n\n")[:60]
+    path = tmp_path / "stories.txt"
+    path.write_text("\n\n".join(stories), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stories(stories_dir):
+    return load_target(stories_dir, max_len=64), _load_tokenizer(stories_dir)
+
+
+def _run_cli(argv, capsys) -> tuple[int, str]:
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+class _RunsCode:
+    """Unpickling this object runs a shell command (what a crafted train_state.pt can do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_never_unpickles_code(tmp_path, stories):
+    target, _ = stories
+    marker = tmp_path / "code_ran"
+    torch.save({"head": _RunsCode(marker), "opt": {}, "step": 1, "history": []}, tmp_path / "train_state.pt")
+    head = EagleHead(head_config(target.cfg), 64)
+    opt = torch.optim.AdamW(head.parameters())
+    with pytest.raises(CheckpointError, match="cannot restore"):
+        _load_state(tmp_path / "train_state.pt", head, opt, "cpu")
+    assert not marker.exists(), "loading train_state.pt ran code from the file"
+
+
+def test_saves_are_atomic(tmp_path, stories, monkeypatch):
+    """A kill in the middle of any save leaves the previous head and state whole and loadable."""
+    target, _ = stories
+    head = EagleHead(head_config(target.cfg), 64)
+    opt = torch.optim.AdamW(head.parameters())
+    cfg = TrainConfig(steps=5)
+    _save(head, opt, 1, [{"step": 1}], tmp_path, cfg)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    assert {"config.json", "pytorch_model.bin", "train_state.pt", "train_config.json"} <= set(before)
+    real_save = torch.save
+    for kill_at in (1, 2):  # during the head's weights, during the resume state
+        calls = []
+
+        def dying_save(obj, f, *a, **k):
+            calls.append(f)
+            if len(calls) == kill_at:
+                with open(f, "wb") as fh:
+                    fh.write(b"PK\x03\x04 half a file")
+                raise KeyboardInterrupt("killed mid-write")
+            return real_save(obj, f, *a, **k)
+
+        monkeypatch.setattr(torch, "save", dying_save)
+        with torch.no_grad():
+            head.fc.bias.add_(1.0)
+        with pytest.raises(KeyboardInterrupt):
+            _save(head, opt, 2, [{"step": 1}, {"step": 2}], tmp_path, cfg)
+        monkeypatch.setattr(torch, "save", real_save)
+        now = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+        assert set(now) == set(before), f"left behind: {set(now) ^ set(before)}"
+        if kill_at == 1:
+            assert now == before
+        assert now["train_state.pt"] == before["train_state.pt"]
+        load_head(tmp_path, target)
+        assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 1
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, stories_dir, small_corpus):
+    out = tmp_path / "head"
+    cmd = [sys.executable, "-m", "eagle_runtime.train", "--base", stories_dir, "--corpus", small_corpus, "--out", out,
+           "--steps", "100000", "--save-every", "2", "--eval-every", "1000", "--batch-size", "2", "--seq-len", "32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT)]))
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "train_state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and "SIGTERM: stopped at step" in stderr
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] >= 2 and json.loads(stdout)["steps"] == state["step"]
+    load_head(out, load_target(stories_dir, max_len=64))
+
+
+def test_trained_head_is_not_overwritten_silently(tmp_path, stories_dir, small_corpus, capsys):
+    out = tmp_path / "head"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"a trained head")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_head(stories_dir, small_corpus, out, TrainConfig(steps=1, **SMALL), progress=False)
+    rc, err = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", out, "--steps", 1], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--resume" in err and "--overwrite" in err
+    assert (out / "pytorch_model.bin").read_bytes() == b"a trained head"
+    rc, _ = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", out, "--steps", 1, "--overwrite",
+                      "--batch-size", 2, "--seq-len", 32], capsys)
+    assert rc == 0 and (out / "pytorch_model.bin").read_bytes() != b"a trained head"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag,value", [
+    ("--steps", 0), ("--steps", -3), ("--warmup", -1), ("--eval-every", -1), ("--save-every", -1),
+    ("--batch-size", 0), ("--seq-len", 1), ("--lr", 0), ("--lr", "nan"), ("--holdout-fraction", 1.0),
+    ("--eval-batches", 0), ("--max-minutes", 0), ("--seed", -1),
+])  # fmt: skip
+def test_train_flags_rejected_in_one_line(tmp_path, flag, value, capsys):
+    rc, err = _run_cli(["--base", tmp_path, "--corpus", tmp_path / "c.txt", "--out", tmp_path / "o", flag, value], capsys)
+    assert rc == 2 and err.count("\n") == 1 and flag in err, err
+
+
+def test_zero_warmup_eval_and_save_intervals_have_a_meaning(tmp_path, stories, small_corpus):
+    target, tok = stories
+    cfg = TrainConfig(steps=3, warmup=0, eval_every=0, save_every=0, **{k: v for k, v in SMALL.items() if k != "warmup"})
+    assert lr_factor(0, cfg) == 1.0  # no warm-up
+    res = train_head(target, small_corpus, tmp_path / "h", cfg, tokenizer=tok, progress=False)
+    evals = [r["step"] for r in res["history"] if "eval_loss" in r]
+    assert res["steps"] == 3 and evals == [3]  # eval_every 0: only after the last step
+    assert (tmp_path / "h" / "pytorch_model.bin").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Corpora
+# ----------------------------------------------------------------------------------------------------------------
+def test_chat_corpus_without_assistant_turns_is_an_error(tmp_path, stories):
+    target, tok = stories
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Tell me story number {i} about a cat and a dog."}]}
+            for i in range(60)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match="no trainable tokens"):
+        train_head(target, path, tmp_path / "h", TrainConfig(steps=2, **SMALL), tokenizer=tok, progress=False)
+    assert not (tmp_path / "h" / "pytorch_model.bin").exists()
+
+
+def test_too_small_names_the_held_out_split(tmp_path, stories, small_corpus):
+    target, tok = stories
+    cfg = TrainConfig(steps=2, **{**SMALL, "seq_len": 512})  # the held-out 5% (3 stories) cannot fill 512 tokens
+    with pytest.raises(ValueError, match="held-out split.*shorter than one sequence of 512 tokens"):
+        train_head(target, small_corpus, tmp_path / "h", cfg, tokenizer=tok, progress=False)
+
+
+@pytest.mark.parametrize("bad_row", ['{"messages": [', '[1, 2]', '{"messages": "hi"}', '{"text": 3}',
+                                     '{"question": "q", "answer": null}', '{"other": 1}'])
+def test_malformed_jsonl_names_file_and_line(tmp_path, stories_dir, bad_row, capsys):
+    path = tmp_path / "chat.jsonl"
+    good = json.dumps({"question": "What is two and two?", "answer": "Four."})
+    path.write_text("\n".join([good, good, bad_row, good]))
+    rc, err = _run_cli(["--base", stories_dir, "--corpus", path, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and f"{path}:3:" in err, err
+
+
+@pytest.mark.parametrize("flag,value", [("--steps", 0), ("--warmup", -1), ("--eval-every", -1), ("--seq-len", 1),
+                                        ("--lr", "inf"), ("--store-dtype", "int8")])
+def test_target_trainer_flags_rejected_in_one_line(tmp_path, flag, value, capsys):
+    from eagle_runtime.train_target import main as target_main
+
+    with pytest.raises(SystemExit) as e:
+        target_main(["--out", str(tmp_path / "t"), flag, str(value)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and flag in err and "Traceback" not in err, err
