@@ -145,9 +145,19 @@ class EagleModel:
         tree="dynamic",
         backend: str = "auto",
         max_len: int | None = None,
+        tensor_parallel: int | None = None,
     ) -> "EagleModel":
-        """Load a HF target (local directory or hub id) and an EAGLE-1 head in the published format."""
-        target = load_target(base, dtype=dtype, device=device, max_len=max_len)
+        """Load a HF target (local directory or hub id) and an EAGLE-1 head in the published format.
+
+        Inside a torchrun process the target is sharded over the process group (``tensor_parallel`` overrides
+        the size; see :mod:`eagle_runtime.parallel`); the head is replicated on every rank."""
+        from .parallel import load_target_parallel, local_device, resolve_tensor_parallel
+
+        if resolve_tensor_parallel(tensor_parallel) > 1:
+            target = load_target_parallel(base, dtype=dtype, device=device, max_len=max_len)
+            device = local_device(device)
+        else:
+            target = load_target(base, dtype=dtype, device=device, max_len=max_len)
         head = load_head(draft, target) if draft is not None else None
         return cls(target, head, _load_tokenizer(base), tree=tree, backend=backend)
 
@@ -164,6 +174,8 @@ class EagleModel:
 
     def set_backend(self, backend: str) -> None:
         self.ops = get_ops(backend)
+        if getattr(self.target, "tp", None) is not None:  # tensor parallel: EAGLE_TP_DEBUG checks rank agreement
+            self.ops = self.target.tp.wrap_ops(self.ops)
         self.target.ops = self.ops
 
     # ----------------------------------------------------------------------------------------------------------
