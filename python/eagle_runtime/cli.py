@@ -43,7 +43,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
+    from .parallel import shutdown_distributed
+
+    try:
+        return _generate(a)
+    finally:
+        shutdown_distributed()  # under torchrun: leave the process group cleanly
+
+
+def _generate(a) -> int:
     from .generate import EagleModel
+    from .parallel import is_main_process, tensor_parallel_size
 
     tree = (
         DynamicTree(a.total_tokens, a.depth, a.top_k_draft) if a.tree == "dynamic" else StaticTree()
@@ -58,12 +68,18 @@ def main(argv=None) -> int:
             seed=a.seed, speculative=a.draft is not None,
         )
     except (FileNotFoundError, ConfigError, CheckpointError, BackendUnavailable, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    if not is_main_process():  # tensor parallel: every rank holds the same result, rank 0 prints it
+        return 0
     n = res.num_new_tokens
     if a.json:
-        print(json.dumps({"text": res.text, "tokens": res.tokens, "accept_lengths": res.accept_lengths,
-                          "tau": res.tau if a.draft else None, "tokens_per_s": n / res.wall_time_s}))
+        out = {"text": res.text, "tokens": res.tokens, "accept_lengths": res.accept_lengths,
+               "tau": res.tau if a.draft else None, "tokens_per_s": n / res.wall_time_s}
+        if tensor_parallel_size(model.target) > 1:
+            out["tensor_parallel"] = tensor_parallel_size(model.target)
+        print(json.dumps(out))
         return 0
     for i, text in enumerate(res.text or [str(t) for t in res.tokens]):
         print(f"[{i}] {a.prompt[i] if i < len(a.prompt) else ''}{text}")

@@ -154,7 +154,8 @@ class EagleModel:
         from .parallel import load_target_parallel, local_device, resolve_tensor_parallel
 
         if resolve_tensor_parallel(tensor_parallel) > 1:
-            target = load_target_parallel(base, dtype=dtype, device=device, max_len=max_len)
+            target = load_target_parallel(base, dtype=dtype, device=device, max_len=max_len,
+                                          tensor_parallel=tensor_parallel)
             device = local_device(device)
         else:
             target = load_target(base, dtype=dtype, device=device, max_len=max_len)

@@ -87,6 +87,12 @@ def local_device(device: str | torch.device) -> torch.device:
     return d
 
 
+def shutdown_distributed() -> None:
+    """Destroy the default process group if one is running (end of a torchrun CLI run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """Rank 0, or no process group: the process that prints."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -368,6 +374,7 @@ def load_target_parallel(
     device: str | torch.device = "cpu",
     max_len: int | None = None,
     *,
+    tensor_parallel: int | None = None,
     vocab: str = "replicated",
     group=None,
 ):
@@ -382,6 +389,8 @@ def load_target_parallel(
     device = local_device(device)
     init_distributed(device)
     tp = TPGroup(group)
+    if tensor_parallel is not None and tensor_parallel != tp.world:
+        raise ValueError(f"tensor_parallel={tensor_parallel} but the process group has {tp.world} ranks")
     d = resolve_dir(name_or_path)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"no config.json at {d / 'config.json'}")
@@ -440,5 +449,6 @@ __all__ = [
     "load_target_parallel",
     "read_shards",
     "resolve_tensor_parallel",
+    "shutdown_distributed",
     "tensor_parallel_size",
 ]
