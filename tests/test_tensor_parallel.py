@@ -1,0 +1,169 @@
+"""Tensor parallelism under torchrun (gloo on CPU): outputs identical to one process, each rank loads its share.
+
+The test launches this file as a torchrun worker (``python -m torch.distributed.run --standalone
+--nproc-per-node N tests/test_tensor_parallel.py OUT``); every rank runs :func:`run_cases` and writes its results
+to ``OUT/rank<r>.json``. The same :func:`run_cases` in the test process, on unsharded models, is the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, STORIES, STORIES_MOE, require
+
+DEMO = ROOT / "python" / "eagle_runtime" / "demo"
+
+PROMPTS = [[1, 403, 262, 338, 286], [1, 349, 423], [1, 306, 261, 376, 298, 315, 421]]  # batch 3, ragged
+N_NEW = 10
+# (name, checkpoint, vocab layout of the sharded target)
+CASES = [("stories", STORIES, "parallel"), ("moe", STORIES_MOE, "replicated")]
+CLI_ARGS = ["generate", "--base", str(DEMO / "target"), "--draft", str(DEMO / "head"), "--backend", "torch",
+            "--prompt", "Once upon a time", "--prompt", "The dog", "--prompt", "Lily and Tom", "--json",
+            "--max-new-tokens", "16", "--total-tokens", "16", "--depth", "4", "--top-k-draft", "4"]
+
+
+def run_cases(load) -> dict:
+    """Greedy plain, greedy speculative and sampled speculative tokens of every case; ``load(path, vocab)``
+    gives the target (sharded under torchrun, whole in the test process)."""
+    from eagle_runtime import DynamicTree, EagleModel, random_head
+
+    out = {}
+    for name, path, vocab in CASES:
+        target = load(path, vocab)
+        model = EagleModel(target, random_head(target, seed=1), tree=DynamicTree(12, 3, 4), backend="torch")
+        out[name] = {
+            "plain": model.generate(PROMPTS, N_NEW, speculative=False).tokens,
+            "greedy": model.generate(PROMPTS, N_NEW).tokens,
+            "sampled": model.generate(PROMPTS, N_NEW, temperature=1.0, seed=7).tokens,
+        }
+        tp = getattr(target, "tp", None)
+        if tp is not None:
+            out[name]["bytes_loaded"] = tp.bytes_loaded
+            out[name]["params"] = sum(p.numel() for p in target.parameters())
+    return out
+
+
+def run_cli(argv) -> tuple[int, str]:
+    from eagle_runtime.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    return rc, buf.getvalue()
+
+
+def _worker(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from eagle_runtime.parallel import load_target_parallel
+
+    res = run_cases(lambda path, vocab: load_target_parallel(path, max_len=64, vocab=vocab))
+    rank = dist.get_rank()
+    res["cli"] = run_cli(CLI_ARGS)  # last: the CLI leaves the process group when it is done
+    with open(Path(out_dir) / f"rank{rank}.json.tmp", "w") as f:
+        json.dump(res, f)
+    os.replace(Path(out_dir) / f"rank{rank}.json.tmp", Path(out_dir) / f"rank{rank}.json")
+
+
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference():
+    require(STORIES)
+    require(STORIES_MOE)
+    from eagle_runtime import load_target
+
+    res = run_cases(lambda path, vocab: load_target(path, max_len=64))
+    rc, stdout = run_cli(CLI_ARGS)
+    assert rc == 0
+    res["cli"] = json.loads(stdout)
+    return res
+
+
+def _launch(n: int, out: Path) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", EAGLE_TP_DEBUG="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           __file__, str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"torchrun failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+def _replicated_bytes(path: Path, vocab: str) -> tuple[int, int]:
+    """(bytes of the whole checkpoint, bytes every rank reads in full: norms, router, and embed/lm_head if
+    replicated)."""
+    from safetensors import safe_open
+
+    total = rep = 0
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_slice(k)
+            n = {"F32": 4, "F16": 2, "BF16": 2}[t.get_dtype()]
+            for s in t.get_shape():
+                n *= s
+            total += n
+            if k.endswith("norm.weight") or ".gate.weight" in k or (
+                vocab == "replicated" and k.endswith(("embed_tokens.weight", "lm_head.weight"))
+            ):
+                rep += n
+    return total, rep
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_matches_single_process(reference, world, tmp_path):
+    ranks = _launch(world, tmp_path)
+    for name, path, vocab in CASES:
+        for r, res in enumerate(ranks):
+            for mode in ("plain", "greedy", "sampled"):
+                assert res[name][mode] == reference[name][mode], f"{name} {mode} at TP{world}, rank {r}"
+        # greedy speculative equals plain greedy (also within the sharded run)
+        assert ranks[0][name]["greedy"] == ranks[0][name]["plain"]
+        # each rank read only its slices: over all ranks, the checkpoint once plus the replicated tensors
+        # (norms, router) once per extra rank; KV heads split evenly (stories: 4 KV heads, world 2 and 4)
+        total, rep = _replicated_bytes(path, vocab)
+        loaded = [res[name]["bytes_loaded"] for res in ranks]
+        assert sum(loaded) == total + (world - 1) * rep, (name, world, loaded, total, rep)
+        assert max(loaded) <= (total - rep) / world * 1.02 + rep, (name, world, loaded)
+        assert len({res[name]["params"] for res in ranks}) == 1
+    # the demo pair through the CLI: rank 0 prints one JSON line with tensor_parallel, the others nothing
+    rc, stdout = ranks[0]["cli"]
+    assert rc == 0
+    line = json.loads(stdout)
+    assert line.pop("tensor_parallel") == world
+    assert line["tokens"] == reference["cli"]["tokens"] and line["text"] == reference["cli"]["text"]
+    assert line["accept_lengths"] == reference["cli"]["accept_lengths"]
+    assert all(res["cli"] == [0, ""] for res in ranks[1:])
+
+
+def test_shard_plan_rejects_indivisible_sizes_and_bin(tmp_path):
+    from eagle_runtime.config import ConfigError, ModelConfig
+    from eagle_runtime.loading import CheckpointError
+    from eagle_runtime.parallel import ShardPlan, _safetensors_files
+
+    cfg = ModelConfig.from_file(require(STORIES) / "config.json")
+    with pytest.raises(ConfigError, match="num_attention_heads=8"):
+        ShardPlan.make(cfg, 3, 0, False)
+    # 8 query heads over 4 KV heads at TP8: each rank keeps the one KV head its query head reads
+    cfg8 = ModelConfig.from_dict(dict(cfg.raw, intermediate_size=176))
+    plan = [ShardPlan.make(cfg8, 8, r, False) for r in range(8)]
+    assert [p.kv_start for p in plan] == [0, 0, 1, 1, 2, 2, 3, 3] and plan[0].local_kv_heads == 1
+    wide = ModelConfig.from_dict(dict(cfg.raw, num_attention_heads=16, num_key_value_heads=16, head_dim=4))
+    with pytest.raises(ConfigError, match="intermediate_size=172"):
+        ShardPlan.make(wide, 8, 0, False)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="cannot be sliced"):
+        _safetensors_files(tmp_path)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
