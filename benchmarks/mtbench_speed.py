@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without the editable install
 
 from eagle_runtime import DynamicTree, EagleModel, StaticTree  # noqa: E402
+from eagle_runtime.parallel import is_main_process, shutdown_distributed, tensor_parallel_size  # noqa: E402
 
 DEFAULT_QUESTIONS = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data")) / "bench" / "mt_bench.jsonl"
 CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
@@ -229,7 +230,10 @@ def run(args) -> dict:
     cfg = model.target.cfg
     eos = cfg.eos_token_id
     runners = {"plain": OurRunner(model, False), "eagle": OurRunner(model, True)}
-    if not args.no_hf:
+    tp = tensor_parallel_size(model.target)  # > 1 under torchrun: the target is sharded over the ranks
+    if not args.no_hf and tp > 1 and is_main_process():
+        print(f"note: tensor_parallel={tp}: skipping the transformers baseline (it would load the whole model per rank)")
+    if not args.no_hf and tp == 1:
         from eagle_runtime.loading import resolve_dir
 
         runners["hf"] = HFRunner(str(resolve_dir(base)), dtype, device, eos, tok.pad_token_id)
@@ -250,7 +254,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     total = len(args.temperatures) * len(questions) * 2 * len(methods)
-    bar = tqdm(total=total, desc="mt-bench", dynamic_ncols=True)
+    bar = tqdm(total=total, desc="mt-bench", dynamic_ncols=True, disable=not is_main_process())
     results, truncated = {}, 0
     for temp in args.temperatures:
         rows = {m: [] for m in methods}
@@ -312,6 +316,7 @@ def run(args) -> dict:
             "tree": {k: getattr(tree, k) for k in ("total_tokens", "depth", "top_k")} if isinstance(tree, DynamicTree) else "static",
             "backend": model.ops.name,
             "dtype": args.dtype,
+            "tensor_parallel": tp,
             "threads": torch.get_num_threads(),
             "seed": args.seed,
             "context": model.target.max_len,
@@ -422,10 +427,16 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(REPO / "results"))
     args = p.parse_args(argv)
     res = run(args)
+    main_rank = is_main_process()
+    shutdown_distributed()
+    if not main_rank:  # under torchrun every rank holds the same result; rank 0 reports it
+        return res
     print(report(res))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "mtbench_" + re.sub(r"[^A-Za-z0-9]+", "_", res["device"]).strip("_").lower()
+    if res["config"]["tensor_parallel"] > 1:
+        name += f"_tp{res['config']['tensor_parallel']}"
     (out / f"{name}.json").write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
     plot(res, out / f"{name}.png")
     print(f"wrote {out / name}.json and .png")
