@@ -69,6 +69,21 @@ def _worker(out_dir: str) -> None:
 
     res = run_cases(lambda path, vocab: load_target_parallel(path, max_len=64, vocab=vocab))
     rank = dist.get_rank()
+    from eagle_runtime.parallel import TPGroup
+
+    try:  # the debug check (EAGLE_TP_DEBUG=1, on in these runs) raises on every rank when ranks disagree
+        TPGroup().check_agree("a test tensor", torch.tensor([rank]))
+        res["disagreement_caught"] = False
+    except RuntimeError as e:
+        res["disagreement_caught"] = "ranks disagree on a test tensor" in str(e)
+    if dist.get_world_size() == 2:  # the benchmark's byte counts (it leaves the process group; the CLI re-joins)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("tp_speed", ROOT / "benchmarks" / "tp_speed.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        res["bench"] = bench.main(["--backend", "torch", "--num-prompts", "1", "--max-new-tokens", "6",
+                                   "--out", out_dir])
     res["cli"] = run_cli(CLI_ARGS)  # last: the CLI leaves the process group when it is done
     with open(Path(out_dir) / f"rank{rank}.json.tmp", "w") as f:
         json.dump(res, f)
@@ -135,6 +150,7 @@ def test_tensor_parallel_matches_single_process(reference, world, tmp_path):
         assert sum(loaded) == total + (world - 1) * rep, (name, world, loaded, total, rep)
         assert max(loaded) <= (total - rep) / world * 1.02 + rep, (name, world, loaded)
         assert len({res[name]["params"] for res in ranks}) == 1
+    assert all(res["disagreement_caught"] for res in ranks)
     # the demo pair through the CLI: rank 0 prints one JSON line with tensor_parallel, the others nothing
     rc, stdout = ranks[0]["cli"]
     assert rc == 0
@@ -143,6 +159,14 @@ def test_tensor_parallel_matches_single_process(reference, world, tmp_path):
     assert line["tokens"] == reference["cli"]["tokens"] and line["text"] == reference["cli"]["text"]
     assert line["accept_lengths"] == reference["cli"]["accept_lengths"]
     assert all(res["cli"] == [0, ""] for res in ranks[1:])
+    if world == 2:  # tp_speed: one all-reduce of [tokens, hidden] float32 per o_proj and per down_proj
+        bench = ranks[0]["bench"]
+        per_token = 2 * bench["target"]["layers"] * bench["target"]["hidden"] * 4
+        assert bench["tensor_parallel"] == 2 and bench["plain"]["tokens_per_s"] > 0
+        assert bench["plain"]["all_reduce_bytes_per_step"] == per_token
+        assert bench["eagle"]["all_reduce_bytes_per_step"] == per_token * bench["tree"]["verify_tokens"]
+        assert bench["eagle"]["all_gather_bytes_per_step"] == 0  # replicated vocab: no gather, no draft collective
+        assert list(tmp_path.glob("tp_speed_*_tp2.json"))
 
 
 def test_shard_plan_rejects_indivisible_sizes_and_bin(tmp_path):
