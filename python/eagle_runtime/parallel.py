@@ -178,6 +178,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.tp = tp
+        self.out_features, self.in_features = weight.shape  # local in_features, as nn.Linear reports them
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, tp: TPGroup) -> "RowParallelLinear":
@@ -210,6 +211,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.start, self.num_embeddings, self.tp = start, vocab_size, tp
+        self.embedding_dim = weight.shape[1]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
@@ -229,6 +231,7 @@ class VocabParallelLMHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.vocab_size, self.tp = vocab_size, tp
+        self.in_features, self.out_features = weight.shape[1], vocab_size
         self.shard = _vocab_shard(vocab_size, tp.world, 0)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
