@@ -67,6 +67,7 @@ def _worker(out_dir: str) -> None:
 
     from eagle_runtime.parallel import load_target_parallel
 
+    dist.init_process_group("gloo")  # ours: the CLI and the benchmark leave it running
     res = run_cases(lambda path, vocab: load_target_parallel(path, max_len=64, vocab=vocab))
     rank = dist.get_rank()
     from eagle_runtime.parallel import TPGroup
@@ -76,7 +77,7 @@ def _worker(out_dir: str) -> None:
         res["disagreement_caught"] = False
     except RuntimeError as e:
         res["disagreement_caught"] = "ranks disagree on a test tensor" in str(e)
-    if dist.get_world_size() == 2:  # the benchmark's byte counts (it leaves the process group; the CLI re-joins)
+    if dist.get_world_size() == 2:  # the benchmark's byte counts
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("tp_speed", ROOT / "benchmarks" / "tp_speed.py")
@@ -84,10 +85,11 @@ def _worker(out_dir: str) -> None:
         spec.loader.exec_module(bench)
         res["bench"] = bench.main(["--backend", "torch", "--num-prompts", "1", "--max-new-tokens", "6",
                                    "--out", out_dir])
-    res["cli"] = run_cli(CLI_ARGS)  # last: the CLI leaves the process group when it is done
+    res["cli"] = run_cli(CLI_ARGS)
     with open(Path(out_dir) / f"rank{rank}.json.tmp", "w") as f:
         json.dump(res, f)
     os.replace(Path(out_dir) / f"rank{rank}.json.tmp", Path(out_dir) / f"rank{rank}.json")
+    dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from .config import ConfigError, ModelConfig
 from .loading import CheckpointError, resolve_dir, target_from_state_dict
 
 DEBUG_ENV = "EAGLE_TP_DEBUG"
+_owned_group = False  # whether init_distributed created the default group (and shutdown_distributed may end it)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,6 +56,7 @@ def env_world_size() -> int:
 
 def init_distributed(device: str | torch.device = "cpu") -> None:
     """Join torchrun's process group if not yet joined: NCCL for CUDA devices, gloo otherwise."""
+    global _owned_group
     if dist.is_initialized():
         return
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
@@ -66,6 +68,7 @@ def init_distributed(device: str | torch.device = "cpu") -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+    _owned_group = True
 
 
 def resolve_tensor_parallel(tensor_parallel: int | None) -> int:
@@ -88,9 +91,12 @@ def local_device(device: str | torch.device) -> torch.device:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the default process group if one is running (end of a torchrun CLI run)."""
-    if dist.is_available() and dist.is_initialized():
+    """Destroy the default process group if :func:`init_distributed` created it (end of a torchrun CLI run);
+    a group the caller created is the caller's to end."""
+    global _owned_group
+    if _owned_group and dist.is_initialized():
         dist.destroy_process_group()
+    _owned_group = False
 
 
 def is_main_process() -> bool:
