@@ -191,5 +191,47 @@ def test_shard_plan_rejects_indivisible_sizes_and_bin(tmp_path):
         _safetensors_files(tmp_path)
 
 
+def test_read_shards_slices_an_index_of_shards(tmp_path):
+    """Each rank's slices, read from a checkpoint split into two files with an index, put back together give
+    every tensor of the single-file checkpoint; Mixtral's fused transformers-5 expert layout is sliced too."""
+    from safetensors.torch import load_file, save_file
+
+    from eagle_runtime.config import ModelConfig
+    from eagle_runtime.parallel import ShardPlan, read_shards
+
+    full = load_file(str(require(STORIES) / "model.safetensors"))
+    cfg = ModelConfig.from_file(STORIES / "config.json")
+    keys = sorted(full)
+    (tmp_path / "config.json").write_text((STORIES / "config.json").read_text())
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
+    for name, part in zip(names, halves):
+        save_file({k: full[k] for k in part}, str(tmp_path / name))
+    index = {"weight_map": {k: names[i] for i, part in enumerate(halves) for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    world = 2
+    shards = [read_shards(tmp_path, ShardPlan.make(cfg, world, r, True)) for r in range(world)]
+    assert sum(n for _, n in shards) < 1.01 * sum(t.numel() * 4 for t in full.values())
+    for k, t in full.items():
+        parts = [s[k] for s, _ in shards]
+        if parts[0].shape == t.shape:  # replicated (norms)
+            assert all(torch.equal(p, t) for p in parts), k
+        else:
+            dim = 1 if k.endswith(("o_proj.weight", "down_proj.weight")) else 0
+            assert torch.equal(torch.cat(parts, dim), t), k
+    # transformers 5 Mixtral experts: gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I]
+    E, I, H = 2, 8, 4
+    gate_up, down = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": gate_up, "model.layers.0.mlp.experts.down_proj": down},
+              str(tmp_path / "moe.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "moe.safetensors"}}))
+    moe = ModelConfig.from_dict(dict(cfg.raw, intermediate_size=I))
+    got = [read_shards(tmp_path, ShardPlan.make(moe, world, r, False))[0] for r in range(world)]
+    gu = [g["model.layers.0.mlp.experts.gate_up_proj"] for g in got]
+    assert torch.equal(torch.cat([x[:, : I // 2] for x in gu], 1), gate_up[:, :I])  # gate rows of each rank
+    assert torch.equal(torch.cat([x[:, I // 2 :] for x in gu], 1), gate_up[:, I:])  # up rows of each rank
+    assert torch.equal(torch.cat([g["model.layers.0.mlp.experts.down_proj"] for g in got], 2), down)
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
