@@ -149,14 +149,13 @@ class EagleModel:
     ) -> "EagleModel":
         """Load a HF target (local directory or hub id) and an EAGLE-1 head in the published format.
 
-        Inside a torchrun process the target is sharded over the process group (``tensor_parallel`` overrides
-        the size; see :mod:`eagle_runtime.parallel`); the head is replicated on every rank."""
-        from .parallel import load_target_parallel, local_device, resolve_tensor_parallel
+        Inside a torchrun process the target is sharded over the process group (``tensor_parallel``, when
+        given, must equal its size; see :mod:`eagle_runtime.parallel`); the head is replicated on every rank."""
+        from .parallel import load_target_parallel, resolve_tensor_parallel
 
         if resolve_tensor_parallel(tensor_parallel) > 1:
             target = load_target_parallel(base, dtype=dtype, device=device, max_len=max_len,
                                           tensor_parallel=tensor_parallel)
-            device = local_device(device)
         else:
             target = load_target(base, dtype=dtype, device=device, max_len=max_len)
         head = load_head(draft, target) if draft is not None else None
