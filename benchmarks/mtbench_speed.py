@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without th
 
 from eagle_runtime import DynamicTree, EagleModel, StaticTree  # noqa: E402
 from eagle_runtime.adaptive import AutoTree  # noqa: E402
+from eagle_runtime.parallel import is_main_process, shutdown_distributed, tensor_parallel_size  # noqa: E402
 
 DEFAULT_QUESTIONS = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data")) / "bench" / "mt_bench.jsonl"
 CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
@@ -290,7 +291,10 @@ def run(args, questions: tuple[list[dict], str] | None = None) -> dict:
     cfg = model.target.cfg
     eos = cfg.eos_token_id
     runners = {"plain": OurRunner(model, False), "eagle": OurRunner(model, True)}
-    if not args.no_hf:
+    tp = tensor_parallel_size(model.target)  # > 1 under torchrun: the target is sharded over the ranks
+    if not args.no_hf and tp > 1 and is_main_process():
+        print(f"note: tensor_parallel={tp}: skipping the transformers baseline (it would load the whole model per rank)")
+    if not args.no_hf and tp == 1:
         from eagle_runtime.loading import resolve_dir
 
         runners["hf"] = HFRunner(str(resolve_dir(base)), dtype, device, eos, tok.pad_token_id)
@@ -311,7 +315,7 @@ def run(args, questions: tuple[list[dict], str] | None = None) -> dict:
     from tqdm import tqdm
 
     total = len(args.temperatures) * len(questions) * 2 * len(methods)
-    bar = tqdm(total=total, desc="mt-bench", dynamic_ncols=True)
+    bar = tqdm(total=total, desc="mt-bench", dynamic_ncols=True, disable=not is_main_process())
     results, truncated = {}, 0
     for temp in args.temperatures:
         rows = {m: [] for m in methods}
@@ -378,6 +382,7 @@ def run(args, questions: tuple[list[dict], str] | None = None) -> dict:
                      else "auto" if isinstance(tree, AutoTree) else "static"),
             "backend": model.ops.name,
             "dtype": args.dtype,
+            "tensor_parallel": tp,
             "threads": torch.get_num_threads(),
             "seed": args.seed,
             "context": model.target.max_len,
@@ -508,7 +513,8 @@ def result_name(res: dict, when: datetime | None = None) -> str:
     base = res["config"]["base"]
     model = "demo" if base.startswith("eagle_runtime.demo") else Path(base.rstrip("/")).name
     stamp = (when or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
-    return f"mtbench_{slug(res['device'])}_{slug(model)}_{stamp}"
+    tp = res["config"].get("tensor_parallel", 1)
+    return f"mtbench_{slug(res['device'])}_{slug(model)}{f'_tp{tp}' if tp > 1 else ''}_{stamp}"
 
 
 def write_atomic(path: Path, write) -> None:
@@ -561,6 +567,10 @@ def main(argv=None) -> dict:
         res = run(args, questions)
     except USER_ERRORS as e:  # e.g. a model directory that does not exist or does not load
         p.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    main_rank = is_main_process()
+    shutdown_distributed()
+    if not main_rank:  # under torchrun every rank holds the same result; rank 0 reports it
+        return res
     print(report(res))
     out = Path(args.out)
     name = result_name(res)

@@ -84,6 +84,7 @@ def _finite(x):
 
 def generate(a) -> int:
     from .generate import EagleModel
+    from .parallel import is_main_process, tensor_parallel_size
 
     if a.max_new_tokens < 1:
         return fail(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
@@ -104,12 +105,16 @@ def generate(a) -> int:
         prompts, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
         seed=a.seed, speculative=a.draft is not None,
     )
+    if not is_main_process():  # tensor parallel: every rank holds the same result, rank 0 prints it
+        return 0
     n = res.num_new_tokens
     rate = n / res.wall_time_s if res.wall_time_s > 0 else None
     if a.json:
-        print(json.dumps({"text": res.text, "tokens": res.tokens, "accept_lengths": res.accept_lengths,
-                          "tau": _finite(res.tau) if a.draft else None, "tokens_per_s": _finite(rate),
-                          "tree": res.tree}, allow_nan=False))
+        out = {"text": res.text, "tokens": res.tokens, "accept_lengths": res.accept_lengths,
+               "tau": _finite(res.tau) if a.draft else None, "tokens_per_s": _finite(rate), "tree": res.tree}
+        if tensor_parallel_size(model.target) > 1:
+            out["tensor_parallel"] = tensor_parallel_size(model.target)
+        print(json.dumps(out, allow_nan=False))
         return 0
     for i, text in enumerate(res.text or [str(t) for t in res.tokens]):
         print(f"[{i}] {a.prompt[i] if i < len(a.prompt) else ''}{text}")
@@ -172,6 +177,7 @@ def env_report(build_info=None) -> list[str]:
 
 def main(argv=None) -> int:
     from .generate import GraphsUnavailable
+    from .parallel import is_main_process, shutdown_distributed
 
     a = _parser().parse_args(argv)
     if a.command == "env":
@@ -183,10 +189,14 @@ def main(argv=None) -> int:
         try:
             return generate(a)
         except USER_ERRORS + (GraphsUnavailable,) as e:
+            if not is_main_process():  # under torchrun every rank fails alike; rank 0 says why
+                return 2
             return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         except KeyboardInterrupt:
             fail("interrupted")
             return 130
+        finally:
+            shutdown_distributed()  # under torchrun: leave the process group cleanly
 
 if __name__ == "__main__":
     sys.exit(main())

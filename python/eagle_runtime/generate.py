@@ -269,14 +269,23 @@ class EagleModel:
         backend: str = "auto",
         max_len: int | None = None,
         cuda_graphs: bool | None = None,
+        tensor_parallel: int | None = None,
     ) -> "EagleModel":
         """Load a HF target (local directory or hub id) and an EAGLE-1 or EAGLE-3 head (format auto-detected).
 
-        ``dtype=None`` is bfloat16 on CUDA and float32 elsewhere; ``cuda_graphs`` is the constructor's."""
+        ``dtype=None`` is bfloat16 on CUDA and float32 elsewhere; ``cuda_graphs`` is the constructor's. Inside a
+        torchrun process the target is sharded over the process group (``tensor_parallel``, when given, must
+        equal its size; see :mod:`eagle_runtime.parallel`); the head is replicated on every rank."""
+        from .parallel import load_target_parallel, resolve_tensor_parallel
+
         dev = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        target = load_target(base, dtype=dtype, device=dev, max_len=max_len)
+        if resolve_tensor_parallel(tensor_parallel) > 1:
+            target = load_target_parallel(base, dtype=dtype, device=dev, max_len=max_len,
+                                          tensor_parallel=tensor_parallel)
+        else:
+            target = load_target(base, dtype=dtype, device=dev, max_len=max_len)
         head = load_head(draft, target) if draft is not None else None
         return cls(target, head, _load_tokenizer(base), tree=tree, backend=backend, cuda_graphs=cuda_graphs)
 
@@ -289,6 +298,8 @@ class EagleModel:
 
     def set_backend(self, backend: str) -> None:
         self.ops = get_ops(backend)
+        if getattr(self.target, "tp", None) is not None:  # tensor parallel: EAGLE_TP_DEBUG checks rank agreement
+            self.ops = self.target.tp.wrap_ops(self.ops)
         self.target.ops = self.ops
         if hasattr(self, "_pool"):  # re-resolve the graphs request against the new backend
             self.cuda_graphs = self._graphs_request
