@@ -37,8 +37,9 @@ def test_every_kernel_has_a_case_and_a_missing_one_fails():
     assert second, "the shipped cases should pass: " + r.stdout[-2000:] + r.stderr[-2000:]
     assert "kernels without a case: none" in first
     for kernel in ("_tree_attention_kernel", "_tree_attention_merge_kernel", "_moe_gate_up_kernel",
-                   "_moe_down_kernel", "_kv_compact_kernel", "_accept_kernel", "_topk_partial_kernel",
-                   "_topk_select_kernel"):
+                   "_moe_down_kernel", "_kv_compact_kernel", "_summary_kernel", "_walk_kernel",
+                   "_topk_partial_kernel", "_topk_select_kernel", "_add_rms_norm_kernel", "_rope_kv_write_kernel",
+                   "_silu_mul_kernel"):
         assert kernel in first
     assert r.returncode == 1 and "_kv_compact_kernel" in r.stderr, r.stdout[-1000:] + r.stderr[-1000:]
 
