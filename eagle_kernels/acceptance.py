@@ -401,16 +401,71 @@ def _block_v(V: int) -> int:
 _NPROBE = 16
 
 
+def _summary_launch(logits: torch.Tensor, temperature, top_p, top_k, sumf, sumi) -> tuple:
+    """``(kernel, grid, args, kwargs)`` of _summary_kernel over every row of ``logits [B, T, V]`` into ``sumf``
+    (float32 ``[B, T, 6]``) and ``sumi`` (int32 ``[B, T, 2]``)."""
+    B, T, V = logits.shape
+    return (_summary_kernel, (T, B), (logits, temperature, top_p, top_k, sumf, sumi, T, V, *logits.stride()),
+            dict(BLOCK_V=min(512, _block_v(V)), NPROBE=_NPROBE, num_warps=4))
+
+
+def _summary_buffers(B: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((B, T, _NF), device=device, dtype=torch.float32),
+            torch.empty((B, T, _NI), device=device, dtype=torch.int32))
+
+
 def _summaries(logits: torch.Tensor, temperature, top_p, top_k) -> tuple[torch.Tensor, torch.Tensor]:
     """Run _summary_kernel over every row of ``logits [B, T, V]``: float32 [B, T, 6] and int32 [B, T, 2]."""
-    B, T, V = logits.shape
-    sumf = torch.empty((B, T, _NF), device=logits.device, dtype=torch.float32)
-    sumi = torch.empty((B, T, _NI), device=logits.device, dtype=torch.int32)
-    launch(_summary_kernel, (T, B))(
-        logits, temperature, top_p, top_k, sumf, sumi, T, V, *logits.stride(),
-        BLOCK_V=min(512, _block_v(V)), NPROBE=_NPROBE, num_warps=4,
-    )
+    sumf, sumi = _summary_buffers(logits.shape[0], logits.shape[1], logits.device)
+    kernel, grid, args, kwargs = _summary_launch(logits, temperature, top_p, top_k, sumf, sumi)
+    launch(kernel, grid)(*args, **kwargs)
     return sumf, sumi
+
+
+def _accept_launches(target_logits, tree_tokens, parents, temperature, top_p, top_k, seed, offset, sumf, sumi,
+                     path, acc_len, nxt) -> list:
+    """``[(kernel, grid, args, kwargs)]`` of one accept_tree call (summaries, then the walk): the launcher runs
+    them, the sm_90 check compiles them."""
+    B, T, V = target_logits.shape
+    return [_summary_launch(target_logits, temperature, top_p, top_k, sumf, sumi),
+            (_walk_kernel, (B,), (
+                target_logits, tree_tokens, parents, temperature, seed, offset, sumf, sumi, path, acc_len, nxt,
+                T, V, *target_logits.stride(), *tree_tokens.stride(), *parents.stride(),
+            ), dict(SAMPLE=False, T_PAD=triton.next_power_of_2(T), BLOCK_V=_block_v(V), num_warps=4))]
+
+
+def _sample_launches(logits, temperature, top_p, top_k, seed, offset, sumf, sumi, nxt) -> list:
+    """``[(kernel, grid, args, kwargs)]`` of one sample_tokens call on ``logits [B, V]`` (summaries of the rows
+    as ``[B, 1, V]``, then the race): the launcher runs them, the sm_90 check compiles them."""
+    B, V = logits.shape
+    return [_summary_launch(logits.unsqueeze(1), temperature, top_p, top_k, sumf, sumi),
+            (_walk_kernel, (B,), (
+                logits, nxt, nxt, temperature, seed, offset, sumf, sumi, nxt, nxt, nxt,
+                1, V, logits.stride(0), 0, logits.stride(1), 0, 0, 0, 0,
+            ), dict(SAMPLE=True, T_PAD=2, BLOCK_V=_block_v(V), num_warps=4))]
+
+
+def compile_cases(quick: bool):
+    """The sm_90 compile check's launches (``scripts/compile_sm90.py``): Llama-2-7B (V 32000) and Llama-3-8B
+    (V 128256) target logits, batch 1: a decode step's sample_tokens (1 row) and a 61-node tree's accept_tree,
+    with the runtime's buffers (int64 tokens/parents, float32 temperature/top_p, int64 top_k, 0-dim int64
+    seed/offset); built by :func:`_accept_launches` and :func:`_sample_launches` on meta tensors."""
+    B = 1
+    f, i, one = (torch.empty((B,), dtype=torch.float32, device="meta"),
+                 torch.empty((B,), dtype=torch.int64, device="meta"), torch.empty((), dtype=torch.int64, device="meta"))
+    for dtype in [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]:
+        for model, V in (("L2-7B", 32000), ("L3-8B", 128256)):
+            logits = torch.empty((B, V), dtype=dtype, device="meta")
+            sumf, sumi = _summary_buffers(B, 1, "meta")
+            for kernel, grid, args, kwargs in _sample_launches(logits, f, f, i, one, one, sumf, sumi, i):
+                yield f"sample {str(dtype)[6:]} {model} decode1 B{B}", kernel, grid, args, kwargs
+            T = 61
+            logits = torch.empty((B, T, V), dtype=dtype, device="meta")
+            tok = torch.empty((B, T), dtype=torch.int64, device="meta")
+            sumf, sumi = _summary_buffers(B, T, "meta")
+            for kernel, grid, args, kwargs in _accept_launches(logits, tok, tok, f, f, i, one, one, sumf, sumi, tok, i,
+                                                               i):
+                yield f"tree {str(dtype)[6:]} {model} verify{T} B{B}", kernel, grid, args, kwargs
 
 
 def _accept_fake(target_logits, tree_tokens, parents, temperature, top_p, top_k, seed, offset):
@@ -444,12 +499,10 @@ def _accept_tree_op(
     path = torch.empty((B, T), device=dev, dtype=torch.int64)
     acc_len = torch.empty((B,), device=dev, dtype=torch.int64)
     nxt = torch.empty((B,), device=dev, dtype=torch.int64)
-    sumf, sumi = _summaries(target_logits, temperature, top_p, top_k)
-    launch(_walk_kernel, (B,))(
-        target_logits, tree_tokens, parents, temperature, seed, offset, sumf, sumi, path, acc_len, nxt,
-        T, V, *target_logits.stride(), *tree_tokens.stride(), *parents.stride(),
-        SAMPLE=False, T_PAD=triton.next_power_of_2(T), BLOCK_V=_block_v(V), num_warps=4,
-    )
+    sumf, sumi = _summary_buffers(B, T, dev)
+    for kernel, grid, args, kwargs in _accept_launches(target_logits, tree_tokens, parents, temperature, top_p, top_k,
+                                                       seed, offset, sumf, sumi, path, acc_len, nxt):
+        launch(kernel, grid)(*args, **kwargs)
     return path, acc_len, nxt
 
 
@@ -471,12 +524,10 @@ def _sample_tokens_op(
     B, V = logits.shape
     _check_sampling(B, V, temperature, top_p, top_k, seed, offset, logits.device)
     nxt = torch.empty((B,), device=logits.device, dtype=torch.int64)
-    sumf, sumi = _summaries(logits.unsqueeze(1), temperature, top_p, top_k)
-    launch(_walk_kernel, (B,))(
-        logits, nxt, nxt, temperature, seed, offset, sumf, sumi, nxt, nxt, nxt,
-        1, V, logits.stride(0), 0, logits.stride(1), 0, 0, 0, 0,
-        SAMPLE=True, T_PAD=2, BLOCK_V=_block_v(V), num_warps=4,
-    )
+    sumf, sumi = _summary_buffers(B, 1, logits.device)
+    for kernel, grid, args, kwargs in _sample_launches(logits, temperature, top_p, top_k, seed, offset, sumf, sumi,
+                                                       nxt):
+        launch(kernel, grid)(*args, **kwargs)
     return nxt
 
 

@@ -75,18 +75,44 @@ def _check(x, residual, weight) -> None:
 
 def _launch(x, residual, weight, eps, y, res_out):
     x2, y2 = _rows(x, "x"), y.view(-1, x.shape[-1])
-    r2 = _rows(residual, "residual") if residual is not None else x2
-    ro2 = res_out.view(-1, x.shape[-1]) if res_out is not None else y2
+    r2 = _rows(residual, "residual") if residual is not None else None
+    ro2 = res_out.view(-1, x.shape[-1]) if res_out is not None else None
+    if x2.shape[0] == 0:
+        return
+    for kernel, grid, args, kwargs in _launches(x2, r2, weight, eps, y2, ro2):
+        launch(kernel, grid)(*args, **kwargs)
+
+
+def _launches(x2, r2, weight, eps, y2, ro2) -> list:
+    """``[(kernel, grid, args, kwargs)]`` of one call on the rows ``x2 [N, H]`` (N > 0), with the residual rows
+    ``r2`` and their output ``ro2`` (both None for a plain RMSNorm): the launcher runs them, the sm_90 check
+    compiles them."""
     N, H = x2.shape
     BLOCK_H = triton.next_power_of_2(H)
-    if N == 0:
-        return
-    BLOCK_M = _rows_per_program(N, BLOCK_H, x.device)
-    launch(_add_rms_norm_kernel, (triton.cdiv(N, BLOCK_M),))(
-        x2, r2, weight, y2, ro2, N, H, eps, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H,
-        num_warps=min(16, max(1, BLOCK_M * BLOCK_H // 512)),
-    )
+    BLOCK_M = _rows_per_program(N, BLOCK_H, x2.device)
+    has_residual = r2 is not None
+    r2 = r2 if has_residual else x2
+    ro2 = ro2 if has_residual else y2
+    return [(_add_rms_norm_kernel, (triton.cdiv(N, BLOCK_M),),
+             (x2, r2, weight, y2, ro2, N, H, eps, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0)),
+             dict(HAS_RESIDUAL=has_residual, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H,
+                  num_warps=min(16, max(1, BLOCK_M * BLOCK_H // 512))))]
+
+
+def compile_cases(quick: bool):
+    """The sm_90 compile check's launches (``scripts/compile_sm90.py``): the norms of Llama-2-7B and Llama-3-8B
+    (both H 4096, so one specialisation each) at decode (1 token) and a 61-token tree verify, batch 1, with and
+    without the residual add; built by :func:`_launches` on meta tensors."""
+    for dtype in [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]:
+        for model, H in (("L2-7B", 4096), ("L3-8B", 4096)):
+            for use, T in (("decode1", 1), ("verify61", 61)):
+                x = torch.empty((T, H), dtype=dtype, device="meta")
+                w = torch.empty((H,), dtype=dtype, device="meta")
+                for op, res in (("rms_norm", None), ("add_rms_norm", torch.empty_like(x))):
+                    y = torch.empty_like(x)
+                    ro = torch.empty_like(x) if res is not None else None
+                    for kernel, grid, args, kwargs in _launches(x, res, w, 1e-5, y, ro):
+                        yield f"{op} {str(dtype)[6:]} {model} {use} B1", kernel, grid, args, kwargs
 
 
 def _rows_per_program(n_rows: int, row_block: int, device: torch.device) -> int:

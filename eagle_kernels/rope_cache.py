@@ -112,6 +112,45 @@ def _rope_kv_write_fake(qkv, cos, sin, positions, k_cache, v_cache, write_idx, n
     return qkv.new_empty((qkv.shape[0], qkv.shape[1], num_heads, k_cache.shape[-1]))
 
 
+def _launches(qkv, cos, sin, positions, k_cache, v_cache, write_idx, q, num_heads, num_kv_heads) -> list:
+    """``[(kernel, grid, args, kwargs)]`` of one call (``B * T > 0``) writing the rotated q into ``q``: the
+    launcher runs them, the sm_90 check compiles them."""
+    B, T, _ = qkv.shape
+    D = k_cache.shape[-1]
+    NH = num_heads + num_kv_heads
+    R = B * T * NH
+    BLOCK_HALF = triton.next_power_of_2(D // 2)
+    # GPU: 8 head vectors (1 KB of fp16 in, out) per program; CPU: the interpreter runs programs one after
+    # another at ~1 ms each, so a whole tree pass goes in one program (CPU_BLOCK_ELEMS).
+    budget = CPU_BLOCK_ELEMS // 2 if qkv.device.type == "cpu" else 512
+    BLOCK_R = min(triton.next_power_of_2(R), 1 << (max(1, budget // BLOCK_HALF).bit_length() - 1))
+    return [(_rope_kv_write_kernel, (triton.cdiv(R, BLOCK_R),), (
+        qkv, cos, sin, positions, write_idx, q, k_cache, v_cache,
+        R, T, num_heads, NH, D // 2,
+        qkv.stride(0), qkv.stride(1), cos.stride(0), sin.stride(0), *positions.stride(), *write_idx.stride(),
+        q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), *v_cache.stride(),
+    ), dict(HKV=num_kv_heads, BLOCK_R=BLOCK_R, BLOCK_HALF=BLOCK_HALF, num_warps=4))]
+
+
+def compile_cases(quick: bool):
+    """The sm_90 compile check's launches (``scripts/compile_sm90.py``): Llama-2-7B (32/32 heads) and Llama-3-8B
+    (32/8), head dim 128, at decode (1 token) and a 61-token tree verify, batch 1, as the runtime calls it:
+    float32 ``[4096, 128]`` cos/sin tables, int64 positions and slots, cache planes of a ``[2L, B, Hkv, S, D]``
+    cache; built by :func:`_launches` on meta tensors."""
+    D, S = 128, 4096
+    for dtype in [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]:
+        for model, Hq, Hkv in (("L2-7B", 32, 32), ("L3-8B", 32, 8)):
+            for use, T in (("decode1", 1), ("verify61", 61)):
+                B = 1
+                qkv = torch.empty((B, T, (Hq + 2 * Hkv) * D), dtype=dtype, device="meta")
+                cos = torch.empty((S, D), dtype=torch.float32, device="meta")
+                pos = torch.empty((B, T), dtype=torch.int64, device="meta")
+                cache = torch.empty((64, B, Hkv, S, D), dtype=dtype, device="meta")
+                q = qkv.new_empty((B, T, Hq, D))
+                for kernel, grid, args, kwargs in _launches(qkv, cos, cos, pos, cache[0], cache[1], pos, q, Hq, Hkv):
+                    yield f"{str(dtype)[6:]} {model} {use} B{B}", kernel, grid, args, kwargs
+
+
 @register_op("rope_kv_write", fake=_rope_kv_write_fake, mutates_args=("k_cache", "v_cache"))
 def _rope_kv_write_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, write_idx: torch.Tensor, num_heads: int,
@@ -122,20 +161,9 @@ def _rope_kv_write_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
     q = qkv.new_empty((B, T, num_heads, D))
     if B * T == 0:
         return q
-    NH = num_heads + num_kv_heads
-    R = B * T * NH
-    BLOCK_HALF = triton.next_power_of_2(D // 2)
-    # GPU: 8 head vectors (1 KB of fp16 in, out) per program; CPU: the interpreter runs programs one after
-    # another at ~1 ms each, so a whole tree pass goes in one program (CPU_BLOCK_ELEMS).
-    budget = CPU_BLOCK_ELEMS // 2 if qkv.device.type == "cpu" else 512
-    BLOCK_R = min(triton.next_power_of_2(R), 1 << (max(1, budget // BLOCK_HALF).bit_length() - 1))
-    launch(_rope_kv_write_kernel, (triton.cdiv(R, BLOCK_R),))(
-        qkv, cos, sin, positions, write_idx, q, k_cache, v_cache,
-        R, T, num_heads, NH, D // 2,
-        qkv.stride(0), qkv.stride(1), cos.stride(0), sin.stride(0), *positions.stride(), *write_idx.stride(),
-        q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), *v_cache.stride(),
-        HKV=num_kv_heads, BLOCK_R=BLOCK_R, BLOCK_HALF=BLOCK_HALF, num_warps=4,
-    )
+    for kernel, grid, args, kwargs in _launches(qkv, cos, sin, positions, k_cache, v_cache, write_idx, q,
+                                                num_heads, num_kv_heads):
+        launch(kernel, grid)(*args, **kwargs)
     return q
 
 

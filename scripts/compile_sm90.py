@@ -16,8 +16,8 @@ How a kernel joins the check: its module in ``eagle_kernels`` defines ``compile_
 Llama-3-8B, Mixtral-8x7B), built with the launcher's own configuration and launch-list functions on meta tensors
 so the check cannot drift from the launcher (see ``tree_attention.compile_cases`` and ``moe.compile_cases``).
 Every ``@triton.jit`` function named ``*_kernel`` in ``eagle_kernels`` must be covered by some case, or the
-check fails. Modules without ``compile_cases`` yet (top-k expansion, acceptance, KV compaction) are covered by
-the generators at the end of this file, which restate their launchers' CUDA-branch block choices.
+check fails. Modules without ``compile_cases`` yet (top-k expansion, KV compaction) are covered by the
+generators at the end of this file, which restate their launchers' CUDA-branch block choices.
 """
 
 from __future__ import annotations
@@ -272,26 +272,6 @@ def _topk_cases(quick: bool):
                                 S_PAD=triton.next_power_of_2(splits), HAS_MAP=False, num_warps=4))
 
 
-def _accept_cases(quick: bool):
-    """acceptance._accept_tree_op / _sample_tokens_op: one program per sequence, BLOCK_V = _block_v(V)."""
-    from eagle_kernels import acceptance as m
-
-    for dtype in ([torch.bfloat16] if quick else [torch.bfloat16, torch.float32]):
-        for V in ([32000] if quick else [32000, 128256]):
-            B = 16
-            f, i, s = _meta((B,), torch.float32), _meta((B,), torch.int64), _meta((), torch.int64)
-            for T in ([61] if quick else [61, 129]):
-                logits, tok, path = _meta((B, T, V), dtype), _meta((B, T), torch.int64), _meta((B, T), torch.int64)
-                yield (f"tree {str(dtype)[6:]} V{V} T{T}", m._accept_kernel, (B,),
-                       (logits, tok, tok, f, f, i, s, s, path, i, i, T, V, *logits.stride(), *tok.stride(),
-                        *tok.stride()),
-                       dict(SAMPLE=False, T_PAD=triton.next_power_of_2(T), BLOCK_V=m._block_v(V), num_warps=4))
-            logits = _meta((B, V), dtype)
-            yield (f"sample {str(dtype)[6:]} V{V}", m._accept_kernel, (B,),
-                   (logits, i, i, f, f, i, s, s, i, i, i, 1, V, logits.stride(0), 0, logits.stride(1), 0, 0, 0, 0),
-                   dict(SAMPLE=True, T_PAD=2, BLOCK_V=m._block_v(V), num_warps=4))
-
-
 def _kv_compact_cases(quick: bool):
     """kv_compact._kv_compact_op: one program per (plane, sequence, head), T_PAD/BLOCK_D powers of two."""
     from eagle_kernels import kv_compact as m
@@ -308,7 +288,7 @@ def _kv_compact_cases(quick: bool):
                        dict(T_PAD=T_PAD, BLOCK_D=D, num_warps=4 if T_PAD * D <= 4096 else 8))
 
 
-FALLBACK = {"topk_expand": _topk_cases, "acceptance": _accept_cases, "kv_compact": _kv_compact_cases}
+FALLBACK = {"topk_expand": _topk_cases, "kv_compact": _kv_compact_cases}
 
 if __name__ == "__main__":
     sys.exit(main())
