@@ -61,9 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tree", choices=["auto", "dynamic", "static"], default="auto",
                    help="auto: the tree (or plain decoding) a measured cost model finds fastest here")
-    g.add_argument("--total-tokens", type=int, default=60, help="dynamic tree size (without the root)")
-    g.add_argument("--depth", type=int, default=6, help="dynamic tree draft passes")
-    g.add_argument("--top-k-draft", type=int, default=10, help="dynamic tree branching")
+    g.add_argument("--total-tokens", type=int, default=None,
+                   help="dynamic tree size without the root (default 60; any of these three picks --tree dynamic)")
+    g.add_argument("--depth", type=int, default=None, help="dynamic tree draft passes (default 6)")
+    g.add_argument("--top-k-draft", type=int, default=None, help="dynamic tree branching (default 10)")
     g.add_argument("--backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
@@ -95,7 +96,15 @@ def generate(a) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_seed(a.seed)
     check_device(device)
-    tree = {"auto": "auto", "static": StaticTree()}.get(a.tree) or DynamicTree(a.total_tokens, a.depth, a.top_k_draft)
+    sizes = (a.total_tokens, a.depth, a.top_k_draft)
+    if a.tree == "static" and any(v is not None for v in sizes):
+        return fail("--total-tokens/--depth/--top-k-draft shape a dynamic tree; they do not apply to --tree static")
+    if a.tree == "auto" and all(v is None for v in sizes):
+        tree = "auto"
+    elif a.tree == "static":
+        tree = StaticTree()
+    else:  # --tree dynamic, or auto with an explicit tree shape: the tree the user described
+        tree = DynamicTree(*(d if v is None else v for v, d in zip(sizes, (60, 6, 10))))
     model = EagleModel.from_pretrained(
         a.base, a.draft, dtype=_DTYPES.get(a.dtype), device=device, tree=tree, backend=a.backend,
         max_len=a.max_len, cuda_graphs=a.cuda_graphs,
