@@ -18,10 +18,12 @@ def _op_count():
 
 
 # One decoder layer of the fused path, per plain step and per cycle (one verify pass): input add+RMSNorm, the
-# QKV GEMM, rotary + K/V write, tree attention (a second launch merges split-K partials on a GPU), o_proj,
-# post-attention add+RMSNorm, the gate_up GEMM, SiLU-and-mul, down_proj.
+# QKV GEMM, rotary + K/V write, tree attention and the launch that merges its split-K partials (the attention plan
+# splits the prefix so that batch 1 fills a wave of CTAs), o_proj, post-attention add+RMSNorm, the gate_up GEMM,
+# SiLU-and-mul, down_proj.
 FUSED_LAYER = {"aten.linear": 4, "triton._add_rms_norm_kernel": 2, "triton._rope_kv_write_kernel": 1,
-               "triton._silu_mul_kernel": 1, "triton._tree_attention_kernel": 1}
+               "triton._silu_mul_kernel": 1, "triton._tree_attention_kernel": 1,
+               "triton._tree_attention_merge_kernel": 1}
 
 
 def test_fused_layer_op_count():

@@ -373,7 +373,8 @@ class EagleModel:
         if need > self.target.max_len:
             raise ValueError(
                 f"prompt ({max(len(p) for p in ids)} tokens) + max_new_tokens ({max_new_tokens}) + tree room "
-                f"needs {need} cache positions, the cache has {self.target.max_len}; shorten them or load with "
+                f"needs {need} cache positions, which exceeds the cache of {self.target.max_len}; shorten them or "
+                f"load with "
                 f"max_len >= {need}"
             )
         sp = self._buffer(("sampling", B), lambda: _Sampling(
