@@ -156,6 +156,23 @@ def test_trained_head_is_not_overwritten_silently(tmp_path, stories_dir, small_c
     assert rc == 0 and (out / "pytorch_model.bin").read_bytes() != b"a trained head"
 
 
+@pytest.mark.parametrize("kind", HEADS)
+def test_resume_continues_the_saved_run(tmp_path, stories, small_corpus, capsys, kind):
+    """Both heads resume from train_state.pt (weights only) with the step count, history and weights it holds."""
+    target, tok = stories
+    out = tmp_path / "h"
+    train, cfg = _trainer(kind, steps=2, **SMALL)
+    train(target, small_corpus, out, cfg, tokenizer=tok, progress=False)
+    saved = torch.load(out / "train_state.pt", weights_only=True)
+    train, cfg = _trainer(kind, steps=3, **SMALL)
+    res = train(target, small_corpus, out, cfg, resume=True, tokenizer=tok, progress=False)
+    assert res["steps"] == 3 and [r["step"] for r in res["history"]] == [1, 2, 3]
+    assert res["history"][:2] == saved["history"]
+    rc, err = _run_cli(["--base", tmp_path, "--corpus", small_corpus, "--out", tmp_path / "none", "--resume",
+                        *HEAD_FLAGS[kind]], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--resume: no" in err, err
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------------------------
