@@ -20,10 +20,21 @@ from eagle_runtime.draft import EagleHead, head_config
 from eagle_runtime.generate import _load_tokenizer
 from eagle_runtime.loading import CheckpointError
 from eagle_runtime.train import TrainConfig, _load_state, _save, lr_factor, main, train_head
+from eagle_runtime.train_eagle3 import Eagle3TrainConfig, train_head3
 
 from conftest import CORPUS, ROOT, require
 
 SMALL = dict(batch_size=2, seq_len=32, eval_batches=1, warmup=1)
+SMALL3 = dict(ttt_steps=2, draft_vocab=64)  # EAGLE-3 extras, kept tiny
+HEADS = ("eagle1", "eagle3")
+HEAD_FLAGS = {"eagle1": [], "eagle3": ["--head", "eagle3", "--ttt-steps", 2, "--draft-vocab", 64]}
+
+
+def _trainer(kind: str, **cfg):
+    """(train function, its config) for ``kind``: both trainers share their data, checks and checkpointing."""
+    if kind == "eagle1":
+        return train_head, TrainConfig(**cfg)
+    return train_head3, Eagle3TrainConfig(**cfg, **SMALL3)
 
 
 @pytest.fixture
@@ -107,10 +118,12 @@ def test_saves_are_atomic(tmp_path, stories, monkeypatch):
         assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 1
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, stories_dir, small_corpus):
+@pytest.mark.parametrize("kind", HEADS)
+def test_sigterm_saves_and_exits_cleanly(tmp_path, stories_dir, small_corpus, kind):
     out = tmp_path / "head"
     cmd = [sys.executable, "-m", "eagle_runtime.train", "--base", stories_dir, "--corpus", small_corpus, "--out", out,
-           "--steps", "100000", "--save-every", "2", "--eval-every", "1000", "--batch-size", "2", "--seq-len", "32"]
+           "--steps", "100000", "--save-every", "2", "--eval-every", "1000", "--batch-size", "2", "--seq-len", "32",
+           *HEAD_FLAGS[kind]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT)]))
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
@@ -125,18 +138,39 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, stories_dir, small_corpus):
     load_head(out, load_target(stories_dir, max_len=64))
 
 
-def test_trained_head_is_not_overwritten_silently(tmp_path, stories_dir, small_corpus, capsys):
+@pytest.mark.parametrize("kind", HEADS)
+def test_trained_head_is_not_overwritten_silently(tmp_path, stories_dir, small_corpus, capsys, kind):
     out = tmp_path / "head"
     out.mkdir()
     (out / "pytorch_model.bin").write_bytes(b"a trained head")
+    train, cfg = _trainer(kind, steps=1, **SMALL)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        train_head(stories_dir, small_corpus, out, TrainConfig(steps=1, **SMALL), progress=False)
-    rc, err = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", out, "--steps", 1], capsys)
+        train(stories_dir, small_corpus, out, cfg, progress=False)
+    common = ["--base", stories_dir, "--corpus", small_corpus, "--out", out, "--steps", 1, *HEAD_FLAGS[kind]]
+    rc, err = _run_cli(common, capsys)
     assert rc == 2 and err.count("\n") == 1 and "--resume" in err and "--overwrite" in err
     assert (out / "pytorch_model.bin").read_bytes() == b"a trained head"
-    rc, _ = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", out, "--steps", 1, "--overwrite",
-                      "--batch-size", 2, "--seq-len", 32], capsys)
+    rc, err = _run_cli([*common, "--resume", "--overwrite"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "exclude each other" in err
+    rc, _ = _run_cli([*common, "--overwrite", "--batch-size", 2, "--seq-len", 32], capsys)
     assert rc == 0 and (out / "pytorch_model.bin").read_bytes() != b"a trained head"
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_resume_continues_the_saved_run(tmp_path, stories, small_corpus, capsys, kind):
+    """Both heads resume from train_state.pt (weights only) with the step count, history and weights it holds."""
+    target, tok = stories
+    out = tmp_path / "h"
+    train, cfg = _trainer(kind, steps=2, **SMALL)
+    train(target, small_corpus, out, cfg, tokenizer=tok, progress=False)
+    saved = torch.load(out / "train_state.pt", weights_only=True)
+    train, cfg = _trainer(kind, steps=3, **SMALL)
+    res = train(target, small_corpus, out, cfg, resume=True, tokenizer=tok, progress=False)
+    assert res["steps"] == 3 and [r["step"] for r in res["history"]] == [1, 2, 3]
+    assert res["history"][:2] == saved["history"]
+    rc, err = _run_cli(["--base", tmp_path, "--corpus", small_corpus, "--out", tmp_path / "none", "--resume",
+                        *HEAD_FLAGS[kind]], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--resume: no" in err, err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,11 +186,23 @@ def test_train_flags_rejected_in_one_line(tmp_path, flag, value, capsys):
     assert rc == 2 and err.count("\n") == 1 and flag in err, err
 
 
-def test_zero_warmup_eval_and_save_intervals_have_a_meaning(tmp_path, stories, small_corpus):
+@pytest.mark.parametrize("flag,value", [
+    ("--steps", 0), ("--warmup", -1), ("--lr", "nan"), ("--draft-vocab", 0), ("--ttt-steps", 0),
+    ("--ttt-decay", 0), ("--ttt-decay", 1.5), ("--taps", "a,b"), ("--taps", "1,,2"),
+])  # fmt: skip
+def test_eagle3_train_flags_rejected_in_one_line(tmp_path, flag, value, capsys):
+    rc, err = _run_cli(["--head", "eagle3", "--base", tmp_path, "--corpus", tmp_path / "c.txt", "--out", tmp_path / "o",
+                        flag, value], capsys)
+    assert rc == 2 and err.count("\n") == 1 and flag in err, err
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_zero_warmup_eval_and_save_intervals_have_a_meaning(tmp_path, stories, small_corpus, kind):
     target, tok = stories
-    cfg = TrainConfig(steps=3, warmup=0, eval_every=0, save_every=0, **{k: v for k, v in SMALL.items() if k != "warmup"})
+    train, cfg = _trainer(kind, steps=3, warmup=0, eval_every=0, save_every=0,
+                          **{k: v for k, v in SMALL.items() if k != "warmup"})
     assert lr_factor(0, cfg) == 1.0  # no warm-up
-    res = train_head(target, small_corpus, tmp_path / "h", cfg, tokenizer=tok, progress=False)
+    res = train(target, small_corpus, tmp_path / "h", cfg, tokenizer=tok, progress=False)
     evals = [r["step"] for r in res["history"] if "eval_loss" in r]
     assert res["steps"] == 3 and evals == [3]  # eval_every 0: only after the last step
     assert (tmp_path / "h" / "pytorch_model.bin").is_file()
@@ -165,22 +211,30 @@ def test_zero_warmup_eval_and_save_intervals_have_a_meaning(tmp_path, stories, s
 # ----------------------------------------------------------------------------------------------------------------
 # Corpora
 # ----------------------------------------------------------------------------------------------------------------
-def test_chat_corpus_without_assistant_turns_is_an_error(tmp_path, stories):
+@pytest.mark.parametrize("kind", HEADS)
+def test_chat_corpus_without_assistant_turns_is_an_error(tmp_path, stories, kind):
     target, tok = stories
     path = tmp_path / "chat.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"Tell me story number {i} about a cat and a dog."}]}
             for i in range(60)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(ValueError, match="no trainable tokens"):
-        train_head(target, path, tmp_path / "h", TrainConfig(steps=2, **SMALL), tokenizer=tok, progress=False)
+        train, cfg = _trainer(kind, steps=2, **SMALL)
+        train(target, path, tmp_path / "h", cfg, tokenizer=tok, progress=False)
     assert not (tmp_path / "h" / "pytorch_model.bin").exists()
 
 
-def test_too_small_names_the_held_out_split(tmp_path, stories, small_corpus):
-    target, tok = stories
-    cfg = TrainConfig(steps=2, **{**SMALL, "seq_len": 512})  # the held-out 5% (3 stories) cannot fill 512 tokens
-    with pytest.raises(ValueError, match="held-out split.*shorter than one sequence of 512 tokens"):
-        train_head(target, small_corpus, tmp_path / "h", cfg, tokenizer=tok, progress=False)
+@pytest.mark.parametrize("kind", HEADS)
+def test_too_small_names_the_held_out_split(tmp_path, stories_dir, small_corpus, capsys, kind):
+    # the held-out 5% (3 stories, ~300 tokens) cannot fill 400
+    train, cfg = _trainer(kind, steps=2, **{**SMALL, "seq_len": 400})
+    with pytest.raises(ValueError, match="held-out split.*shorter than one sequence of 400 tokens"):
+        train(stories_dir, small_corpus, tmp_path / "h", cfg, progress=False)
+    one_doc = tmp_path / "one.txt"
+    one_doc.write_text("Once upon a time there was a cat.")
+    rc, err = _run_cli(["--base", stories_dir, "--corpus", one_doc, "--out", tmp_path / "o", *HEAD_FLAGS[kind]], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "held-out split needs one of its own" in err, err
+    assert not (tmp_path / "h").exists() and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("bad_row", ['{"messages": [', '[1, 2]', '{"messages": "hi"}', '{"text": 3}',

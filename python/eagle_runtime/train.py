@@ -227,13 +227,35 @@ def train_head(
     atomic (temporary files in ``out``, then renames). SIGINT/SIGTERM (main thread) stop at the next step
     boundary, save, and return with ``"interrupted"`` set to the signal's name."""
     cfg = cfg or TrainConfig()
+    target, train_rows, hold_rows = prepare_training(base, corpus, out, cfg, resume=resume, overwrite=overwrite,
+                                                     tokenizer=tokenizer, max_len=max(cfg.seq_len, 64))
+    head = EagleHead(head_config(target.cfg), target.max_len).to(target.embed_tokens.weight.device)
+    init_head_(head, cfg.seed)
+
+    def loss_fn(tokens, mask):
+        loss, reg, cls, acc = head_loss(head, target, tokens, mask, cfg.noise, cfg.cls_weight)
+        return loss, {"reg": reg.item(), "cls": cls.item(), "acc": acc.item()}
+
+    return fit(head, target, train_rows, hold_rows, out, cfg, loss_fn, lambda t, m: evaluate(head, target, t, m, cfg),
+               resume=resume, progress=progress, desc="train head")
+
+
+def prepare_training(base, corpus, out, cfg: TrainConfig, *, resume: bool, overwrite: bool, tokenizer, max_len: int,
+                     check_target=None):
+    """What both trainers (EAGLE-1 here, EAGLE-3 in :mod:`.train_eagle3`) do before building a head: refuse to
+    replace a head in ``out`` (before anything is loaded), load the frozen target (``max_len`` positions; then
+    ``check_target(target)`` may raise) and its tokenizer, read the corpus, shuffle it (``cfg.seed``), hold out
+    ``cfg.holdout_fraction`` of the documents (at least one) and pack both splits into ``[N, cfg.seq_len]`` rows.
+    Returns ``(target, (train_tokens, train_mask), (held_out_tokens, held_out_mask))``; the rows stay on the CPU."""
     out = Path(out)
     if resume and not (out / "train_state.pt").is_file():
         raise FileNotFoundError(f"--resume: no {out / 'train_state.pt'}")
     if not resume and not overwrite:
-        _refuse_overwrite(out)  # before any model or corpus is loaded
+        _refuse_overwrite(out)
     torch.manual_seed(cfg.seed)
-    target = base if isinstance(base, Transformer) else load_target(base, max_len=max(cfg.seq_len, 64))
+    target = base if isinstance(base, Transformer) else load_target(base, max_len=max_len)
+    if check_target is not None:
+        check_target(target)
     if tokenizer is None:
         from .generate import _load_tokenizer
 
@@ -243,67 +265,73 @@ def train_head(
         if tokenizer is None:
             raise ValueError(f"no tokenizer found in {base}")
     target.requires_grad_(False).eval()
-    dev = target.embed_tokens.weight.device
     docs = load_corpus(corpus, tokenizer)
-    rng = random.Random(cfg.seed)
-    rng.shuffle(docs)
-    n_hold = max(1, int(len(docs) * cfg.holdout_fraction))
     if len(docs) < 2:
         raise ValueError(f"corpus {corpus} holds {len(docs)} document; the held-out split needs one of its own")
-    train_t, train_m = pack(docs[n_hold:], cfg.seq_len, what=f"the training split of {corpus}")
-    hold_t, hold_m = pack(docs[:n_hold], cfg.seq_len, what=(
+    random.Random(cfg.seed).shuffle(docs)
+    n_hold = max(1, int(len(docs) * cfg.holdout_fraction))
+    train_rows = pack(docs[n_hold:], cfg.seq_len, what=f"the training split of {corpus}")
+    hold_rows = pack(docs[:n_hold], cfg.seq_len, what=(
         f"the held-out split of {corpus} (--holdout-fraction {cfg.holdout_fraction}: at least 1 document; it must "
         "fill a whole sequence, so use a larger corpus or fraction, or a smaller --seq-len)"))
-    head = EagleHead(head_config(target.cfg), target.max_len).to(dev)
-    init_head_(head, cfg.seed)
+    return target, train_rows, hold_rows
+
+
+def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eval_fn, *, resume: bool, progress: bool,
+        desc: str) -> dict:
+    """The training loop both trainers share: AdamW (betas 0.9/0.95) with :func:`lr_factor`, gradient clipping,
+    held-out evaluation every ``cfg.eval_every`` steps and after the last, atomic saves every ``cfg.save_every``
+    steps and at the end, the ``--max-minutes`` cap, ``resume`` from ``out/train_state.pt`` (weights only), and
+    SIGINT/SIGTERM (main thread) stopping at the next step boundary with a save.
+
+    ``loss_fn(tokens [B, T], mask [B, T]) -> (loss, {name: float})`` (the dict has ``acc``) trains one batch;
+    ``eval_fn(tokens, mask) -> {"eval_loss", "eval_acc"}`` scores the held-out rows (it may leave ``head`` in eval
+    mode). Returns ``{"history", "out", "steps", "interrupted" (the signal's name or None), "time_s"}``."""
+    out = Path(out)
+    dev = target.embed_tokens.weight.device
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     step, history = 0, []
     if resume:
         step, history = _load_state(out / "train_state.pt", head, opt, dev)
-    sched = lambda s: lr_factor(s, cfg)  # noqa: E731
+    (train_t, train_m), (hold_t, hold_m) = train_rows, hold_rows
     gen = torch.Generator().manual_seed(cfg.seed + step)
     t_start = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train head", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=desc, dynamic_ncols=True)
     head.train()
     stop: list[str] = []
     with _stop_on_signals(stop):
-        step = _train_loop(head, target, opt, sched, gen, train_t, train_m, hold_t, hold_m, cfg, step, history,
-                           out, bar, t_start, stop)
+        while step < cfg.steps and not stop:
+            if cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes:
+                bar.write(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
+                if history and "eval_loss" not in history[-1]:  # the saved head gets its held-out score
+                    history[-1].update(eval_fn(hold_t, hold_m))
+                break
+            idx = torch.randint(0, train_t.shape[0], (cfg.batch_size,), generator=gen)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, cfg)
+            loss, metrics = loss_fn(train_t[idx].to(dev), train_m[idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{metrics['acc']:.3f}")
+            rec = {"step": step, "loss": loss.item(), **metrics, "time_s": time.time() - t_start}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                rec.update(eval_fn(hold_t, hold_m))
+                bar.write(f"step {step}: held-out loss {rec['eval_loss']:.4f} top-1 {rec['eval_acc']:.3f}")
+                head.train()
+            history.append(rec)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                _save(head, opt, step, history, out, cfg)
     bar.close()
     head.eval()
     _save(head, opt, step, history, out, cfg)
     if stop:
         print(f"{stop[0]}: stopped at step {step}, saved to {out} (continue with --resume)", file=sys.stderr)
-    return {"history": history, "out": str(out), "steps": step, "interrupted": stop[0] if stop else None}
-
-
-def _train_loop(head, target, opt, sched, gen, train_t, train_m, hold_t, hold_m, cfg, step, history, out, bar,
-                t_start, stop) -> int:
-    dev = target.embed_tokens.weight.device
-    while step < cfg.steps and not stop:
-        if cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes:
-            bar.write(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
-            break
-        idx = torch.randint(0, train_t.shape[0], (cfg.batch_size,), generator=gen)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * sched(step)
-        loss, reg, cls, acc = head_loss(head, target, train_t[idx].to(dev), train_m[idx].to(dev), cfg.noise, cfg.cls_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{acc.item():.3f}")
-        rec = {"step": step, "loss": loss.item(), "reg": reg.item(), "cls": cls.item(), "acc": acc.item()}
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            rec.update(evaluate(head, target, hold_t, hold_m, cfg))
-            bar.write(f"step {step}: held-out loss {rec['eval_loss']:.4f} top-1 {rec['eval_acc']:.3f}")
-            head.train()
-        history.append(rec)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            _save(head, opt, step, history, out, cfg)
-    return step
+    return {"history": history, "out": str(out), "steps": step, "interrupted": stop[0] if stop else None,
+            "time_s": time.time() - t_start}
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -394,8 +422,6 @@ def _stop_on_signals(stop: list):
 
 
 def main(argv=None) -> int:
-    from .cli import USER_ERRORS, OneLineParser
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--head", choices=["eagle1", "eagle3"], default="eagle1")
     kind, argv = pre.parse_known_args(argv)
@@ -403,23 +429,33 @@ def main(argv=None) -> int:
         from .train_eagle3 import main as main_eagle3
 
         return main_eagle3(argv)
-    p = OneLineParser(prog="python -m eagle_runtime.train", description="Train an EAGLE-1 draft head "
-                      "(--head eagle3: an EAGLE-3 head, see python -m eagle_runtime.train --head eagle3 -h).")
+    return run_cli(argv, prog="python -m eagle_runtime.train", cfg_type=TrainConfig, train=train_head,
+                   description="Train an EAGLE-1 draft head (--head eagle3: an EAGLE-3 head, see "
+                   "python -m eagle_runtime.train --head eagle3 -h).", layout="published EAGLE-1 format")
+
+
+def run_cli(argv, *, prog: str, description: str, layout: str, cfg_type: type, train) -> int:
+    """The command line both trainers share: ``--base/--corpus/--out/--resume/--overwrite`` plus one flag per
+    field of ``cfg_type``; bad flags, corpora and files are one line on stderr with exit status 2; a signal during
+    training saves and exits with ``128 + signum``."""
+    from .cli import USER_ERRORS, OneLineParser
+
+    p = OneLineParser(prog=prog, description=description)
     p.add_argument("--base", required=True, help="target model: HF directory or hub id")
     p.add_argument("--corpus", required=True, help="plain text (blank-line separated documents) or chat jsonl")
-    p.add_argument("--out", required=True, help="output directory (published EAGLE-1 format)")
+    p.add_argument("--out", required=True, help=f"output directory ({layout})")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a head already in OUT")
-    d = TrainConfig()
+    d = cfg_type()
     for name, val in asdict(d).items():
         typ = float if name == "max_minutes" else type(val)
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=val)
     a = p.parse_args(argv)
     try:
-        cfg = TrainConfig(**{k: getattr(a, k) for k in asdict(d)})
+        cfg = cfg_type(**{k: getattr(a, k) for k in asdict(d)})
         if a.resume and a.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
-        res = train_head(a.base, a.corpus, a.out, cfg, resume=a.resume, overwrite=a.overwrite)
+        res = train(a.base, a.corpus, a.out, cfg, resume=a.resume, overwrite=a.overwrite)
     except (*USER_ERRORS, FileExistsError, ConfigError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
@@ -427,8 +463,8 @@ def main(argv=None) -> int:
         print("error: interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
     last = res["history"][-1] if res["history"] else {}
-    print(json.dumps({"out": res["out"], "steps": res["steps"], "interrupted": res["interrupted"], "last": last},
-                     indent=2))
+    print(json.dumps({"out": res["out"], "steps": res["steps"], "interrupted": res["interrupted"],
+                      "time_s": res["time_s"], "last": last}, indent=2))
     if res["interrupted"]:
         return 128 + signal.Signals[res["interrupted"]].value
     return 0

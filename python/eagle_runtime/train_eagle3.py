@@ -2,7 +2,10 @@
 
     python -m eagle_runtime.train --head eagle3 --base TARGET_DIR --corpus FILE --out HEAD_DIR [--draft-vocab N ...]
 
-Data, schedule, progress bar and checkpointing are :mod:`eagle_runtime.train`'s. What differs:
+Data preparation, the loop (schedule, evaluation, ``--max-minutes``), the refusal to replace a head without
+``--overwrite``, weights-only ``--resume``, atomic saves, SIGINT/SIGTERM save-and-exit and the command line's
+one-line errors (exit status 2) are :mod:`eagle_runtime.train`'s (``prepare_training``, ``fit``, ``run_cli``).
+What differs:
 
 - The draft vocabulary: the ``--draft-vocab`` most frequent target tokens of the training rows (loss-masked
   positions; ties to the lower id), saved as ``d2t``/``t2d``.
@@ -20,23 +23,16 @@ Saves the official EAGLE-3 layout (``config.json`` + ``pytorch_model.bin``) and 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import random
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from .draft3 import Eagle3Head, new_eagle3_head
-from .loading import load_target
 from .model import Transformer, apply_rope
-from .train import TrainConfig, _save, load_corpus, pack
+from .train import TrainConfig, fit, prepare_training, run_cli
 
 
 @dataclass
@@ -45,6 +41,22 @@ class Eagle3TrainConfig(TrainConfig):
     ttt_steps: int = 7
     ttt_decay: float = 0.8
     taps: str = ""  # comma-separated target layer ids; empty = 2, L//2, L-3
+
+    def __post_init__(self):
+        """:class:`TrainConfig`'s checks plus the EAGLE-3 fields' (one-line ValueError naming the flag)."""
+        super().__post_init__()
+        for name in ("draft_vocab", "ttt_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if isinstance(self.ttt_decay, bool) or not isinstance(self.ttt_decay, (int, float)) or not 0 < self.ttt_decay <= 1:
+            raise ValueError(f"--ttt-decay must lie in (0, 1], got {self.ttt_decay!r}")
+        if not isinstance(self.taps, str) or (self.taps and not all(t.strip().isdigit() for t in self.taps.split(","))):
+            raise ValueError(f"--taps {self.taps!r}: give comma-separated layer ids, e.g. 2,8,13")
+
+    def tap_ids(self) -> tuple[int, ...] | None:
+        """The ``--taps`` layer ids, or None for the default (2, L//2, L-3)."""
+        return tuple(int(t) for t in self.taps.split(",")) if self.taps else None
 
 
 def draft_vocabulary(tokens: torch.Tensor, mask: torch.Tensor, vocab_size: int, n: int) -> torch.Tensor:
@@ -128,85 +140,36 @@ def train_head3(
     resume: bool = False,
     tokenizer=None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Train an EAGLE-3 head for ``base`` on ``corpus``; saves into ``out`` and returns the metrics history."""
-    cfg = cfg or Eagle3TrainConfig()
-    torch.manual_seed(cfg.seed)
-    max_len = max(cfg.seq_len + cfg.ttt_steps + 1, 64)
-    target = base if isinstance(base, Transformer) else load_target(base, max_len=max_len)
-    if target.max_len < cfg.seq_len + cfg.ttt_steps:
-        raise ValueError(f"the target's max_len {target.max_len} < seq_len + ttt_steps = {cfg.seq_len + cfg.ttt_steps}")
-    if tokenizer is None:
-        from .generate import _load_tokenizer
+    """Train an EAGLE-3 head for ``base`` on ``corpus``; saves into ``out`` and returns the metrics history.
 
-        if isinstance(base, Transformer):
-            raise ValueError("pass tokenizer= when base is a loaded model")
-        tokenizer = _load_tokenizer(base)
-        if tokenizer is None:
-            raise ValueError(f"no tokenizer found in {base}")
-    target.requires_grad_(False).eval()
-    dev = target.embed_tokens.weight.device
-    docs = load_corpus(corpus, tokenizer)
-    rng = random.Random(cfg.seed)
-    rng.shuffle(docs)
-    n_hold = max(1, int(len(docs) * cfg.holdout_fraction))
-    train_t, train_m = pack(docs[n_hold:], cfg.seq_len)
-    hold_t, hold_m = pack(docs[:n_hold], cfg.seq_len)
+    Safety as :func:`eagle_runtime.train.train_head`: ``out`` holding a head is an error unless ``resume`` or
+    ``overwrite``; saves are atomic; SIGINT/SIGTERM stop at a step boundary, save, and set ``"interrupted"``."""
+    cfg = cfg or Eagle3TrainConfig()
+    taps = cfg.tap_ids()
+
+    def check_target(target):
+        if target.max_len < cfg.seq_len + cfg.ttt_steps:
+            raise ValueError(f"the target's max_len {target.max_len} < --seq-len + --ttt-steps = "
+                             f"{cfg.seq_len + cfg.ttt_steps}")
+        if taps is not None and not all(0 <= t < target.cfg.num_layers for t in taps):
+            raise ValueError(f"--taps {cfg.taps}: layer ids must lie in [0, {target.cfg.num_layers})")
+
+    target, train_rows, hold_rows = prepare_training(
+        base, corpus, out, cfg, resume=resume, overwrite=overwrite, tokenizer=tokenizer,
+        max_len=max(cfg.seq_len + cfg.ttt_steps + 1, 64), check_target=check_target)
     V = target.cfg.vocab_size
-    n_draft = min(cfg.draft_vocab, V)
-    taps = tuple(int(t) for t in cfg.taps.split(",")) if cfg.taps else None
-    if taps is not None and not all(0 <= t < target.cfg.num_layers for t in taps):
-        raise ValueError(f"--taps {cfg.taps}: layer ids must lie in [0, {target.cfg.num_layers})")
-    vocab_ids = draft_vocabulary(train_t, train_m, V, n_draft)
-    head = new_eagle3_head(target, n_draft, taps, cfg.seed, vocab_ids=vocab_ids, from_target=True)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    step, history = 0, []
-    state_path = out / "train_state.pt"
-    if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume: no {state_path}")
-        st = torch.load(state_path, map_location=dev, weights_only=True)
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        step, history = st["step"], st["history"]
-    sched = lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0)))  # noqa: E731
-    gen = torch.Generator().manual_seed(cfg.seed + step)
-    t_start = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train eagle3 head", dynamic_ncols=True)
-    head.train()
-    while step < cfg.steps:
-        if cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes:
-            bar.write(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
-            break
-        idx = torch.randint(0, train_t.shape[0], (cfg.batch_size,), generator=gen)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * sched(step)
-        loss, per_step, acc = ttt_loss(head, target, train_t[idx].to(dev), train_m[idx].to(dev), cfg.ttt_steps,
-                                       cfg.ttt_decay)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{acc.item():.3f}")
-        rec = {"step": step, "loss": loss.item(), "ce0": per_step[0].item(), "acc": acc.item(),
-               "time_s": time.time() - t_start}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            rec.update(evaluate3(head, target, hold_t, hold_m, cfg))
-            bar.write(f"step {step}: held-out loss {rec['eval_loss']:.4f} top-1 {rec['eval_acc']:.3f}")
-            head.train()
-        history.append(rec)
-        if step % cfg.save_every == 0:
-            _save(head, opt, step, history, out, cfg)
-    bar.close()
-    if history and "eval_acc" not in history[-1]:  # stopped by the time cap: evaluate what is saved
-        history[-1].update(evaluate3(head, target, hold_t, hold_m, cfg))
-    head.eval()
-    _save(head, opt, step, history, out, cfg)
-    return {"history": history, "out": str(out), "steps": step, "time_s": time.time() - t_start}
+    vocab_ids = draft_vocabulary(*train_rows, V, min(cfg.draft_vocab, V))
+    head = new_eagle3_head(target, len(vocab_ids), taps, cfg.seed, vocab_ids=vocab_ids, from_target=True)
+
+    def loss_fn(tokens, mask):
+        loss, per_step, acc = ttt_loss(head, target, tokens, mask, cfg.ttt_steps, cfg.ttt_decay)
+        return loss, {"ce0": per_step[0].item(), "acc": acc.item()}
+
+    return fit(head, target, train_rows, hold_rows, out, cfg, loss_fn,
+               lambda t, m: evaluate3(head, target, t, m, cfg), resume=resume, progress=progress,
+               desc="train eagle3 head")
 
 
 @torch.no_grad()
@@ -222,31 +185,11 @@ def evaluate3(head: Eagle3Head, target: Transformer, tokens, mask, cfg: Eagle3Tr
     return {"eval_loss": sum(losses) / len(losses), "eval_acc": sum(accs) / len(accs)}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eagle_runtime.train --head eagle3",
-                                description="Train an EAGLE-3 draft head (official EAGLE-3 layout).")
-    p.add_argument("--base", required=True, help="target model: HF directory or hub id")
-    p.add_argument("--corpus", required=True, help="plain text (blank-line separated documents) or chat jsonl")
-    p.add_argument("--out", required=True, help="output directory (official EAGLE-3 layout)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
-    d = Eagle3TrainConfig()
-    for name, val in asdict(d).items():
-        typ = float if name == "max_minutes" else type(val)
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=val)
-    a = p.parse_args(argv)
-    cfg = Eagle3TrainConfig(**{k: getattr(a, k) for k in asdict(d)})
-    if cfg.draft_vocab < 1 or cfg.ttt_steps < 1 or not 0 < cfg.ttt_decay <= 1:
-        p.error("--draft-vocab and --ttt-steps must be >= 1 and --ttt-decay in (0, 1]")
-    if cfg.taps and not all(t.strip().lstrip("-").isdigit() for t in cfg.taps.split(",")):
-        p.error(f"--taps {cfg.taps!r}: give comma-separated layer ids, e.g. 2,8,13")
-    try:
-        res = train_head3(a.base, a.corpus, a.out, cfg, resume=a.resume)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    last = res["history"][-1] if res["history"] else {}
-    print(json.dumps({"out": res["out"], "steps": res["steps"], "time_s": res["time_s"], "last": last}, indent=2))
+def main(argv=None) -> int:
+    return run_cli(argv, prog="python -m eagle_runtime.train --head eagle3", cfg_type=Eagle3TrainConfig,
+                   train=train_head3, description="Train an EAGLE-3 draft head (official EAGLE-3 layout).",
+                   layout="official EAGLE-3 layout")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
