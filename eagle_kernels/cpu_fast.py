@@ -63,16 +63,7 @@ def topk_expand(
     token_map: torch.Tensor | None = None,
 ) -> TopkExpandOutput:
     """:func:`reference.topk_expand` with ``torch.topk`` (see :func:`topk_low_index`); same arithmetic."""
-    B, N, V = logits.shape
-    out_k = k if out_k is None else out_k
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    vals, idx = topk_low_index(logp, k)
-    child_scores = vals + parent_scores.float().unsqueeze(-1)
-    flat = child_scores.reshape(B, N * k)
-    top_scores, top_index = topk_low_index(flat, out_k)
-    child_tokens = idx if token_map is None else token_map[idx]
-    top_tokens = child_tokens.reshape(B, N * k).gather(1, top_index)
-    return TopkExpandOutput(child_tokens, child_scores, top_scores, top_index, top_index // k, top_tokens)
+    return reference._topk_expand_with(topk_low_index, logits, parent_scores, k, out_k, token_map)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -130,13 +130,19 @@ def topk_expand(
     Example: ``logits = [[[0, ln 3]]]`` (one row, V=2), ``parent_scores = [[0]]``, ``k = 1`` gives child token 1
     with score ``ln 0.75``.
     """
+    return _topk_expand_with(_topk_stable, logits, parent_scores, k, out_k, token_map)
+
+
+def _topk_expand_with(topk, logits, parent_scores, k, out_k, token_map) -> TopkExpandOutput:
+    """:func:`topk_expand`'s arithmetic with ``topk(x, k) -> (values, indices)`` under the lowest-index tie rule
+    (the fast CPU backend passes its own)."""
     B, N, V = logits.shape
     out_k = k if out_k is None else out_k
     logp = torch.log_softmax(logits.float(), dim=-1)
-    vals, idx = _topk_stable(logp, k)
+    vals, idx = topk(logp, k)
     child_scores = vals + parent_scores.float().unsqueeze(-1)
     flat = child_scores.reshape(B, N * k)
-    top_scores, top_index = _topk_stable(flat, out_k)
+    top_scores, top_index = topk(flat, out_k)
     child_tokens = idx if token_map is None else token_map[idx]
     top_tokens = child_tokens.reshape(B, N * k).gather(1, top_index)
     return TopkExpandOutput(child_tokens, child_scores, top_scores, top_index, top_index // k, top_tokens)
