@@ -87,6 +87,19 @@ def check_compatible(head_cfg: ModelConfig, target_cfg: ModelConfig, where: str)
         raise CheckpointError(f"draft head {where} has vocab_size {head_cfg.vocab_size}, the target has {target_cfg.vocab_size}")
 
 
+def load_checked(head: nn.Module, state: dict, where: str) -> None:
+    """Load ``state`` into ``head`` after checking it has exactly the head's keys and shapes (one-line errors)."""
+    expected = head.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"draft head {where}: missing {missing}, unexpected {unexpected}")
+    for k, v in expected.items():
+        if v.shape != state[k].shape:
+            raise CheckpointError(f"draft head {where}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    head.load_state_dict(state)
+
+
 def load_head(name_or_path: str | Path, target: Transformer, dtype=None, device=None, taps=None) -> Drafter:
     """Load a published EAGLE-1 head or an EAGLE-3 head (official or ``speculators`` layout, auto-detected) and
     check it fits ``target``. ``taps`` overrides an EAGLE-3 head's tap layers (default: its config's, else
@@ -109,15 +122,7 @@ def load_head(name_or_path: str | Path, target: Transformer, dtype=None, device=
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     cfg.attention_bias = "layers.0.self_attn.q_proj.bias" in state
     head = EagleHead(cfg, target.max_len, own_embedding="embed_tokens.weight" in state)
-    expected = head.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"draft head {name_or_path}: missing {missing}, unexpected {unexpected}")
-    for k, v in expected.items():
-        if v.shape != state[k].shape:
-            raise CheckpointError(f"draft head {name_or_path}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
-    head.load_state_dict(state)
+    load_checked(head, state, str(name_or_path))
     head.layers[0].fuse_weights_()
     return head.to(device=device or w.device, dtype=dtype or w.dtype).eval().requires_grad_(False)
 

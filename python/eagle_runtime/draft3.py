@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .draft import load_checked
 from .drafter import Drafter
 from .loading import CheckpointError
 from .model import MLP, Attention, RMSNorm, Rotary, Transformer
@@ -252,15 +253,7 @@ def load_eagle3(where: str, raw: dict, state: dict, target: Transformer, taps=No
     state["t2d"] = state["t2d"].to(torch.bool)
     cfg.attention_bias = "midlayer.self_attn.q_proj.bias" in state
     head = Eagle3Head(cfg, target.max_len, taps, draft_vocab, t_hidden, own_embed, norm_before_residual)
-    expected = head.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"draft head {where}: missing {missing}, unexpected {unexpected}")
-    for k, v in expected.items():
-        if v.shape != state[k].shape:
-            raise CheckpointError(f"draft head {where}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
-    head.load_state_dict(state)
+    load_checked(head, state, where)
     return head
 
 
