@@ -116,14 +116,7 @@ def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
     from eagle_runtime.generate import _load_tokenizer
 
     model = EagleModel(target, None, _load_tokenizer(DEMO_DIR / "target"), tree=tree, backend="torch")
-    stories = read_stories(SHARED / "corpus" / "tinystories_extra.txt")[-n_prompts:]
-    prompts = [" ".join(s.split()[:12]) for s in stories]
-    model.generate(prompts[0], 16, speculative=False)  # warm-up
-    plain_time, plain_tokens = 0.0, []
-    for p in prompts:
-        r = model.generate(p, MEASURE_TOKENS, speculative=False, stop_on_eos=False)
-        plain_time += r.wall_time_s
-        plain_tokens.append(r.tokens[0])
+    prompts, plain_time, plain_tokens = _plain_baseline(model, n_prompts)
     n_tok = MEASURE_TOKENS * len(prompts)
     out = {"prompts": len(prompts), "max_new_tokens": MEASURE_TOKENS, "temperature": 0.0,
            "tree": {"total_tokens": tree.total_tokens, "depth": tree.depth, "top_k": tree.top_k},
@@ -203,10 +196,10 @@ def build_head3(args) -> dict:
     }
 
 
-def measure(args) -> dict:
-    """Plain vs EAGLE in our runtime on held-out story openings, for each candidate tree; picks the fastest."""
-    model = EagleModel.from_pretrained(DEMO_DIR / "target", DEMO_DIR / "head", backend="torch")
-    stories = read_stories(SHARED / "corpus" / "tinystories_extra.txt")[-args.measure_prompts :]
+def _plain_baseline(model, n_prompts: int) -> tuple[list[str], float, list[list[int]]]:
+    """Plain greedy decoding of ``MEASURE_TOKENS`` on the last ``n_prompts`` held-out story openings (after one
+    warm-up): ``(prompts, seconds, tokens per prompt)``, the baseline every measured tree is compared with."""
+    stories = read_stories(SHARED / "corpus" / "tinystories_extra.txt")[-n_prompts:]
     prompts = [" ".join(s.split()[:12]) for s in stories]
     model.generate(prompts[0], 16, speculative=False)  # warm-up
     plain_time, plain_tokens = 0.0, []
@@ -214,6 +207,13 @@ def measure(args) -> dict:
         r = model.generate(p, MEASURE_TOKENS, speculative=False, stop_on_eos=False)
         plain_time += r.wall_time_s
         plain_tokens.append(r.tokens[0])
+    return prompts, plain_time, plain_tokens
+
+
+def measure(args) -> dict:
+    """Plain vs EAGLE in our runtime on held-out story openings, for each candidate tree; picks the fastest."""
+    model = EagleModel.from_pretrained(DEMO_DIR / "target", DEMO_DIR / "head", backend="torch")
+    prompts, plain_time, plain_tokens = _plain_baseline(model, args.measure_prompts)
     n_tok = MEASURE_TOKENS * len(prompts)
     sweep = []
     for total, depth, k in TREES:
