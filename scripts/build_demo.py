@@ -4,12 +4,11 @@
     python scripts/build_demo.py --stages head measure   # keep the target, redo the rest
     python scripts/build_demo.py --stages head3    # the EAGLE-3 head (demo/head3) and its comparison with EAGLE-1
 
-Stage ``head3`` trains, one after the other with the same corpus, settings and threads, an EAGLE-1 head of
-``--compare-steps1`` steps (into ``--work``, for the comparison only) and then the EAGLE-3 head committed as
-``demo/head3`` under the same wall-clock budget: the EAGLE-1 run's measured wall time is the EAGLE-3 run's hard cap,
-and its step count (so that its cosine schedule ends in time) comes from a short probe of the EAGLE-3 step cost
-taken just before (an EAGLE-3 step runs the training-time test: about 2x an EAGLE-1 step). Both heads are then
-measured with the demo tree on the same prompts (tau, held-out top-1, tokens/s) into ``BUILD.json["head3"]``.
+Stage ``head3`` trains an EAGLE-1 and an EAGLE-3 head at the same time, one thread each, on the same corpus and
+settings, each capped at ``--compare-minutes`` of wall time with its cosine schedule following the cap (so the
+comparison is at an equal wall-clock budget on equal hardware), commits them as ``demo/head`` and ``demo/head3``, and
+measures both with each of ``--compare-trees`` on the same prompts (tau, held-out top-1, tokens/s) into
+``BUILD.json["head3"]``.
 
 Outputs ``python/eagle_runtime/demo/{target,head}/`` (HF target checkpoint; EAGLE-1 head as config.json +
 model.safetensors) and ``python/eagle_runtime/demo/BUILD.json`` (settings, target held-out loss/perplexity,
@@ -26,9 +25,10 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,7 +39,6 @@ sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without th
 from eagle_runtime import DynamicTree, EagleModel, load_head, save_head  # noqa: E402
 from eagle_runtime.demo import DEMO_DIR  # noqa: E402
 from eagle_runtime.train import TrainConfig, train_head  # noqa: E402
-from eagle_runtime.train_eagle3 import Eagle3TrainConfig, train_head3  # noqa: E402
 from eagle_runtime.train_target import DEFAULT_TOKENIZER, TargetConfig, read_stories, train_target  # noqa: E402
 
 SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -101,13 +100,6 @@ def build_head(args) -> dict:
     }
 
 
-def _head_cfg(args, cls, steps: int, minutes: float | None = None, **extra):
-    return cls(
-        steps=steps, batch_size=args.head_batch_size, seq_len=args.head_seq_len, lr=args.head_lr, warmup=30,
-        eval_every=max(1, steps // 4), eval_batches=8, save_every=10**9, max_minutes=minutes, seed=args.seed, **extra,
-    )
-
-
 def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
     """Plain decoding and each head with ``tree`` on the same held-out openings: tokens/s, tau, exactness."""
     from eagle_runtime import load_target
@@ -115,7 +107,7 @@ def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
     target = load_target(DEMO_DIR / "target")
     from eagle_runtime.generate import _load_tokenizer
 
-    model = EagleModel(target, None, _load_tokenizer(DEMO_DIR / "target"), tree=tree, backend="torch")
+    model = EagleModel(target, None, _load_tokenizer(DEMO_DIR / "target"), tree=tree)
     prompts, plain_time, plain_tokens = _plain_baseline(model, n_prompts)
     n_tok = MEASURE_TOKENS * len(prompts)
     out = {"prompts": len(prompts), "max_new_tokens": MEASURE_TOKENS, "temperature": 0.0,
@@ -136,63 +128,67 @@ def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
     return out
 
 
+def _train_cmd(args, kind: str, out: Path) -> list[str]:
+    """The trainer's command line for one comparison run: the same corpus and settings for both heads, capped at
+    ``--compare-minutes`` with the cosine schedule following the cap (``--steps`` only bounds it)."""
+    cmd = [sys.executable, "-m", "eagle_runtime.train", "--head", kind, "--base", str(DEMO_DIR / "target"),
+           "--corpus", str(args.head_corpus), "--out", str(out), "--overwrite", "--steps", str(10**6),
+           "--batch-size", str(args.head_batch_size), "--seq-len", str(args.head_seq_len), "--lr", str(args.head_lr),
+           "--warmup", "30", "--eval-every", "500", "--eval-batches", "8", "--save-every", "0",
+           "--max-minutes", str(args.compare_minutes), "--seed", str(args.seed)]
+    if kind == "eagle3":
+        cmd += ["--draft-vocab", str(args.head3_draft_vocab), "--ttt-steps", str(args.head3_ttt_steps)]
+    return cmd
+
+
 def build_head3(args) -> dict:
-    """EAGLE-1 vs EAGLE-3 under the same wall-clock cap, sequentially; the EAGLE-3 head becomes demo/head3."""
+    """EAGLE-1 vs EAGLE-3 trained at the same time for the same wall-clock budget, one thread each; both are
+    committed (demo/head, demo/head3) and measured on the same prompts with each of ``--compare-trees``."""
     work = Path(args.work)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+    procs, logs = {}, {}
+    for kind in ("eagle1", "eagle3"):
+        out = work / f"compare_{kind}"
+        logs[kind] = open(work / f"compare_{kind}.log", "w")
+        procs[kind] = (out, subprocess.Popen(_train_cmd(args, kind, out), stdout=subprocess.PIPE, stderr=logs[kind],
+                                             env=env, text=True))
+    print(f"training both heads for {args.compare_minutes} min (logs: {work}/compare_*.log)", flush=True)
     runs = {}
-    e3 = dict(draft_vocab=args.head3_draft_vocab, ttt_steps=args.head3_ttt_steps)
-    budget_s = None
-    for name in ("eagle1", "eagle3"):
-        out = work / f"compare_{name}"
-        if out.exists():
-            shutil.rmtree(out)
-        if name == "eagle1":
-            t0 = time.time()
-            cfg = _head_cfg(args, TrainConfig, args.compare_steps1)
-            res = train_head(DEMO_DIR / "target", args.head_corpus, out, cfg)
-            budget_s = time.time() - t0
-        else:
-            probe_dir = work / "probe_eagle3"
-            t_probe = time.time()
-            n_probe = 8
-            pcfg = replace(_head_cfg(args, Eagle3TrainConfig, n_probe, **e3), eval_every=10**9)
-            pres = train_head3(DEMO_DIR / "target", args.head_corpus, probe_dir, pcfg, progress=False)
-            per_step = (pres["history"][-1]["time_s"] - pres["history"][0]["time_s"]) / (n_probe - 1)
-            overhead = (time.time() - t_probe) - n_probe * per_step  # loading, vocabulary, one evaluation, saving
-            steps = max(1, int((budget_s - 4 * overhead) / per_step))  # four evaluations on the way
-            print(f"eagle3 probe: {per_step:.2f} s/step, overhead {overhead:.1f} s -> {steps} steps in {budget_s:.0f} s")
-            t0 = time.time()
-            cfg = _head_cfg(args, Eagle3TrainConfig, steps, budget_s / 60, **e3)
-            res = train_head3(DEMO_DIR / "target", args.head_corpus, out, cfg)
-        evals = [r for r in res["history"] if "eval_acc" in r]
-        runs[name] = {
-            "dir": out, "steps_done": res["steps"], "wall_s": round(time.time() - t0, 1), "config": asdict(cfg),
-            "heldout_top1_accuracy": evals[-1]["eval_acc"] if evals else None,
-        }
-        print(f"{name}: {res['steps']} steps in {runs[name]['wall_s']} s, held-out top-1 "
-              f"{runs[name]['heldout_top1_accuracy']}", flush=True)
+    for kind, (out, proc) in procs.items():
+        stdout, _ = proc.communicate()
+        logs[kind].close()
+        if proc.returncode != 0:
+            raise SystemExit(f"the {kind} comparison run failed (exit {proc.returncode}); see {work}/compare_{kind}.log")
+        res = json.loads(stdout[stdout.index("{"):])
+        cfg = json.loads((out / "train_config.json").read_text())
+        runs[kind] = {"steps_done": res["steps"], "wall_s": round(res["time_s"], 1), "config": cfg,
+                      "heldout_top1_accuracy": res["last"].get("eval_acc")}
+        print(f"{kind}: {res['steps']} steps in {runs[kind]['wall_s']} s, held-out top-1 "
+              f"{runs[kind]['heldout_top1_accuracy']}", flush=True)
     from eagle_runtime import load_target
 
-    head3 = load_head(runs["eagle3"]["dir"], load_target(DEMO_DIR / "target"))
-    out = DEMO_DIR / "head3"
-    if out.exists():
-        shutil.rmtree(out)
-    save_head(head3, out, safetensors=True)
-    info = json.loads((DEMO_DIR / "BUILD.json").read_text()) if (DEMO_DIR / "BUILD.json").is_file() else {}
-    t = info.get("tree") or {"total_tokens": 8, "depth": 3, "top_k": 2}
-    heads = {"eagle1": runs["eagle1"]["dir"], "eagle3": runs["eagle3"]["dir"], "eagle1_committed": DEMO_DIR / "head"}
-    meas = _measure_heads(heads, DynamicTree(t["total_tokens"], t["depth"], t["top_k"]), args.measure_prompts)
-    for r in runs.values():
-        r.pop("dir")
+    target = load_target(DEMO_DIR / "target")
+    for kind, name in (("eagle1", "head"), ("eagle3", "head3")):
+        head = load_head(procs[kind][0], target)
+        if (DEMO_DIR / name).exists():
+            shutil.rmtree(DEMO_DIR / name)
+        save_head(head, DEMO_DIR / name, safetensors=True)
+    heads = {"eagle1": DEMO_DIR / "head", "eagle3": DEMO_DIR / "head3"}
+    meas = {}
+    for spec in args.compare_trees:
+        t = DynamicTree(*(int(x) for x in spec.split(",")))
+        meas[spec] = _measure_heads(heads, t, args.measure_prompts)
     return {
         "corpus": Path(args.head_corpus).name,
-        "draft_vocab_size": head3.draft_vocab_size,
-        "taps": list(head3.target_taps),
-        "wall_clock_budget_s": round(budget_s, 1),
+        "draft_vocab_size": head.draft_vocab_size,
+        "taps": list(head.target_taps),
+        "wall_clock_budget_s": 60 * args.compare_minutes,
         "runs": runs,
         "measure": meas,
-        "note": "both heads trained one after the other on the same corpus and threads, the EAGLE-3 head capped at "
-                "the EAGLE-1 run's wall time, on a shared 2-core CPU; eagle1_committed is demo/head (BUILD.json['head'])",
+        "note": "both heads trained at the same time on the same corpus and settings, one thread each, each capped "
+                "at the same wall-clock budget with its cosine schedule following the cap; both are the committed "
+                "demo heads (demo/head, demo/head3)",
     }
 
 
@@ -263,8 +259,10 @@ def main(argv=None) -> None:
     p.add_argument("--head-seq-len", type=int, default=256)
     p.add_argument("--head-lr", type=float, default=2e-3)
     p.add_argument("--measure-prompts", type=int, default=6)
-    p.add_argument("--compare-steps1", type=int, default=1000, help="head3: steps of the EAGLE-1 comparison run "
-                   "(its wall time becomes the EAGLE-3 head's budget)")
+    p.add_argument("--compare-minutes", type=float, default=15.0, help="head3: the wall-clock budget each head "
+                   "trains for (both at once, one thread each)")
+    p.add_argument("--compare-trees", nargs="+", default=["8,3,2", "16,4,4"], help="head3: trees (total,depth,top_k) "
+                   "both heads are measured with")
     p.add_argument("--head3-draft-vocab", type=int, default=256, help="the demo corpus uses about 200 of 512 ids")
     p.add_argument("--head3-ttt-steps", type=int, default=4, help="the demo tree drafts 4 levels (depth 3 + 1)")
     p.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,7 @@ errors (exit status 2 from the command line)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -256,3 +257,11 @@ def test_target_trainer_flags_rejected_in_one_line(tmp_path, flag, value, capsys
         target_main(["--out", str(tmp_path / "t"), flag, str(value)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and flag in err and "Traceback" not in err, err
+
+
+def test_cosine_follows_the_wall_clock_budget_when_it_ends_first():
+    cfg = TrainConfig(steps=1000, warmup=0, max_minutes=1.0)
+    assert lr_factor(100, cfg, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))  # steps lead
+    assert lr_factor(100, cfg, 0.5) == pytest.approx(0.5)  # half the budget used: half-way down the cosine
+    assert lr_factor(100, cfg, 1.0) == pytest.approx(0.0)
+    assert lr_factor(900, cfg, 0.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))  # the later one wins

@@ -9,7 +9,7 @@ one, else ``User: ...\\nAssistant: ...``) and the loss covers assistant tokens o
 Features are computed on the fly by the frozen target for every batch (no disk cache: zero disk cost, one target
 forward per step). Loss per position ``i``: ``SmoothL1(head_i, f_{i+1}) + 0.1 * CE(p_target(. | f_{i+1}),
 p_head(. | head_i))`` with uniform noise U(-0.1, 0.1) added to the input features; AdamW with warm-up and cosine
-decay; gradient clipping 0.5. Saves the published EAGLE-1 format (``config.json`` + ``pytorch_model.bin``) and a
+decay (following wall time under ``--max-minutes``, see :func:`lr_factor`); gradient clipping 0.5. Saves the published EAGLE-1 format (``config.json`` + ``pytorch_model.bin``) and a
 ``train_state.pt`` for ``--resume``.
 """
 
@@ -307,8 +307,9 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
                     history[-1].update(eval_fn(hold_t, hold_m))
                 break
             idx = torch.randint(0, train_t.shape[0], (cfg.batch_size,), generator=gen)
+            elapsed = (time.time() - t_start) / (60 * cfg.max_minutes) if cfg.max_minutes is not None else 0.0
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, cfg)
+                g["lr"] = cfg.lr * lr_factor(step, cfg, elapsed)
             loss, metrics = loss_fn(train_t[idx].to(dev), train_m[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -334,10 +335,12 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
             "time_s": time.time() - t_start}
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``cfg.warmup`` steps (none when 0), then cosine decay to 0 at ``cfg.steps``."""
+def lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps (none when 0), then cosine decay to 0 at ``cfg.steps`` or, under
+    ``--max-minutes``, at the end of the wall-clock budget if that comes first (``time_fraction``: the share of
+    the budget used), so a run stopped by the cap has completed its schedule."""
     warm = 1.0 if cfg.warmup == 0 else min(1.0, (step + 1) / cfg.warmup)
-    return warm * 0.5 * (1 + math.cos(math.pi * min(step / cfg.steps, 1.0)))
+    return warm * 0.5 * (1 + math.cos(math.pi * min(max(step / cfg.steps, time_fraction), 1.0)))
 
 
 @torch.no_grad()
