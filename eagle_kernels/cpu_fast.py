@@ -7,7 +7,7 @@ layout, tied inputs included. What changes:
 
 * :func:`accept_tree` greedy (every ``temperature < GREEDY_TEMPERATURE``): the target argmax per node and a vectorised walk;
   no softmax, no sort, no random numbers, no Python loop over nodes. Sampled: the processed distribution comes
-  from :func:`reference.process_logits` and the random numbers from :func:`reference.hash_uniform` (so both follow
+  from :func:`process_logits` and the random numbers from :func:`reference.hash_uniform` (so both follow
   the reference whatever it becomes), siblings are tried rank by rank for all nodes at once, and the walk is
   vectorised (pointer jumping over the parent links).
 * :func:`topk_expand`: ``torch.topk`` where its answer is provably the reference's (the top ``k + 1`` values
@@ -15,7 +15,8 @@ layout, tied inputs included. What changes:
 * :func:`tree_attention`: ``scaled_dot_product_attention`` over only the slots that exist (prefix + tree),
   GQA without copying K/V per query head; no mask at all for plain decoding.
 * :func:`sample_tokens`: greedy rows are an argmax (``torch.argmax`` returns the first maximal index, the
-  reference's tie rule); sampled batches go to the reference.
+  reference's tie rule); sampled batches use :func:`process_logits`, which skips the reference's sorts when
+  top-p is off (bit-identical probabilities).
 * :func:`kv_compact`: one gather and one scatter for the whole batch, instead of a loop over sequences.
 
 Host reads (``int(...)`` of a CPU tensor) are free on CPU and used for shapes; this backend is for CPU tensors.
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from . import reference
 from .reference import AcceptOutput, TopkExpandOutput
 
-__all__ = ["tree_attention", "topk_expand", "accept_tree", "sample_tokens", "kv_compact", "topk_low_index"]
+__all__ = ["tree_attention", "topk_expand", "accept_tree", "sample_tokens", "kv_compact", "topk_low_index",
+           "process_logits"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -106,11 +108,45 @@ def _all_greedy(temperature: torch.Tensor) -> bool:
     return bool((temperature < reference.GREEDY_TEMPERATURE).all())
 
 
+def process_logits(logits, temperature, top_p, top_k):
+    """:func:`reference.process_logits`, bit for bit, without its sorts where they cannot change the result.
+
+    With no greedy row, the k-th largest value comes from ``torch.topk`` (a value, so its tie order is moot) and,
+    when no row uses top-p, the descending sort, cumulative sum and scatter back are skipped: they keep every token
+    and return the same numbers in the same places, so only the reference's two renormalisations remain (each a
+    division by a sum within an ulp of 1, kept so that the result is identical). Any other batch goes to the
+    reference.
+    """
+    B, V = logits.shape[0], logits.shape[-1]
+    if bool((temperature < reference.GREEDY_TEMPERATURE).any()) or not bool((top_p >= 1).all()):
+        return reference.process_logits(logits, temperature, top_p, top_k)
+    shape = (B,) + (1,) * (logits.dim() - 1)
+    y = logits.float() / temperature.float().reshape(shape)
+    probs = torch.softmax(y, dim=-1)
+    kk = top_k.to(torch.int64)
+    use_k = (kk > 0) & (kk <= V)
+    if bool(use_k.any()):
+        k_max = int(torch.where(use_k, kk, 1).max())
+        kk = torch.where(use_k, kk, V).reshape(shape)
+        top = torch.topk(y, k_max, dim=-1).values  # descending: the k-th largest of y for every k <= k_max
+        kth = torch.where(kk <= k_max, top.gather(-1, (kk.clamp(max=k_max) - 1).expand(y.shape[:-1] + (1,))),
+                          y.min(dim=-1, keepdim=True).values)
+        probs = torch.where(y >= kth, probs, torch.zeros_like(probs))
+    probs = probs / probs.sum(-1, keepdim=True)
+    return probs / probs.sum(-1, keepdim=True)
+
+
 def sample_tokens(logits, temperature, top_p, top_k, seed, offset):
-    """:func:`reference.sample_tokens`; an all-greedy batch is one argmax (first maximal index on ties)."""
+    """:func:`reference.sample_tokens`; an all-greedy batch is one argmax (first maximal index on ties), sampled
+    batches take :func:`process_logits` and the reference's random stream and race."""
     if _all_greedy(temperature):
         return torch.argmax(logits, dim=-1)
-    return reference.sample_tokens(logits, temperature, top_p, top_k, seed, offset)
+    B, V = logits.shape
+    probs = process_logits(logits, temperature, top_p, top_k)
+    bb = torch.arange(B, device=logits.device).view(B, 1)
+    vv = torch.arange(V, device=logits.device).view(1, V)
+    u = reference.hash_uniform(seed, offset, bb, torch.tensor(2**31 - 1), torch.tensor(1), vv)
+    return reference._race(probs, u)
 
 
 def _chain_from_good(good: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
@@ -168,7 +204,7 @@ def accept_tree(target_logits, tree_tokens, parents, temperature, top_p, top_k, 
         path, acc_len, last = _finish(_chain_from_good(good, parents), B, T, dev)
         return AcceptOutput(path, acc_len, amax.gather(1, last[:, None])[:, 0])
 
-    probs = reference.process_logits(target_logits, temperature, top_p, top_k)  # [B, T, V]
+    probs = process_logits(target_logits, temperature, top_p, top_k)  # [B, T, V]
     rank = _sibling_rank(parents)
     rank = torch.where(root, -1, rank)
     K = int(rank.max()) + 1  # most children of any node

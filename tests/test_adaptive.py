@@ -148,6 +148,32 @@ def test_choice_logic_on_synthetic_costs():
     assert chain is None or chain.top_k == 1
 
 
+def test_costs_follow_the_cache_length():
+    """Attention over a long prompt makes every verified token dearer: the model interpolates the two timed prefixes,
+    and a long prefix turns the choice from a wide tree towards a smaller one."""
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    short = {n: 10.0 + 0.05 * n for n in sizes}
+    long = {n: 12.0 + 0.6 * n for n in sizes}  # at 448 tokens each extra tree token costs 12x more
+    cm = CostModel(short, {k: 0.2 for k in [1, 2, 4, 8, 16]}, {n: 0.01 for n in sizes}, {n: 0.05 for n in sizes},
+                   prefix=64, target_long=long, long_prefix=448)
+    assert cm.target_ms(16) == pytest.approx(short[16]) and cm.target_ms(16, 448) == pytest.approx(long[16])
+    assert cm.target_ms(16, 256) == pytest.approx((short[16] + long[16]) / 2)
+    assert cm.plain_ms(True, 448) > cm.plain_ms(True, 64)
+    tree = DynamicTree(32, 5, 4)
+    assert cm.cycle_ms(tree, True, 448) - cm.cycle_ms(tree, True, 64) > long[32] - short[32] - 1e-9
+    p = [0.6, 0.2, 0.1, 0.05]
+    stats = AcceptStats(prior_weight=1e-9)
+    stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
+    stats.tries = [1000.0] * stats.max_rank
+    at_short = adaptive.AutoController(AutoTree(), cm, stats, 1, True, prefix=64).choice
+    at_long = adaptive.AutoController(AutoTree(), cm, stats, 1, True, prefix=448).choice
+    assert at_short is not None and at_long is not None
+    assert at_long.total_tokens < at_short.total_tokens
+    # the round trip through the on-disk cache keeps both tables
+    again = CostModel.from_json(cm.to_json())
+    assert again.target_ms(16, 300) == pytest.approx(cm.target_ms(16, 300))
+
+
 def test_expected_tokens_and_observations():
     assert expected_tokens(DynamicTree(4, 3, 1), [1.0]) == pytest.approx(5.0)
     assert expected_tokens(DynamicTree(3, 2, 1), [0.5]) == pytest.approx(1 + 0.5 + 0.25 + 0.125)

@@ -86,6 +86,29 @@ def test_sample_tokens_identical():
             assert torch.equal(a, b), (a.tolist(), b.tolist())
 
 
+
+@pytest.mark.parametrize("shape", [(5, 111), (3, 4, 37), (2, 1, 512)])
+def test_process_logits_bit_identical_and_sort_free_without_top_p(shape, monkeypatch):
+    """Temperature and top-k without top-p skip the reference's sorts and give the same bits; anything else is the
+    reference itself."""
+    g = torch.Generator().manual_seed(sum(shape))
+    B = shape[0]
+    for trial in range(4):
+        logits = 3 * torch.randn(*shape, generator=g)
+        if trial % 2:
+            logits = logits.round()  # ties at the k-th value: all of them are kept
+        temps = torch.rand(B, generator=g) * 1.5 + 0.2
+        ks = torch.tensor([[0, 1, 5, shape[-1], shape[-1] + 3][(b + trial) % 5] for b in range(B)])
+        ref = reference.process_logits(logits, temps, torch.ones(B), ks)
+        with monkeypatch.context() as m:  # the fast path must not fall back to the reference here
+            m.setattr(reference, "process_logits", None)
+            fast = cpu_fast.process_logits(logits, temps, torch.ones(B), ks)
+        assert torch.equal(fast, ref), (fast - ref).abs().max()
+        for temps2, tp in ((temps, torch.full((B,), 0.7)), (torch.zeros(B), torch.ones(B))):  # the reference's cases
+            assert torch.equal(cpu_fast.process_logits(logits, temps2, tp, ks),
+                               reference.process_logits(logits, temps2, tp, ks))
+
+
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("B,N,V,k,out_k", [(1, 1, 111, 4, 4), (2, 5, 111, 3, 6), (3, 4, 7, 7, 10), (1, 3, 9, 1, 3)])
 def test_topk_expand_identical(B, N, V, k, out_k, tied):

@@ -4,7 +4,9 @@ Two inputs decide:
 
 * a **cost model** measured once per (target, head, device, dtype, batch size, backend, threads) and cached as
   JSON under ``$EAGLE_RUNTIME_CACHE`` (default ``$XDG_CACHE_HOME/eagle_runtime`` or ``~/.cache/eagle_runtime``):
-  the time of a target forward over ``n`` tokens, of a draft step over ``k`` nodes (head + logits + top-k) and
+  the time of a target forward over ``n`` tokens after a cache of 64 and of up to 448 tokens (linearly
+  interpolated at the generation's current length: attention over a long prompt makes trees dearer), of a draft
+  step over ``k`` nodes (head + logits + top-k) and
   of acceptance over a tree of ``n`` nodes (greedy and sampled), plus a real plain step and two real cycles
   (:data:`REFERENCE_TREES`) whose excess over their parts becomes a fixed per-step overhead; each the fastest of
   a few interleaved runs (timing noise on a shared machine only adds time);
@@ -16,7 +18,7 @@ Two inputs decide:
 A candidate tree's expected tokens per cycle is ``1 + sum over its nodes of prod(p[depth][rank])`` along the
 node's path, for the tree that EAGLE-2's expansion would build from those rank probabilities (the ``top_k``
 best nodes of each level expand, the ``total_tokens`` best are kept). Its cycle time is
-``target(N + 1) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1) + a + b * depth`` (``a``, ``b``
+``target(N + 1, L) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1) + a + b * depth`` (``a``, ``b``
 fitted to the two timed cycles). The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
 plain decoding's ``1 / step time``; the current choice is kept unless another is predicted 7.5% faster (the
@@ -48,7 +50,7 @@ from eagle_kernels.reference import GREEDY_TEMPERATURE
 
 from .tree import DynamicTree
 
-COST_VERSION = 4
+COST_VERSION = 5
 REFERENCE_TREES = [(2, 1, 1), (12, 5, 2)]  # whole cycles timed at calibration (depths 1 and 5): the overhead fit
 TARGET_SIZES = [1, 2, 4, 8, 16, 32, 64]
 DRAFT_SIZES = [1, 2, 4, 8, 16]
@@ -241,17 +243,28 @@ class CostModel:
     plain_overhead: float = 0.0  # a real plain step minus its parts (bookkeeping, rotary tables, ...)
     cycle_overhead: float = 0.0  # a real cycle minus its parts (tree drafting's small ops, path gathers, ...) ...
     depth_overhead: float = 0.0  # ... is cycle_overhead + depth_overhead * depth
+    prefix: int = 64  # the cache length ``target`` was timed at ...
+    target_long: dict = field(default_factory=dict)  # ... and the same forwards at ``long_prefix`` (attention
+    long_prefix: int = 0  # grows with the prefix times the tree): ``target`` at any length is interpolated
 
-    def plain_ms(self, greedy: bool) -> float:
-        return (_interp(self.target, 1) + _interp(self.accept_greedy if greedy else self.accept_sampled, 1)
+    def target_ms(self, n: int, L: float | None = None) -> float:
+        """A target forward over ``n`` tokens after a prefix of ``L`` (None: the calibration prefix)."""
+        t = _interp(self.target, n)
+        if L is None or not self.target_long or self.long_prefix <= self.prefix:
+            return t
+        slope = (_interp(self.target_long, n) - t) / (self.long_prefix - self.prefix)
+        return max(t + slope * (L - self.prefix), 0.5 * t)
+
+    def plain_ms(self, greedy: bool, L: float | None = None) -> float:
+        return (self.target_ms(1, L) + _interp(self.accept_greedy if greedy else self.accept_sampled, 1)
                 + self.plain_overhead)
 
-    def cycle_ms(self, tree: DynamicTree, greedy: bool) -> float:
+    def cycle_ms(self, tree: DynamicTree, greedy: bool, L: float | None = None) -> float:
         n = tree.total_tokens + 1
         acc = self.accept_greedy if greedy else self.accept_sampled
         # depth head passes over top_k nodes, the head's re-read of the accepted path (depth + 2 nodes; it also
         # stands for the root's top-k expansion), verification and acceptance
-        return (_interp(self.target, n) + tree.depth * _interp(self.draft, tree.top_k)
+        return (self.target_ms(n, L) + tree.depth * _interp(self.draft, tree.top_k)
                 + _interp(self.draft, tree.depth + 2) + _interp(acc, n) + self.cycle_overhead
                 + self.depth_overhead * tree.depth)
 
@@ -260,7 +273,8 @@ class CostModel:
         return {"version": COST_VERSION, "key": self.key, "measured_s": self.measured_s, "target": enc(self.target),
                 "draft": enc(self.draft), "accept_greedy": enc(self.accept_greedy),
                 "accept_sampled": enc(self.accept_sampled), "plain_overhead": self.plain_overhead,
-                "cycle_overhead": self.cycle_overhead, "depth_overhead": self.depth_overhead}
+                "cycle_overhead": self.cycle_overhead, "depth_overhead": self.depth_overhead, "prefix": self.prefix,
+                "target_long": enc(self.target_long), "long_prefix": self.long_prefix}
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
@@ -269,7 +283,8 @@ class CostModel:
         dec = lambda t: {int(k): float(v) for k, v in t.items()}  # noqa: E731
         return cls(dec(d["target"]), dec(d["draft"]), dec(d["accept_greedy"]), dec(d["accept_sampled"]),
                    str(d.get("key", "")), float(d.get("measured_s", 0.0)), float(d["plain_overhead"]),
-                   float(d["cycle_overhead"]), float(d["depth_overhead"]))
+                   float(d["cycle_overhead"]), float(d["depth_overhead"]), int(d["prefix"]),
+                   dec(d["target_long"]), int(d["long_prefix"]))
 
 
 def cost_key(model, batch: int) -> str:
@@ -325,8 +340,11 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
     w = tgt.embed_tokens.weight
     dev, B, V = w.device, batch, tgt.cfg.vocab_size
     prefix = min(64, max(tgt.max_len - 2 * max(TARGET_SIZES) - 2, 0))
+    # a second, long prefix (up to 448, within the context) for the attention's share of a forward
+    long_prefix = min(448, tgt.max_len - max(TARGET_SIZES) - 2)
+    long_prefix = long_prefix if long_prefix >= prefix + 64 else 0
     g = torch.Generator(device="cpu").manual_seed(0)
-    cache = tgt.new_cache(B, prefix + max(TARGET_SIZES) + 2)
+    cache = tgt.new_cache(B, max(prefix, long_prefix) + max(TARGET_SIZES) + 2)
     L = torch.full((B,), prefix, dtype=torch.long, device=dev)
 
     def sync():
@@ -340,11 +358,11 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
         sync()
         return (time.perf_counter() - t0) * 1e3
 
-    def tgt_fn(n):
+    def tgt_fn(n, at=L):
         tok = torch.randint(0, V, (B, n), generator=g).to(dev)
         mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(B, n, n)
-        pos = L[:, None] + torch.arange(n, device=dev)
-        return lambda: tgt.logits(tgt(tok, pos, cache, L, L, mask))
+        pos = at[:, None] + torch.arange(n, device=dev)
+        return lambda: tgt.logits(tgt(tok, pos, cache, at, at, mask))
 
     def draft_fn(k):
         if head is None:
@@ -395,6 +413,9 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
         return lambda: model._cycle(state, sp, tree)
 
     jobs = {("target", n): tgt_fn(n) for n in TARGET_SIZES}
+    if long_prefix:
+        at_long = torch.full((B,), long_prefix, dtype=torch.long, device=dev)
+        jobs.update({("target_long", n): tgt_fn(n, at_long) for n in TARGET_SIZES})
     jobs[("step", 0)] = step_fn(None)
     if head is not None:
         for i, t in enumerate(REFERENCE_TREES):
@@ -413,7 +434,8 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
                 best[key] = min(best.get(key, math.inf), timed(fn))
     table = lambda name: _monotone({n: best[(name, n)] for (what, n) in best if what == name})  # noqa: E731
     cm = CostModel(table("target"), table("draft"), table("accept_greedy"), table("accept_sampled"),
-                   cost_key(model, batch), time.perf_counter() - t0)
+                   cost_key(model, batch), time.perf_counter() - t0, prefix=prefix,
+                   target_long=table("target_long") if long_prefix else {}, long_prefix=long_prefix)
     cm.plain_overhead = max(best[("step", 0)] - cm.plain_ms(True), 0.0)
     if head is not None:
         (t1, t2) = (DynamicTree(*t) for t in REFERENCE_TREES)
@@ -464,12 +486,14 @@ class AutoTree:
     def draft_slots(self) -> int:
         return max(t.draft_slots() for t in self.candidates)
 
-    def controller(self, model, batch: int, temperature: float, top_p: float, top_k: int) -> "AutoController":
+    def controller(self, model, batch: int, temperature: float, top_p: float, top_k: int,
+                   prefix: int | None = None) -> "AutoController":
+        """The chooser for one ``generate`` call; ``prefix``: the longest prompt (costs grow with the cache)."""
         if batch not in self.costs and self.schedule is None:  # a forced schedule needs no costs
             self.costs[batch] = get_costs(model, batch)
         key = (round(float(temperature), 3), round(float(top_p), 3), int(top_k))
         stats = self.stats.setdefault(key, AcceptStats())
-        return AutoController(self, self.costs.get(batch), stats, batch, temperature < GREEDY_TEMPERATURE)
+        return AutoController(self, self.costs.get(batch), stats, batch, temperature < GREEDY_TEMPERATURE, prefix)
 
     def __repr__(self) -> str:
         return f"AutoTree({len(self.candidates)} candidates)"
@@ -478,8 +502,10 @@ class AutoTree:
 class AutoController:
     """Chooses each step's tree during one ``generate`` call and records what it chose."""
 
-    def __init__(self, auto: AutoTree, costs: CostModel, stats: AcceptStats, batch: int, greedy: bool):
+    def __init__(self, auto: AutoTree, costs: CostModel, stats: AcceptStats, batch: int, greedy: bool,
+                 prefix: int | None = None):
         self.auto, self.costs, self.stats, self.batch, self.greedy = auto, costs, stats, batch, greedy
+        self.prefix = prefix  # the cache length now (host-side estimate: prompt + emitted tokens per row)
         self.step = 0
         self.choice = None
         self.best_spec = auto.candidates[0]
@@ -493,9 +519,10 @@ class AutoController:
     def _rates(self) -> list[tuple]:
         """``[(tree or None, predicted tokens per ms)]``, plain first."""
         p = self.stats.p_by_depth()
-        rates = [(None, 1.0 / self.costs.plain_ms(self.greedy))]
+        L = self.prefix
+        rates = [(None, 1.0 / self.costs.plain_ms(self.greedy, L))]
         for t in self.auto.candidates:
-            rates.append((t, expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy)))
+            rates.append((t, expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy, L)))
         return rates
 
     def _decide(self) -> None:
@@ -530,6 +557,8 @@ class AutoController:
     def observe(self, tree, n_tokens: int, wall_ms: float | None, observations=()) -> None:
         """After a step: what it emitted (row 0..B-1 total), its wall time (None: unknown) and path nodes."""
         self.step += 1
+        if self.prefix is not None:
+            self.prefix += n_tokens / self.batch
         key = tree_key(tree)
         self.counts[key] = self.counts.get(key, 0) + 1
         self.tokens[key] = self.tokens.get(key, 0) + n_tokens

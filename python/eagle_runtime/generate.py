@@ -388,7 +388,7 @@ class EagleModel:
         eos = self.target.cfg.eos_token_id if stop_on_eos else []
         ctrl = None
         if speculative and isinstance(tree, AutoTree):  # cost model measured (once, cached) before the clock
-            ctrl = tree.controller(self, B, temperature, top_p, top_k)
+            ctrl = tree.controller(self, B, temperature, top_p, top_k, prefix=max(len(p) for p in ids))
         t0 = time.perf_counter()
         # auto mode starting with plain steps on equal-length prompts: the head reads the prompt when first needed
         pending: list = []  # auto mode: blocks of (features [B, m, H], next tokens [B, m]) the head has not read
