@@ -108,9 +108,9 @@ def _cpu_ops() -> Ops:
         cpu_fast.sample_tokens,
         cpu_fast.kv_compact,
         _native_tree_buffers(),
-        reference.rms_norm,
-        reference.add_rms_norm,
-        reference.rope_kv_write,
+        cpu_fast.rms_norm,
+        cpu_fast.add_rms_norm,
+        cpu_fast.rope_kv_write,
         reference.silu_mul,
     )
 

@@ -33,7 +33,7 @@ from . import reference
 from .reference import AcceptOutput, TopkExpandOutput
 
 __all__ = ["tree_attention", "topk_expand", "accept_tree", "sample_tokens", "kv_compact", "topk_low_index",
-           "process_logits"]
+           "process_logits", "rms_norm", "add_rms_norm", "rope_kv_write"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -50,9 +50,8 @@ def topk_low_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     if k >= V or x.numel() == 0:
         return reference._topk_stable(x, k)
     vals, idx = torch.topk(x, k + 1, dim=-1)
-    if bool((vals[..., 1:] == vals[..., :-1]).any()):  # a tie somewhere: NaN never compares equal, see below
-        return reference._topk_stable(x, k)
-    if bool(torch.isnan(vals).any()):
+    # strictly descending everywhere: no tie and no NaN (a NaN compares false), so the answer is unique
+    if not bool((vals[..., 1:] < vals[..., :-1]).all()):
         return reference._topk_stable(x, k)
     return vals[..., :k], idx[..., :k]
 
@@ -69,23 +68,83 @@ def topk_expand(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Decoder-layer pieces: the references' arithmetic in float32 with fewer dispatches, and per-forward memos
+# --------------------------------------------------------------------------------------------------------------
+class _Memo:
+    """One entry remembered across the layers of a forward, keyed on the identity of its argument tensors (the
+    memo holds them, so their ids cannot be reused while it does) and, for tensors that track one, their in-place
+    version. Inference-mode tensors track no version: for them the caller must not refill a tensor it passes again
+    (the runtime hands each forward fresh view objects, ``eagle_runtime.model.per_forward``)."""
+
+    __slots__ = ("key", "versions", "value")
+
+    def __init__(self):
+        self.key, self.versions, self.value = (), (), None
+
+    @staticmethod
+    def _versions(key) -> tuple:
+        return tuple(t._version for t in key if isinstance(t, torch.Tensor) and not t.is_inference())
+
+    def get(self, *key):
+        if len(key) == len(self.key) and all(a is b for a, b in zip(key, self.key)) \
+                and self.versions == self._versions(key):
+            return self.value
+        return None
+
+    def put(self, value, *key):
+        self.key, self.value, self.versions = key, value, self._versions(key)
+        return value
+
+
+_rope_memo, _mask_memo = _Memo(), _Memo()
+
+
+def rms_norm(x, weight, eps):
+    """:func:`reference.rms_norm`; in float32 the same operations without the no-op casts (same bits)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return reference.rms_norm(x, weight, eps)
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """:func:`reference.add_rms_norm` (same bits in float32, see :func:`rms_norm`)."""
+    r = x + residual
+    return rms_norm(r, weight, eps), r
+
+
+def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, write_idx, num_heads, num_kv_heads):
+    """:func:`reference.rope_kv_write` (same bits): the position's cos/sin gathered once per forward (memo) and
+    q and k rotated together (they are adjacent in the merged projection)."""
+    B, T, _ = qkv.shape
+    D = k_cache.shape[-1]
+    tables = _rope_memo.get(positions, cos, sin, qkv.dtype)
+    if tables is None:
+        tables = _rope_memo.put((cos[positions].to(qkv.dtype).unsqueeze(2), sin[positions].to(qkv.dtype).unsqueeze(2)),
+                                positions, cos, sin, qkv.dtype)
+    c, s = tables
+    x = qkv.view(B, T, -1, D)
+    nqk = num_heads + num_kv_heads
+    qk = x[:, :, :nqk]
+    h = D // 2
+    qk = qk * c + torch.cat([-qk[..., h:], qk[..., :h]], dim=-1) * s
+    idx = write_idx[:, None, :, None].expand(B, num_kv_heads, T, D)
+    k_cache.scatter_(2, idx, qk[:, :, num_heads:].transpose(1, 2).to(k_cache.dtype))
+    v_cache.scatter_(2, idx, x[:, :, nqk:].transpose(1, 2).to(v_cache.dtype))
+    return qk[:, :, :num_heads]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Tree attention
 # --------------------------------------------------------------------------------------------------------------
-def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=None):
-    """:func:`reference.tree_attention` over the ``max(prefix_len) + M`` existing slots with SDPA.
-
-    Plain decoding (``T == M == 1``, every prefix equal) runs without a mask. Queries that see no slot get
-    zeros, as in the reference. Math in float32 for half inputs (the reference's precision).
-    """
-    B, T, Hq, D = q.shape
-    Hkv, M = k_cache.shape[1], tree_mask.shape[-1]
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+def _attention_plan(q, prefix_len, tree_mask):
+    """``(slots, mask or None, rows that see nothing or None)`` for one forward, shared by its layers (memo)."""
+    B, T = q.shape[0], q.shape[1]
+    M = tree_mask.shape[-1]
+    plan = _mask_memo.get(prefix_len, tree_mask)
+    if plan is not None:
+        return plan
     lo, hi = int(prefix_len.min()), int(prefix_len.max())
     n = hi + M
-    k, v = k_cache[:, :, :n], v_cache[:, :, :n]
-    qh = q.transpose(1, 2)
-    if q.dtype != torch.float32:
-        qh, k, v = qh.float(), k.float(), v.float()
     if lo == hi and T == 1 and M == 1 and bool(tree_mask.all()):
         mask = None
     elif lo == hi:
@@ -94,9 +153,28 @@ def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=None):
         rel = torch.arange(n, device=q.device) - prefix_len.view(B, 1)
         in_tree = tree_mask.gather(2, rel.clamp(0, M - 1).view(B, 1, n).expand(B, T, n))
         mask = ((rel < 0).view(B, 1, n) | ((rel < M).view(B, 1, n) & in_tree))[:, None]
-    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    sees = None
     if lo == 0:  # a query with an empty prefix and an empty tree row sees nothing: zeros (SDPA gives NaN)
         sees = (tree_mask.any(-1) | (prefix_len > 0).view(B, 1)).view(B, 1, T, 1)
+    return _mask_memo.put((n, mask, sees), prefix_len, tree_mask)
+
+
+def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=None):
+    """:func:`reference.tree_attention` over the ``max(prefix_len) + M`` existing slots with SDPA.
+
+    Plain decoding (``T == M == 1``, every prefix equal) runs without a mask. Queries that see no slot get
+    zeros, as in the reference. Math in float32 for half inputs (the reference's precision).
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    n, mask, sees = _attention_plan(q, prefix_len, tree_mask)
+    k, v = k_cache[:, :, :n], v_cache[:, :, :n]
+    qh = q.transpose(1, 2)
+    if q.dtype != torch.float32:
+        qh, k, v = qh.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    if sees is not None:
         out = torch.where(sees, out, torch.zeros((), dtype=out.dtype))
     return out.transpose(1, 2).to(q.dtype)
 

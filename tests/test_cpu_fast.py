@@ -130,6 +130,12 @@ def test_topk_low_index_rule():
     x = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
     vals, idx = cpu_fast.topk_low_index(x, 2)
     assert idx.tolist() == [[1, 2], [0, 1]] and vals.tolist() == [[3.0, 3.0], [2.0, 2.0]]
+    # NaNs (the reference's stable sort puts them first) and distinct values give the reference's answer
+    y = torch.tensor([[0.5, float("nan"), 2.0, 1.0, float("nan")], [4.0, 1.0, 3.0, 2.0, 0.0]])
+    for k in (1, 2, 3):
+        ref_v, ref_i = reference._topk_stable(y, k)
+        v, i = cpu_fast.topk_low_index(y, k)
+        assert torch.equal(i, ref_i) and torch.allclose(v, ref_v, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -181,3 +187,44 @@ def test_auto_backend_is_cpu_on_cpu():
         be._warned_fallback = False
         assert get_ops("auto").name == "cpu"
     assert get_ops("torch").name == "torch"  # the reference stays reachable
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_pieces_bit_identical(dtype):
+    """Norms and rope + cache write: the same bits as the references (float32 runs the lean path, others the
+    reference itself), and the rotary tables memo follows in-place changes of the positions."""
+    g = torch.Generator().manual_seed(11)
+    B, T, nh, nkv, D, S = 2, 5, 4, 2, 16, 12
+    x = torch.randn(B, T, 64, generator=g).to(dtype)
+    res = torch.randn(B, T, 64, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(64, generator=g)).to(dtype)
+    assert torch.equal(cpu_fast.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5))
+    for a, b in zip(cpu_fast.add_rms_norm(x, res, w, 1e-6), reference.add_rms_norm(x, res, w, 1e-6)):
+        assert torch.equal(a, b)
+    qkv = torch.randn(B, T, (nh + 2 * nkv) * D, generator=g).to(dtype)
+    ang = torch.arange(S)[:, None] * torch.rand(D // 2, generator=g)[None]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    positions = torch.randint(0, S, (B, T), generator=g)
+    write = torch.stack([torch.randperm(S, generator=g)[:T] for _ in range(B)])
+    for _ in range(2):  # the second round reuses the memo, then the positions change in place
+        caches = [torch.zeros(B, nkv, S, D, dtype=dtype) for _ in range(4)]
+        q1 = cpu_fast.rope_kv_write(qkv, cos, sin, positions, caches[0], caches[1], write, nh, nkv)
+        q2 = reference.rope_kv_write(qkv, cos, sin, positions, caches[2], caches[3], write, nh, nkv)
+        assert torch.equal(q1, q2) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+        positions.add_(1).clamp_(max=S - 1)
+
+
+def test_attention_plan_memo_follows_in_place_changes():
+    """One plan per forward: the same prefix/mask objects reuse it, an in-place change of either rebuilds it."""
+    g = torch.Generator().manual_seed(5)
+    B, T, H, D, S = 2, 3, 2, 8, 20
+    kc, vc = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+    q = torch.randn(B, T, H, D, generator=g)
+    mask = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T).clone()
+    prefix = torch.tensor([4, 9])
+    for _ in range(3):
+        out = cpu_fast.tree_attention(q, kc, vc, prefix, mask)
+        ref = reference.tree_attention(q, kc, vc, prefix, mask)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        prefix.add_(3)  # same object, new contents
+        mask[:, 2, 1] = False

@@ -23,7 +23,7 @@ from torch import nn
 from .config import ModelConfig
 from .drafter import Drafter
 from .loading import CheckpointError, load_state_dict, resolve_dir
-from .model import DecoderLayer, Rotary, Transformer
+from .model import DecoderLayer, Rotary, Transformer, per_forward
 
 EAGLE1_WEIGHTS = "pytorch_model.bin"
 
@@ -59,6 +59,7 @@ class EagleHead(Drafter):
         x = self.fc(torch.cat([embed(tokens), features.to(self.fc.weight.dtype)], dim=-1))
         rope = self.rotary(positions, x.dtype)
         write_idx = write_pos[:, None] + torch.arange(x.shape[1], device=x.device)
+        prefix_len, mask = per_forward(prefix_len, mask)
         return self.layers[0](x, rope, cache[0], cache[1], prefix_len, write_idx, mask, target.ops)
 
     def forward_causal(self, features, tokens, target: Transformer):

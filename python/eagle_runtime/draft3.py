@@ -36,7 +36,7 @@ from .config import ModelConfig
 from .draft import load_checked
 from .drafter import Drafter
 from .loading import CheckpointError
-from .model import MLP, Attention, RMSNorm, Rotary, Transformer
+from .model import MLP, Attention, RMSNorm, Rotary, Transformer, per_forward
 
 EAGLE3_WEIGHTS = "pytorch_model.bin"
 # Variants of the speculators format this runtime does not implement (config flag -> what it changes).
@@ -155,6 +155,7 @@ class Eagle3Head(Drafter):
         rope = self.rotary(positions, hidden.dtype)
         write_idx = write_pos[:, None] + torch.arange(hidden.shape[1], device=hidden.device)
         emb = self.embed(tokens, target)
+        prefix_len, mask = per_forward(prefix_len, mask)
         return self.midlayer(hidden, emb, rope, cache[0], cache[1], prefix_len, write_idx, mask, target.ops)
 
     def draft_logits(self, hidden: torch.Tensor, target=None) -> torch.Tensor:

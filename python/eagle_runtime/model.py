@@ -60,6 +60,14 @@ class RopeAt:
         yield self.sin[self.positions].to(self.dtype).unsqueeze(2)
 
 
+def per_forward(*tensors: torch.Tensor) -> tuple:
+    """Fresh view objects of ``tensors`` (same data) for one forward. Ops may remember work across the layers of a
+    forward by the identity of their arguments (the ``cpu`` backend gathers the rotary tables and builds the
+    attention mask once per forward, see :mod:`eagle_kernels.cpu_fast`); fresh objects per forward keep such a
+    memo from outliving the forward even when a caller reuses and refills the same tensors."""
+    return tuple(t.view(t.shape) for t in tensors)
+
+
 class Rotary(nn.Module):
     """cos/sin tables for positions ``[0, max_len)``, half-rotation layout (HF checkpoints)."""
 
@@ -72,7 +80,7 @@ class Rotary(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeAt:
-        return RopeAt(self.cos, self.sin, positions, dtype)
+        return RopeAt(self.cos, self.sin, positions.view(positions.shape), dtype)  # a per-forward object
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -339,6 +347,7 @@ class Transformer(nn.Module):
         With ``taps``, appends ``(i, hidden state at the input of layer i)`` to ``got`` for each tapped layer."""
         rope = self.rotary(positions, x.dtype)
         write_idx = write_pos[:, None] + torch.arange(x.shape[1], device=x.device)
+        prefix_len, mask = per_forward(prefix_len, mask)
         residual = None
         for i, layer in enumerate(self.layers):
             if taps is not None and i in taps:
