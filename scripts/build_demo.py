@@ -103,18 +103,17 @@ def build_head(args) -> dict:
 def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
     """Plain decoding and each head with ``tree`` on the same held-out openings: tokens/s, tau, exactness."""
     from eagle_runtime import load_target
-
-    target = load_target(DEMO_DIR / "target")
     from eagle_runtime.generate import _load_tokenizer
 
-    model = EagleModel(target, None, _load_tokenizer(DEMO_DIR / "target"), tree=tree)
-    prompts, plain_time, plain_tokens = _plain_baseline(model, n_prompts)
+    target = load_target(DEMO_DIR / "target")
+    tok = _load_tokenizer(DEMO_DIR / "target")
+    prompts, plain_time, plain_tokens = _plain_baseline(EagleModel(target, None, tok), n_prompts)
     n_tok = MEASURE_TOKENS * len(prompts)
     out = {"prompts": len(prompts), "max_new_tokens": MEASURE_TOKENS, "temperature": 0.0,
            "tree": {"total_tokens": tree.total_tokens, "depth": tree.depth, "top_k": tree.top_k},
            "plain_tokens_per_s": n_tok / plain_time}
     for name, head_dir in heads.items():
-        model.head = load_head(head_dir, target)
+        model = EagleModel(target, load_head(head_dir, target), tok, tree=tree)
         model.generate(prompts[0], 16)  # warm-up
         wall, lens, same = 0.0, [], True
         for i, p in enumerate(prompts):
@@ -124,7 +123,8 @@ def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
             same &= r.tokens[0] == plain_tokens[i]
         out[name] = {"tau": sum(lens) / len(lens), "tokens_per_s": n_tok / wall, "speedup": plain_time / wall,
                      "identical_to_plain": same}
-        print(f"{name}: tau {out[name]['tau']:.2f}, {out[name]['tokens_per_s']:.1f} tok/s", flush=True)
+        print(f"{name}, tree {tree.total_tokens},{tree.depth},{tree.top_k}: tau {out[name]['tau']:.3f}, "
+              f"{out[name]['tokens_per_s']:.1f} tok/s", flush=True)
     return out
 
 
@@ -137,7 +137,8 @@ def _train_cmd(args, kind: str, out: Path) -> list[str]:
            "--warmup", "30", "--eval-every", "500", "--eval-batches", "8", "--save-every", "0",
            "--max-minutes", str(args.compare_minutes), "--seed", str(args.seed)]
     if kind == "eagle3":
-        cmd += ["--draft-vocab", str(args.head3_draft_vocab), "--ttt-steps", str(args.head3_ttt_steps)]
+        cmd += ["--draft-vocab", str(args.head3_draft_vocab), "--ttt-steps", str(args.head3_ttt_steps),
+                "--taps", args.head3_taps]
     return cmd
 
 
@@ -148,19 +149,27 @@ def build_head3(args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
     procs, logs = {}, {}
-    for kind in ("eagle1", "eagle3"):
-        out = work / f"compare_{kind}"
-        logs[kind] = open(work / f"compare_{kind}.log", "w")
-        procs[kind] = (out, subprocess.Popen(_train_cmd(args, kind, out), stdout=subprocess.PIPE, stderr=logs[kind],
-                                             env=env, text=True))
-    print(f"training both heads for {args.compare_minutes} min (logs: {work}/compare_*.log)", flush=True)
+    kinds = ("eagle1", "eagle3")
+    if not args.compare_reuse:
+        for kind in kinds:
+            out = work / f"compare_{kind}"
+            logs[kind] = open(work / f"compare_{kind}.log", "w")
+            procs[kind] = subprocess.Popen(_train_cmd(args, kind, out), stdout=subprocess.PIPE, stderr=logs[kind],
+                                           env=env, text=True)
+        print(f"training both heads for {args.compare_minutes} min (logs: {work}/compare_*.log)", flush=True)
     runs = {}
-    for kind, (out, proc) in procs.items():
-        stdout, _ = proc.communicate()
-        logs[kind].close()
-        if proc.returncode != 0:
-            raise SystemExit(f"the {kind} comparison run failed (exit {proc.returncode}); see {work}/compare_{kind}.log")
-        res = json.loads(stdout[stdout.index("{"):])
+    for kind in kinds:
+        out = work / f"compare_{kind}"
+        if kind in procs:
+            stdout, _ = procs[kind].communicate()
+            logs[kind].close()
+            if procs[kind].returncode != 0:
+                raise SystemExit(f"the {kind} comparison run failed (exit {procs[kind].returncode}); see "
+                                 f"{work}/compare_{kind}.log")
+            res = json.loads(stdout[stdout.index("{"):])
+            (work / f"compare_{kind}.json").write_text(json.dumps(res, indent=1))
+        else:  # --compare-reuse: the finished runs' records
+            res = json.loads((work / f"compare_{kind}.json").read_text())
         cfg = json.loads((out / "train_config.json").read_text())
         runs[kind] = {"steps_done": res["steps"], "wall_s": round(res["time_s"], 1), "config": cfg,
                       "heldout_top1_accuracy": res["last"].get("eval_acc")}
@@ -170,7 +179,7 @@ def build_head3(args) -> dict:
 
     target = load_target(DEMO_DIR / "target")
     for kind, name in (("eagle1", "head"), ("eagle3", "head3")):
-        head = load_head(procs[kind][0], target)
+        head = load_head(work / f"compare_{kind}", target)
         if (DEMO_DIR / name).exists():
             shutil.rmtree(DEMO_DIR / name)
         save_head(head, DEMO_DIR / name, safetensors=True)
@@ -261,10 +270,15 @@ def main(argv=None) -> None:
     p.add_argument("--measure-prompts", type=int, default=6)
     p.add_argument("--compare-minutes", type=float, default=15.0, help="head3: the wall-clock budget each head "
                    "trains for (both at once, one thread each)")
+    p.add_argument("--compare-reuse", action="store_true", help="head3: measure the finished comparison runs in "
+                   "--work again instead of training")
     p.add_argument("--compare-trees", nargs="+", default=["8,3,2", "16,4,4"], help="head3: trees (total,depth,top_k) "
                    "both heads are measured with")
     p.add_argument("--head3-draft-vocab", type=int, default=256, help="the demo corpus uses about 200 of 512 ids")
-    p.add_argument("--head3-ttt-steps", type=int, default=4, help="the demo tree drafts 4 levels (depth 3 + 1)")
+    p.add_argument("--head3-ttt-steps", type=int, default=3, help="training-time-test steps (the demo tree drafts 4 "
+                   "levels; 3 steps buy more updates per minute and scored higher in 4-minute probes)")
+    p.add_argument("--head3-taps", default="2,8,15", help="target layers the EAGLE-3 head reads (the input of layer "
+                   "15 of 16 scored above the default L-3 = 13 in 4-minute probes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy 2-core machine)")
     args = p.parse_args(argv)
@@ -288,6 +302,10 @@ def main(argv=None) -> None:
     if "head3" in args.stages:
         t1 = time.time()
         info["head3"] = build_head3(args)
+        run1 = info["head3"]["runs"]["eagle1"]  # demo/head is now the comparison's EAGLE-1 run
+        info["head"] = {"steps_done": run1["steps_done"], "config": run1["config"], "corpus": info["head3"]["corpus"],
+                        "heldout_top1_accuracy": run1["heldout_top1_accuracy"], "wall_s": run1["wall_s"],
+                        "trained_by": "stage head3 (the EAGLE-1 run of the equal-budget comparison)"}
         stage_s["head3"] = time.time() - t1
     if "measure" in args.stages:
         t1 = time.time()

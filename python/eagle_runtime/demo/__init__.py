@@ -40,11 +40,17 @@ def build_info() -> dict:
 
 
 def best_head() -> str:
-    """The demo head with the higher tau measured by ``scripts/build_demo.py`` (same tree, same prompts)."""
+    """The demo head with the higher tau measured by ``scripts/build_demo.py`` (same prompts) with the demo's tree
+    (the first measured tree when that one was not measured)."""
     meas = (build_info().get("head3") or {}).get("measure") or {}
-    if not (DEMO_DIR / HEAD_DIRS["eagle3"] / "config.json").is_file() or "eagle3" not in meas:
+    if not (DEMO_DIR / HEAD_DIRS["eagle3"] / "config.json").is_file() or not meas:
         return "eagle1"
-    return "eagle3" if meas["eagle3"]["tau"] > meas["eagle1_committed"]["tau"] else "eagle1"
+    t = build_info().get("tree") or {}
+    spec = f"{t.get('total_tokens')},{t.get('depth')},{t.get('top_k')}"
+    m = meas.get(spec) or next(iter(meas.values()))
+    if "eagle3" not in m or "eagle1" not in m:
+        return "eagle1"
+    return "eagle3" if m["eagle3"]["tau"] > m["eagle1"]["tau"] else "eagle1"
 
 
 def demo_tree():
