@@ -156,6 +156,9 @@ def _attention_plan(q, prefix_len, tree_mask):
     sees = None
     if lo == 0:  # a query with an empty prefix and an empty tree row sees nothing: zeros (SDPA gives NaN)
         sees = (tree_mask.any(-1) | (prefix_len > 0).view(B, 1)).view(B, 1, T, 1)
+    if mask is not None:  # additive form once per forward (SDPA converts a boolean mask the same way per call)
+        mask = torch.zeros(mask.shape, dtype=q.dtype if q.dtype == torch.float32 else torch.float32,
+                           device=q.device).masked_fill_(~mask, float("-inf"))
     return _mask_memo.put((n, mask, sees), prefix_len, tree_mask)
 
 

@@ -174,6 +174,32 @@ def test_costs_follow_the_cache_length():
     assert again.target_ms(16, 300) == pytest.approx(cm.target_ms(16, 300))
 
 
+def test_measured_steps_correct_the_model():
+    """A model that overrates speculation (here 2x) is corrected by the cycles that ran: the controller turns to
+    plain decoding; measurements that confirm the model keep the tree."""
+    p = [0.6, 0.2, 0.1, 0.05]
+
+    def ctrl():
+        stats = AcceptStats(prior_weight=1e-9)
+        stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
+        stats.tries = [1000.0] * stats.max_rank
+        return adaptive.AutoController(AutoTree(decide_every=4), _costs(10.0, 1.5), stats, 1, True)
+
+    for slow, expect_plain in ((2.0, True), (1.0, False)):
+        c = ctrl()
+        tree = c.choice
+        assert tree is not None  # the model alone speculates
+        for _ in range(40):
+            t = c.next_tree()
+            if t is None:
+                c.observe(None, 1, c.costs.plain_ms(True))
+                continue
+            tokens = expected_tokens(t, c.stats.p_by_depth())
+            c.observe(t, round(tokens), slow * c.costs.cycle_ms(t, True) * round(tokens) / tokens)
+        assert (c.choice is None) == expect_plain, (slow, c.choice, c.correction)
+        assert c.summary()["measured_over_predicted"] == pytest.approx(1 / slow, rel=0.05)
+
+
 def test_expected_tokens_and_observations():
     assert expected_tokens(DynamicTree(4, 3, 1), [1.0]) == pytest.approx(5.0)
     assert expected_tokens(DynamicTree(3, 2, 1), [0.5]) == pytest.approx(1 + 0.5 + 0.25 + 0.125)

@@ -130,6 +130,21 @@ class AcceptStats:
     nodes: int = 0
     plain_run: int = 0  # plain steps since the last speculative one (kept across generate calls)
     probe_gap: int = 0  # current probing gap (0: not yet set)
+    # measured steps per tree key ("plain" included): decayed sums of [wall ms, tokens per row, steps]
+    measured: dict = field(default_factory=dict)
+    measure_decay: float = 0.97  # per step of that key: about the last 30 count
+    min_measured: float = 6.0  # decayed steps a key needs before its measurement corrects the model
+
+    def add_step(self, key: str, wall_ms: float, tokens: float) -> None:
+        """One step of ``key`` that took ``wall_ms`` and emitted ``tokens`` per row."""
+        m = self.measured.setdefault(key, [0.0, 0.0, 0.0])
+        d = self.measure_decay
+        m[0], m[1], m[2] = m[0] * d + wall_ms, m[1] * d + tokens, m[2] * d + 1.0
+
+    def measured_rate(self, key: str) -> float | None:
+        """Measured tokens per ms of ``key`` (None until it has ``min_measured`` decayed steps)."""
+        m = self.measured.get(key)
+        return m[1] / m[0] if m and m[2] >= self.min_measured and m[0] > 0 else None
 
     def __post_init__(self):
         self.tries = self.tries or [0.0] * self.max_rank
@@ -506,6 +521,7 @@ class AutoController:
                  prefix: int | None = None):
         self.auto, self.costs, self.stats, self.batch, self.greedy = auto, costs, stats, batch, greedy
         self.prefix = prefix  # the cache length now (host-side estimate: prompt + emitted tokens per row)
+        self.correction = 1.0  # measured / predicted rate of the trees that ran (see _rates)
         self.step = 0
         self.choice = None
         self.best_spec = auto.candidates[0]
@@ -517,13 +533,26 @@ class AutoController:
             self._decide()
 
     def _rates(self) -> list[tuple]:
-        """``[(tree or None, predicted tokens per ms)]``, plain first."""
+        """``[(tree or None, predicted tokens per ms)]``, plain first.
+
+        The model's predictions are then corrected by what the steps measured: plain decoding's rate is its
+        measured one once it has run a few steps, and every tree's predicted rate is scaled by the measured /
+        predicted ratio of the trees that ran (a count-weighted mean, clamped to [0.5, 1.5]). The model still
+        ranks the trees against each other; the measurements set the level of speculation against plain decoding,
+        where a model error (acceptance overestimated, a cycle dearer than its parts) costs the most."""
         p = self.stats.p_by_depth()
         L = self.prefix
-        rates = [(None, 1.0 / self.costs.plain_ms(self.greedy, L))]
-        for t in self.auto.candidates:
-            rates.append((t, expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy, L)))
-        return rates
+        st = self.stats
+        plain = st.measured_rate("plain") or 1.0 / self.costs.plain_ms(self.greedy, L)
+        spec = [(t, expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy, L)) for t in self.auto.candidates]
+        num = den = 0.0
+        for t, r in spec:
+            got = st.measured_rate(tree_key(t))
+            if got is not None:
+                w = st.measured[tree_key(t)][2]
+                num, den = num + w * got / r, den + w
+        self.correction = min(max(num / den, 0.5), 1.5) if den else 1.0
+        return [(None, plain)] + [(t, r * self.correction) for t, r in spec]
 
     def _decide(self) -> None:
         rates = self._rates()
@@ -568,6 +597,7 @@ class AutoController:
             st.add(c, r, d)
         if wall_ms is not None:
             self.wall_ms[key] = self.wall_ms.get(key, 0.0) + wall_ms
+            st.add_step(key, wall_ms, n_tokens / self.batch)
         if tree is not None and self.choice is None and self.auto.schedule is None and self.costs is not None:
             self._decide()  # a probe: decide again with its news; back off while plain keeps winning
             base = self.auto.probe_every
@@ -582,6 +612,7 @@ class AutoController:
             "plain_fraction": self.counts.get("plain", 0) / steps if steps else 0.0,
             "last_choice": tree_key(self.choice),
             "rank_accept_p": [round(v, 4) for v in self.stats.p()[:4]],
+            "measured_over_predicted": round(self.correction, 3),
             "wall_ms": {k: round(v, 1) for k, v in self.wall_ms.items()},
             "predicted_tokens_per_s": {k: round(v, 1) for k, v in sorted(self.last_rates.items(), key=lambda kv: -kv[1])[:5]},
         }
