@@ -21,8 +21,11 @@ best nodes of each level expand, the ``total_tokens`` best are kept). Its cycle 
 ``target(N + 1, L) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1) + a + b * depth`` (``a``, ``b``
 fitted to the two timed cycles). The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
-plain decoding's ``1 / step time``; the current choice is kept unless another is predicted 7.5% faster (the
-estimates wobble). When plain wins the runtime decodes plainly and probes one speculative cycle after
+plain decoding's ``1 / step time`` raised by 8% (the model errs on speculation's side); the current choice is kept
+unless another is predicted 7.5% faster (the estimates wobble), so speculation starts at a predicted 1.16x and
+stops below 1.0x. Both levels are corrected by measurement: the ratio of measured to predicted tokens per ms of
+the plain steps, and of the cycles, that ran (decayed per step of each kind; CPU only, where a step's wall time
+costs no synchronisation) scales plain decoding's rate and every tree's rate respectively. When plain wins the runtime decodes plainly and probes one speculative cycle after
 ``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to ``8 *
 probe_every``, while probes keep confirming plain decoding). Decisions are re-taken every ``decide_every``
 speculative steps (every 2 while fewer than 32 path nodes have been observed) and after every probe.
@@ -130,21 +133,25 @@ class AcceptStats:
     nodes: int = 0
     plain_run: int = 0  # plain steps since the last speculative one (kept across generate calls)
     probe_gap: int = 0  # current probing gap (0: not yet set)
-    # measured steps per tree key ("plain" included): decayed sums of [wall ms, tokens per row, steps]
+    # measured against predicted, per kind ("plain", "spec"): decayed sums of [tokens emitted per row, tokens the
+    # model predicted for the same wall time, steps]; the ratio corrects the model (AutoController._rates)
     measured: dict = field(default_factory=dict)
-    measure_decay: float = 0.97  # per step of that key: about the last 30 count
-    min_measured: float = 6.0  # decayed steps a key needs before its measurement corrects the model
+    measure_decay: float = 0.97  # per step of that kind: about the last 30 count
+    min_measured: float = 6.0  # decayed steps a kind needs before its ratio is used
 
-    def add_step(self, key: str, wall_ms: float, tokens: float) -> None:
-        """One step of ``key`` that took ``wall_ms`` and emitted ``tokens`` per row."""
-        m = self.measured.setdefault(key, [0.0, 0.0, 0.0])
+    def add_step(self, kind: str, tokens: float, predicted_tokens: float) -> None:
+        """One step of ``kind`` that emitted ``tokens`` per row where the model predicted ``predicted_tokens``
+        for its wall time."""
+        m = self.measured.setdefault(kind, [0.0, 0.0, 0.0])
         d = self.measure_decay
-        m[0], m[1], m[2] = m[0] * d + wall_ms, m[1] * d + tokens, m[2] * d + 1.0
+        m[0], m[1], m[2] = m[0] * d + tokens, m[1] * d + predicted_tokens, m[2] * d + 1.0
 
-    def measured_rate(self, key: str) -> float | None:
-        """Measured tokens per ms of ``key`` (None until it has ``min_measured`` decayed steps)."""
-        m = self.measured.get(key)
-        return m[1] / m[0] if m and m[2] >= self.min_measured and m[0] > 0 else None
+    def measured_ratio(self, kind: str) -> float:
+        """Measured / predicted tokens per ms of ``kind``, clamped to [0.5, 1.5]; 1 until enough steps."""
+        m = self.measured.get(kind)
+        if not m or m[2] < self.min_measured or m[1] <= 0:
+            return 1.0
+        return min(max(m[0] / m[1], 0.5), 1.5)
 
     def __post_init__(self):
         self.tries = self.tries or [0.0] * self.max_rank
@@ -497,6 +504,7 @@ class AutoTree:
         self.stats: dict = {}  # sampling setting -> AcceptStats (kept across generate calls)
         self.costs: dict = {}  # batch size -> CostModel
         self.switch_margin = 0.93
+        self.spec_margin = 1.08  # with the hysteresis: plain -> a tree at 1.16x plain's rate, back below 1.0x
 
     def draft_slots(self) -> int:
         return max(t.draft_slots() for t in self.candidates)
@@ -521,7 +529,8 @@ class AutoController:
                  prefix: int | None = None):
         self.auto, self.costs, self.stats, self.batch, self.greedy = auto, costs, stats, batch, greedy
         self.prefix = prefix  # the cache length now (host-side estimate: prompt + emitted tokens per row)
-        self.correction = 1.0  # measured / predicted rate of the trees that ran (see _rates)
+        self.correction = 1.0  # the measured / predicted ratios of speculation over plain decoding (see _rates)
+        self._pred: dict = {}  # the model's latest tokens per ms by tree key (uncorrected)
         self.step = 0
         self.choice = None
         self.best_spec = auto.candidates[0]
@@ -535,33 +544,29 @@ class AutoController:
     def _rates(self) -> list[tuple]:
         """``[(tree or None, predicted tokens per ms)]``, plain first.
 
-        The model's predictions are then corrected by what the steps measured: plain decoding's rate is its
-        measured one once it has run a few steps, and every tree's predicted rate is scaled by the measured /
-        predicted ratio of the trees that ran (a count-weighted mean, clamped to [0.5, 1.5]). The model still
-        ranks the trees against each other; the measurements set the level of speculation against plain decoding,
-        where a model error (acceptance overestimated, a cycle dearer than its parts) costs the most."""
+        The model's rates are corrected by what the steps measured: plain decoding's by the measured / predicted
+        ratio of the plain steps that ran, every tree's by that of the speculative cycles that ran (each kind's
+        ratio decays with its own steps, so it outlives a stretch of the other kind). The model still ranks the
+        trees; the measurements set the level of speculation against plain decoding, where a model error
+        (acceptance overestimated, a cycle dearer than its parts) costs the most."""
         p = self.stats.p_by_depth()
         L = self.prefix
-        st = self.stats
-        plain = st.measured_rate("plain") or 1.0 / self.costs.plain_ms(self.greedy, L)
-        spec = [(t, expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy, L)) for t in self.auto.candidates]
-        num = den = 0.0
-        for t, r in spec:
-            got = st.measured_rate(tree_key(t))
-            if got is not None:
-                w = st.measured[tree_key(t)][2]
-                num, den = num + w * got / r, den + w
-        self.correction = min(max(num / den, 0.5), 1.5) if den else 1.0
-        return [(None, plain)] + [(t, r * self.correction) for t, r in spec]
+        self._pred = {"plain": 1.0 / self.costs.plain_ms(self.greedy, L)}
+        for t in self.auto.candidates:
+            self._pred[tree_key(t)] = expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy, L)
+        cp, cs = self.stats.measured_ratio("plain"), self.stats.measured_ratio("spec")
+        self.correction = cs / cp
+        return [(None, self._pred["plain"] * cp)] + [(t, self._pred[tree_key(t)] * cs) for t in self.auto.candidates]
 
     def _decide(self) -> None:
         rates = self._rates()
         self.best_spec, best = max(rates[1:], key=lambda tr: tr[1])
-        if rates[0][1] >= best:
-            best_choice, best = None, rates[0][1]
+        plain = rates[0][1] * self.auto.spec_margin  # speculation must promise more than plain decoding: its
+        if plain >= best:                             # model errs on the optimistic side, plain decoding cannot
+            best_choice, best = None, plain
         else:
             best_choice = self.best_spec
-        current = next((r for t, r in rates if t is self.choice), 0.0)
+        current = plain if self.choice is None else next((r for t, r in rates if t is self.choice), 0.0)
         if current < self.auto.switch_margin * best:  # hysteresis: estimates wobble, switching costs nothing
             self.choice = best_choice                  # but chasing noise does
         if self.choice is not None:
@@ -597,7 +602,9 @@ class AutoController:
             st.add(c, r, d)
         if wall_ms is not None:
             self.wall_ms[key] = self.wall_ms.get(key, 0.0) + wall_ms
-            st.add_step(key, wall_ms, n_tokens / self.batch)
+            pred = self._pred.get(key)
+            if pred is not None and self.step > 2:  # a call's first steps pay one-off costs (allocation, caches)
+                st.add_step("plain" if tree is None else "spec", n_tokens / self.batch, pred * wall_ms)
         if tree is not None and self.choice is None and self.auto.schedule is None and self.costs is not None:
             self._decide()  # a probe: decide again with its news; back off while plain keeps winning
             base = self.auto.probe_every
