@@ -175,18 +175,22 @@ def test_costs_follow_the_cache_length():
 
 
 def test_measured_steps_correct_the_model():
-    """A model that overrates speculation (here 2x) is corrected by the cycles that ran: the controller turns to
-    plain decoding; measurements that confirm the model keep the tree."""
+    """A model that overrates speculation (here 2x) is corrected by the cycles that ran once plain steps have been
+    measured too: the controller turns to plain decoding; measurements that confirm the model keep the tree. With
+    no plain step measured, a slow cycle is taken for a slow machine (plain borrows the ratio): the tree stays."""
     p = [0.6, 0.2, 0.1, 0.05]
 
-    def ctrl():
+    def ctrl(plain_measured: bool):
         stats = AcceptStats(prior_weight=1e-9)
         stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
         stats.tries = [1000.0] * stats.max_rank
+        if plain_measured:
+            for _ in range(20):
+                stats.add_step("plain", 1.0, 1.0)  # plain steps ran as fast as predicted
         return adaptive.AutoController(AutoTree(decide_every=4), _costs(10.0, 1.5), stats, 1, True)
 
-    for slow, expect_plain in ((2.0, True), (1.0, False)):
-        c = ctrl()
+    for slow, plain_measured, expect_plain in ((2.0, True, True), (1.0, True, False), (2.0, False, False)):
+        c = ctrl(plain_measured)
         tree = c.choice
         assert tree is not None  # the model alone speculates
         for _ in range(40):
@@ -196,8 +200,9 @@ def test_measured_steps_correct_the_model():
                 continue
             tokens = expected_tokens(t, c.stats.p_by_depth())
             c.observe(t, round(tokens), slow * c.costs.cycle_ms(t, True) * round(tokens) / tokens)
-        assert (c.choice is None) == expect_plain, (slow, c.choice, c.correction)
-        assert c.summary()["measured_over_predicted"] == pytest.approx(1 / slow, rel=0.05)
+        assert (c.choice is None) == expect_plain, (slow, plain_measured, c.choice, c.correction)
+        want = 1 / slow if plain_measured else 1.0
+        assert c.summary()["measured_over_predicted"] == pytest.approx(want, rel=0.05)
 
 
 def test_expected_tokens_and_observations():

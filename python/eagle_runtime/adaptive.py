@@ -25,7 +25,8 @@ plain decoding's ``1 / step time`` raised by 8% (the model errs on speculation's
 unless another is predicted 7.5% faster (the estimates wobble), so speculation starts at a predicted 1.16x and
 stops below 1.0x. Both levels are corrected by measurement: the ratio of measured to predicted tokens per ms of
 the plain steps, and of the cycles, that ran (decayed per step of each kind; CPU only, where a step's wall time
-costs no synchronisation) scales plain decoding's rate and every tree's rate respectively. When plain wins the runtime decodes plainly and probes one speculative cycle after
+costs no synchronisation; a kind not measured yet borrows the other's ratio) scales plain decoding's rate and
+every tree's rate respectively. When plain wins the runtime decodes plainly and probes one speculative cycle after
 ``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to ``8 *
 probe_every``, while probes keep confirming plain decoding). Decisions are re-taken every ``decide_every``
 speculative steps (every 2 while fewer than 32 path nodes have been observed) and after every probe.
@@ -146,11 +147,11 @@ class AcceptStats:
         d = self.measure_decay
         m[0], m[1], m[2] = m[0] * d + tokens, m[1] * d + predicted_tokens, m[2] * d + 1.0
 
-    def measured_ratio(self, kind: str) -> float:
-        """Measured / predicted tokens per ms of ``kind``, clamped to [0.5, 1.5]; 1 until enough steps."""
+    def measured_ratio(self, kind: str) -> float | None:
+        """Measured / predicted tokens per ms of ``kind``, clamped to [0.5, 1.5]; None until enough steps."""
         m = self.measured.get(kind)
         if not m or m[2] < self.min_measured or m[1] <= 0:
-            return 1.0
+            return None
         return min(max(m[0] / m[1], 0.5), 1.5)
 
     def __post_init__(self):
@@ -555,6 +556,9 @@ class AutoController:
         for t in self.auto.candidates:
             self._pred[tree_key(t)] = expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy, L)
         cp, cs = self.stats.measured_ratio("plain"), self.stats.measured_ratio("spec")
+        # a kind not measured yet is assumed off by as much as the other: a machine slower than at calibration
+        # slows both, so one kind's ratio alone must not flip the choice
+        cp, cs = cp or cs or 1.0, cs or cp or 1.0
         self.correction = cs / cp
         return [(None, self._pred["plain"] * cp)] + [(t, self._pred[tree_key(t)] * cs) for t in self.auto.candidates]
 
@@ -603,7 +607,7 @@ class AutoController:
         if wall_ms is not None:
             self.wall_ms[key] = self.wall_ms.get(key, 0.0) + wall_ms
             pred = self._pred.get(key)
-            if pred is not None and self.step > 2:  # a call's first steps pay one-off costs (allocation, caches)
+            if pred is not None and self.step > 8:  # a call's first steps pay one-off costs (allocation, caches)
                 st.add_step("plain" if tree is None else "spec", n_tokens / self.batch, pred * wall_ms)
         if tree is not None and self.choice is None and self.auto.schedule is None and self.costs is not None:
             self._decide()  # a probe: decide again with its news; back off while plain keeps winning
