@@ -22,7 +22,8 @@ best nodes of each level expand, the ``total_tokens`` best are kept). Its cycle 
 fitted to the two timed cycles). The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
 plain decoding's ``1 / step time`` raised by 8% (the model errs on speculation's side); the current choice is kept
-unless another is predicted 7.5% faster (the estimates wobble), so speculation starts at a predicted 1.16x and
+unless another is predicted 7.5% faster (the estimates wobble; among trees within 3% of the best the smallest
+is taken), so speculation starts at a predicted 1.16x and
 stops below 1.0x. Both levels are corrected by measurement: the ratio of measured to predicted tokens per ms of
 the plain steps, and of the cycles, that ran (decayed per step of each kind; CPU only, where a step's wall time
 costs no synchronisation; a kind not measured yet borrows the other's ratio) scales plain decoding's rate and
@@ -506,6 +507,7 @@ class AutoTree:
         self.costs: dict = {}  # batch size -> CostModel
         self.switch_margin = 0.93
         self.spec_margin = 1.08  # with the hysteresis: plain -> a tree at 1.16x plain's rate, back below 1.0x
+        self.tie_band = 0.97  # trees predicted within 3% of the best count as tied: the smallest is taken
 
     def draft_slots(self) -> int:
         return max(t.draft_slots() for t in self.candidates)
@@ -564,7 +566,11 @@ class AutoController:
 
     def _decide(self) -> None:
         rates = self._rates()
-        self.best_spec, best = max(rates[1:], key=lambda tr: tr[1])
+        top = max(r for _, r in rates[1:])
+        # within 3% of the best, the smallest tree: the estimates are that close and the model's independence
+        # assumption overrates deep and wide trees most
+        self.best_spec, best = min(((t, r) for t, r in rates[1:] if r >= self.auto.tie_band * top),
+                                   key=lambda tr: (tr[0].num_nodes, tr[0].max_depth))
         plain = rates[0][1] * self.auto.spec_margin  # speculation must promise more than plain decoding: its
         if plain >= best:                             # model errs on the optimistic side, plain decoding cannot
             best_choice, best = None, plain
