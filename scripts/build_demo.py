@@ -100,6 +100,21 @@ def build_head(args) -> dict:
     }
 
 
+def _speculate(model, prompts, plain_time: float, plain_tokens) -> dict:
+    """EAGLE with ``model``'s head and tree on ``prompts`` (after one warm-up), against the plain baseline:
+    tau, tokens/s, speedup and whether every output equals plain decoding's."""
+    model.generate(prompts[0], 16)  # warm-up
+    wall, lens, same = 0.0, [], True
+    for i, p in enumerate(prompts):
+        r = model.generate(p, MEASURE_TOKENS, stop_on_eos=False)
+        wall += r.wall_time_s
+        lens += r.accept_lengths[0]
+        same &= r.tokens[0] == plain_tokens[i]
+    n_tok = MEASURE_TOKENS * len(prompts)
+    return {"tau": sum(lens) / len(lens), "tokens_per_s": n_tok / wall, "speedup": plain_time / wall,
+            "identical_to_plain": same}
+
+
 def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
     """Plain decoding and each head with ``tree`` on the same held-out openings: tokens/s, tau, exactness."""
     from eagle_runtime import load_target
@@ -114,15 +129,7 @@ def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
            "plain_tokens_per_s": n_tok / plain_time}
     for name, head_dir in heads.items():
         model = EagleModel(target, load_head(head_dir, target), tok, tree=tree)
-        model.generate(prompts[0], 16)  # warm-up
-        wall, lens, same = 0.0, [], True
-        for i, p in enumerate(prompts):
-            r = model.generate(p, MEASURE_TOKENS, stop_on_eos=False)
-            wall += r.wall_time_s
-            lens += r.accept_lengths[0]
-            same &= r.tokens[0] == plain_tokens[i]
-        out[name] = {"tau": sum(lens) / len(lens), "tokens_per_s": n_tok / wall, "speedup": plain_time / wall,
-                     "identical_to_plain": same}
+        out[name] = _speculate(model, prompts, plain_time, plain_tokens)
         print(f"{name}, tree {tree.total_tokens},{tree.depth},{tree.top_k}: tau {out[name]['tau']:.3f}, "
               f"{out[name]['tokens_per_s']:.1f} tok/s", flush=True)
     return out
@@ -231,20 +238,8 @@ def measure(args) -> dict:
     sweep = []
     for total, depth, k in TREES:
         model.tree = DynamicTree(total, depth, k)
-        model.generate(prompts[0], 16)  # warm-up
-        wall, lens, same = 0.0, [], True
-        for i, p in enumerate(prompts):
-            r = model.generate(p, MEASURE_TOKENS, stop_on_eos=False)
-            wall += r.wall_time_s
-            lens += r.accept_lengths[0]
-            same &= r.tokens[0] == plain_tokens[i]
-        sweep.append({
-            "tree": {"total_tokens": total, "depth": depth, "top_k": k},
-            "tokens_per_s": n_tok / wall,
-            "speedup": plain_time / wall,
-            "tau": sum(lens) / len(lens),
-            "identical_to_plain": same,
-        })
+        sweep.append({"tree": {"total_tokens": total, "depth": depth, "top_k": k},
+                      **_speculate(model, prompts, plain_time, plain_tokens)})
         print(f"tree {total}/{depth}/{k}: tau {sweep[-1]['tau']:.2f}, speedup {sweep[-1]['speedup']:.2f}x", flush=True)
     best = max(sweep, key=lambda s: s["speedup"])
     return {
