@@ -157,8 +157,7 @@ def _attention_plan(q, prefix_len, tree_mask):
     if lo == 0:  # a query with an empty prefix and an empty tree row sees nothing: zeros (SDPA gives NaN)
         sees = (tree_mask.any(-1) | (prefix_len > 0).view(B, 1)).view(B, 1, T, 1)
     if mask is not None:  # additive form once per forward (SDPA converts a boolean mask the same way per call)
-        mask = torch.zeros(mask.shape, dtype=q.dtype if q.dtype == torch.float32 else torch.float32,
-                           device=q.device).masked_fill_(~mask, float("-inf"))
+        mask = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))  # float32: the math
     return _mask_memo.put((n, mask, sees), prefix_len, tree_mask)
 
 
@@ -222,12 +221,7 @@ def sample_tokens(logits, temperature, top_p, top_k, seed, offset):
     batches take :func:`process_logits` and the reference's random stream and race."""
     if _all_greedy(temperature):
         return torch.argmax(logits, dim=-1)
-    B, V = logits.shape
-    probs = process_logits(logits, temperature, top_p, top_k)
-    bb = torch.arange(B, device=logits.device).view(B, 1)
-    vv = torch.arange(V, device=logits.device).view(1, V)
-    u = reference.hash_uniform(seed, offset, bb, torch.tensor(2**31 - 1), torch.tensor(1), vv)
-    return reference._race(probs, u)
+    return reference._sample_from(process_logits(logits, temperature, top_p, top_k), seed, offset)
 
 
 def _chain_from_good(good: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:

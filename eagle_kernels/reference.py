@@ -342,10 +342,14 @@ def sample_tokens(
     Random stream: ``hash_uniform(seed, offset, b, 2**31 - 1, 1, v)`` (node ``2**31 - 1`` keeps it apart from
     the streams of :func:`accept_tree`). ``seed`` and ``offset`` are scalar int64 tensors.
     """
-    B, V = logits.shape
-    probs = process_logits(logits, temperature, top_p, top_k)
-    bb = torch.arange(B, device=logits.device).view(B, 1)
-    vv = torch.arange(V, device=logits.device).view(1, V)
+    return _sample_from(process_logits(logits, temperature, top_p, top_k), seed, offset)
+
+
+def _sample_from(probs: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_tokens`' draw from processed probabilities ``[B, V]`` (the fast CPU backend shares it)."""
+    B, V = probs.shape
+    bb = torch.arange(B, device=probs.device).view(B, 1)
+    vv = torch.arange(V, device=probs.device).view(1, V)
     u = hash_uniform(seed, offset, bb, torch.tensor(2**31 - 1), torch.tensor(1), vv)
     return _race(probs, u)
 
