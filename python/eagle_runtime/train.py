@@ -296,7 +296,13 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
     (train_t, train_m), (hold_t, hold_m) = train_rows, hold_rows
     gen = torch.Generator().manual_seed(cfg.seed + step)
     t_start = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=desc, dynamic_ncols=True)
+    # Under --max-minutes the bar shows the share of the run done (the larger of steps and wall time, as the
+    # schedule counts it), not the step count against a --steps the cap will never reach.
+    capped = cfg.max_minutes is not None
+    bar = tqdm(total=100 if capped else cfg.steps, initial=0 if capped else step, disable=not progress,
+               desc=f"{desc} ({cfg.max_minutes:g} min budget)" if capped else desc, dynamic_ncols=True,
+               unit="%" if capped else "it", bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]"
+               if capped else None)
     head.train()
     stop: list[str] = []
     with _stop_on_signals(stop):
@@ -316,8 +322,12 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
             torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{metrics['acc']:.3f}")
+            if capped:
+                done = max(step / cfg.steps, (time.time() - t_start) / (60 * cfg.max_minutes))
+                bar.update(min(100.0, 100 * done) - bar.n)
+            else:
+                bar.update(1)
+            bar.set_postfix(step=step, loss=f"{loss.item():.4f}", acc=f"{metrics['acc']:.3f}")
             rec = {"step": step, "loss": loss.item(), **metrics, "time_s": time.time() - t_start}
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 rec.update(eval_fn(hold_t, hold_m))
