@@ -534,7 +534,7 @@ def main(argv=None) -> dict:
     p.add_argument("--base", default=None, help="target: HF directory or hub id (default: the embedded demo pair)")
     p.add_argument("--draft", default=None, help="EAGLE-1 or EAGLE-3 head: directory or hub id (format auto-detected)")
     p.add_argument("--head", default="auto", choices=["auto", "eagle1", "eagle3"],
-                   help="demo pair: which embedded head (auto: the one with the higher tau in BUILD.json); "
+                   help="demo pair: which embedded head (auto: the faster one in BUILD.json, by tokens/s); "
                         "with --draft: the kind the head must be")
     p.add_argument("--questions", default=None, help="MT-bench jsonl (default: shared mt_bench.jsonl, else built-in)")
     p.add_argument("--num-questions", type=int, default=16, help="questions taken round-robin over categories (0 = all)")

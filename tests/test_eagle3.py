@@ -372,6 +372,24 @@ def test_train_cli_head_flag_errors(tmp_path, stories_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # Benchmark
 # ---------------------------------------------------------------------------------------------------------------
+def test_best_head_is_the_faster_one(monkeypatch):
+    """The demo default head is picked by tokens/s over the measured trees, not by tau."""
+    import eagle_runtime.demo as demo
+
+    require(demo.DEMO_DIR / "head3" / "config.json")
+
+    def info(s1, s3, tau1=3.0, tau3=3.1):
+        m = {"eagle1": {"tau": tau1, "tokens_per_s": s1}, "eagle3": {"tau": tau3, "tokens_per_s": s3}}
+        return {"head3": {"measure": {"8,3,2": m, "16,4,4": dict(m)}}}
+
+    monkeypatch.setattr(demo, "build_info", lambda: info(300.0, 250.0))
+    assert demo.best_head() == "eagle1"  # higher tau, slower: not chosen
+    monkeypatch.setattr(demo, "build_info", lambda: info(250.0, 300.0, tau1=3.2, tau3=3.0))
+    assert demo.best_head() == "eagle3"
+    monkeypatch.setattr(demo, "build_info", lambda: {"head3": {"measure": {}}})
+    assert demo.best_head() == "eagle1"
+
+
 def test_benchmark_names_the_head(tmp_path, stories_dir):
     from eagle_runtime.demo import DEMO_DIR, best_head
 
