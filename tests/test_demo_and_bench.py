@@ -135,3 +135,32 @@ def test_benchmark_json_holds_every_printed_field(tmp_path):
              "benchmark_wall_s"}
     assert printed_keys <= known, printed_keys - known
     assert "hf_identical_to_plain" in zero and "benchmark_wall_s" in res
+
+
+def test_cpu_cycle_phases_accounts_for_the_cycle(tmp_path):
+    """benchmarks/cpu_cycle_phases.py: the phases it times lie inside the cycle and the result file is written."""
+    import importlib.util
+
+    from eagle_runtime.demo import DEMO_DIR
+
+    require(DEMO_DIR / "head" / "config.json")
+    spec = importlib.util.spec_from_file_location("cpu_cycle_phases", ROOT / "benchmarks" / "cpu_cycle_phases.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--num-questions", "1", "--max-new-tokens", "12", "--tree", "6,2,2", "--threads", "1",
+                      "--layer-reps", "5", "--out", str(tmp_path)])
+    ph = res["phases_ms_per_cycle"]
+    assert res["cycles"] >= 2 and 1.0 <= res["tau"] <= 4.0  # depth 2 + 1: at most 3 drafts + the bonus token
+    assert all(v >= 0 for k, v in ph.items() if k != "rest") and ph["rest"] > -0.05 * res["cycle_ms"]
+    assert ph["head_step"] + ph["topk_expand"] <= ph["draft"] * 1.001
+    assert ph["draft"] + ph["verify"] + ph["accept"] + ph["kv_compact"] <= res["cycle_ms"] * 1.001
+    assert res["calls_per_cycle"]["verify"] == 1 and res["calls_per_cycle"]["head_step"] == 2
+    assert set(res["layer"]) == {"1", "7"}  # a plain step and a 7-node verification (6 drafts + root)
+    for lay in res["layer"].values():
+        assert lay["layer_us"] > 0 and all(v > 0 for v in lay["pieces_us"].values())
+    files = list(tmp_path.glob("cpu_cycle_phases_*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["cycles"] == res["cycles"]
+    import eagle_runtime.generate as G
+    from eagle_runtime.drafter import target_states
+
+    assert G.target_states is target_states  # the wrapped module function is put back
