@@ -201,8 +201,7 @@ def run(args) -> dict:
     tau = new_tokens / cycles
     res = {
         "device": f"cpu ({platform.machine()})",
-        "config": {"base": str(base), "draft": str(draft), "tree": dataclasses.asdict(tree) if dataclasses.is_dataclass(tree)
-                   else args.tree, "questions": source, "num_questions": len(prompts), "max_new_tokens":
+        "config": {"base": str(base), "draft": str(draft), "tree": dataclasses.asdict(tree), "questions": source, "num_questions": len(prompts), "max_new_tokens":
                    args.max_new_tokens, "threads": torch.get_num_threads(), "torch": torch.__version__},
         "cycles": cycles, "tau": tau, "cycle_ms": cycle_ms, "plain_step_ms": plain_ms,
         "cycle_over_plain": cycle_ms / plain_ms,
