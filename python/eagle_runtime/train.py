@@ -309,6 +309,7 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
         while step < cfg.steps and not stop:
             if cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes:
                 bar.write(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
+                bar.update(100 - bar.n)  # the budget is spent: the run is done
                 if history and "eval_loss" not in history[-1]:  # the saved head gets its held-out score
                     history[-1].update(eval_fn(hold_t, hold_m))
                 break
@@ -323,8 +324,7 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
             opt.step()
             step += 1
             if capped:
-                done = max(step / cfg.steps, (time.time() - t_start) / (60 * cfg.max_minutes))
-                bar.update(min(100.0, 100 * done) - bar.n)
+                bar.update(min(100.0, 100 * max(step / cfg.steps, elapsed)) - bar.n)  # as lr_factor counts it
             else:
                 bar.update(1)
             bar.set_postfix(step=step, loss=f"{loss.item():.4f}", acc=f"{metrics['acc']:.3f}")

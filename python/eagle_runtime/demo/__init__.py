@@ -45,10 +45,8 @@ def best_head() -> str:
     over three taps, attention over twice the width), so on this small target a head can accept more and still
     run slower."""
     meas = (build_info().get("head3") or {}).get("measure") or {}
-    if not (DEMO_DIR / HEAD_DIRS["eagle3"] / "config.json").is_file() or not meas:
-        return "eagle1"
     both = [m for m in meas.values() if "eagle1" in m and "eagle3" in m]
-    if not both:
+    if not (DEMO_DIR / HEAD_DIRS["eagle3"] / "config.json").is_file() or not both:
         return "eagle1"
 
     def mean_speed(kind):
