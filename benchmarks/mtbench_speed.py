@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without th
 
 from eagle_runtime import DynamicTree, EagleModel, StaticTree  # noqa: E402
 from eagle_runtime.adaptive import AutoTree  # noqa: E402
+from eagle_runtime.chat import encode_prompt as encode, make_prompt  # noqa: E402,F401  (cpu_cycle_phases imports both from here)
 from eagle_runtime.parallel import is_main_process, shutdown_distributed, tensor_parallel_size  # noqa: E402
 
 DEFAULT_QUESTIONS = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data")) / "bench" / "mt_bench.jsonl"
@@ -128,30 +129,6 @@ def read_questions(path: Path) -> list[dict]:
     if not rows:
         raise ValueError(f"--questions {path} holds no questions")
     return rows
-
-
-def make_prompt(tokenizer, history: list[tuple[str, str | None]]) -> str:
-    """The conversation so far, ending with the assistant's turn to speak."""
-    if getattr(tokenizer, "chat_template", None):
-        msgs = []
-        for user, answer in history:
-            msgs.append({"role": "user", "content": user})
-            if answer is not None:
-                msgs.append({"role": "assistant", "content": answer})
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    parts = []
-    for user, answer in history:
-        parts.append(f"User: {user}\nAssistant:" + (f" {answer}" if answer is not None else ""))
-    return "\n".join(parts)
-
-
-def encode(tokenizer, text: str, budget: int) -> tuple[list[int], bool]:
-    """Token ids of a prompt; a prompt over ``budget`` keeps its first token (BOS) and its last tokens."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    ids = tokenizer(text, add_special_tokens=not has_template)["input_ids"]
-    if len(ids) <= budget:
-        return ids, False
-    return ids[:1] + ids[len(ids) - budget + 1 :], True
 
 
 # ----------------------------------------------------------------------------------------------------------------

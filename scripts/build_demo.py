@@ -3,12 +3,19 @@
     python scripts/build_demo.py                   # everything: about 21 min on 2 CPU cores (13 target, 7 head, 1 measure)
     python scripts/build_demo.py --stages head measure   # keep the target, redo the rest
     python scripts/build_demo.py --stages head3    # the EAGLE-3 head (demo/head3) and its comparison with EAGLE-1
+    python scripts/build_demo.py --stages distill head3 --compare-init --head-corpus build/demo_work/self_distill.jsonl
+                                                   # fine-tune both heads on the target's own answers
 
 Stage ``head3`` trains an EAGLE-1 and an EAGLE-3 head at the same time, one thread each, on the same corpus and
 settings, each capped at ``--compare-minutes`` of wall time with its cosine schedule following the cap (so the
 comparison is at an equal wall-clock budget on equal hardware), commits them as ``demo/head`` and ``demo/head3``, and
 measures both with each of ``--compare-trees`` on the same prompts (tau, held-out top-1, tokens/s) into
 ``BUILD.json["head3"]``.
+
+Stage ``distill`` writes ``WORK/self_distill.jsonl``: the target's own answers (plain decoding, greedy and sampled,
+some with a second user turn) to ``--distill-prompts`` (GSM8K questions, Tiny Shakespeare and TinyStories
+openings; never MT-bench, the benchmark). With ``--head-corpus`` pointing at it and ``--compare-init``, stage
+``head3`` fine-tunes both committed heads on it, again at an equal wall-clock budget.
 
 Outputs ``python/eagle_runtime/demo/{target,head}/`` (HF target checkpoint; EAGLE-1 head as config.json +
 model.safetensors) and ``python/eagle_runtime/demo/BUILD.json`` (settings, target held-out loss/perplexity,
@@ -43,6 +50,9 @@ from eagle_runtime.train_target import DEFAULT_TOKENIZER, TargetConfig, read_sto
 
 SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data"))
 HEAD_CORPUS = SHARED / "corpus" / "tinystories_val.txt"
+# Prompts of the self-distillation corpus: questions (chat-like, as the benchmark asks), verse and story openings.
+# MT-bench itself is never used: it is the benchmark.
+DISTILL_PROMPTS = [SHARED / "corpus" / n for n in ("gsm8k_train.jsonl", "tinyshakespeare.txt", "tinystories_val.txt")]
 # Candidate draft trees (total_tokens, depth, top_k): on 2 CPU cores every draft pass costs about as much as
 # one target layer, so small trees win (see the sweep recorded in BUILD.json).
 TREES = [(5, 4, 1), (6, 3, 2), (8, 3, 2), (10, 4, 2), (12, 4, 3), (16, 4, 4)]
@@ -93,7 +103,7 @@ def build_head(args) -> dict:
     return {
         "steps_done": res["steps"],
         "config": asdict(cfg),
-        "corpus": Path(args.head_corpus).name,
+        "corpus": [Path(c).name for c in args.head_corpus],
         "heldout_top1_accuracy": evals[-1]["eval_acc"] if evals else None,
         "heldout_loss": evals[-1]["eval_loss"] if evals else None,
         "final_train_loss": res["history"][-1]["loss"] if res["history"] else None,
@@ -139,13 +149,15 @@ def _train_cmd(args, kind: str, lr: float, out: Path) -> list[str]:
     """The trainer's command line for one comparison run: the same corpus, batch and length for every head, capped
     at ``--compare-minutes`` with the cosine schedule following the cap (``--steps`` only bounds it)."""
     cmd = [sys.executable, "-m", "eagle_runtime.train", "--head", kind, "--base", str(DEMO_DIR / "target"),
-           "--corpus", str(args.head_corpus), "--out", str(out), "--overwrite", "--steps", str(10**6),
+           "--corpus", *(str(Path(c).resolve()) for c in args.head_corpus), "--out", str(out), "--overwrite", "--steps", str(10**6),
            "--batch-size", str(args.head_batch_size), "--seq-len", str(args.head_seq_len), "--lr", str(lr),
            "--warmup", "30", "--eval-every", "500", "--eval-batches", "8", "--save-every", "0",
            "--max-minutes", str(args.compare_minutes), "--seed", str(args.seed)]
     if kind == "eagle3":
         cmd += ["--draft-vocab", str(args.head3_draft_vocab), "--ttt-steps", str(args.head3_ttt_steps),
                 "--taps", args.head3_taps]
+    if args.compare_init:  # fine-tune the committed demo head of the same kind (relative: no machine paths recorded)
+        cmd += ["--init", str((DEMO_DIR / ("head3" if kind == "eagle3" else "head")).relative_to(REPO))]
     return cmd
 
 
@@ -163,7 +175,7 @@ def build_head3(args) -> dict:
         for name, (kind, lr) in plan.items():
             logs[name] = open(work / f"compare_{name}.log", "w")
             procs[name] = subprocess.Popen(_train_cmd(args, kind, lr, work / f"compare_{name}"), env=env, text=True,
-                                           stdout=subprocess.PIPE, stderr=logs[name])
+                                           stdout=subprocess.PIPE, stderr=logs[name], cwd=REPO)
         print(f"training {len(plan)} heads at once for {args.compare_minutes} min (logs: {work}/compare_*.log)",
               flush=True)
     runs = {}
@@ -203,7 +215,8 @@ def build_head3(args) -> dict:
             shutil.rmtree(DEMO_DIR / name)
         save_head(head, DEMO_DIR / name, safetensors=True)
     return {
-        "corpus": Path(args.head_corpus).name,
+        "corpus": [Path(c).name for c in args.head_corpus],
+        "init": "the committed demo heads (fine-tuned)" if args.compare_init else None,
         "draft_vocab_size": head.draft_vocab_size,
         "taps": list(head.target_taps),
         "wall_clock_budget_s": 60 * args.compare_minutes,
@@ -214,6 +227,24 @@ def build_head3(args) -> dict:
                 "capped at the same wall-clock budget with its cosine schedule following the cap; demo/head is the "
                 "EAGLE-1 run with the higher tau on the first tree, demo/head3 the EAGLE-3 run",
     }
+
+
+def build_distill(args) -> dict:
+    """The self-distillation corpus ``WORK/self_distill.jsonl``: the demo target's own answers (plain decoding) to
+    prompts from ``--distill-prompts`` (see :mod:`eagle_runtime.distill`)."""
+    from eagle_runtime.distill import distill
+    from eagle_runtime.loading import atomic_write
+
+    model = EagleModel.from_pretrained(DEMO_DIR / "target", None, tree="dynamic")
+    rows, summary = distill(model, args.distill_prompts, max_prompts=args.distill_max_prompts,
+                            max_new_tokens=args.distill_max_new_tokens, temperatures=args.distill_temperatures,
+                            batch_size=64, prompt_tokens=192, second_turns=args.distill_second_turns, seed=args.seed)
+    out = Path(args.work) / "self_distill.jsonl"
+    atomic_write(out, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    print(f"distill: {summary['rows']} rows, {summary['new_tokens']} answer tokens -> {out}", flush=True)
+    return {**summary, "file": "WORK/self_distill.jsonl", "max_new_tokens": args.distill_max_new_tokens,
+            "temperatures": args.distill_temperatures, "second_turns": args.distill_second_turns,
+            "prompt_sources": [Path(c).name for c in args.distill_prompts]}
 
 
 def _plain_baseline(model, n_prompts: int) -> tuple[list[str], float, list[list[int]]]:
@@ -257,14 +288,15 @@ def measure(args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stages", nargs="+", default=["target", "head", "measure"],
-                   choices=["target", "head", "measure", "head3"])
+                   choices=["target", "head", "measure", "distill", "head3"])
     p.add_argument("--work", default=str(REPO / "build" / "demo_work"))
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     p.add_argument("--target-steps", type=int, default=2000)
     p.add_argument("--target-minutes", type=float, default=13.0, help="wall-time budget of the target (cosine follows it)")
     p.add_argument("--target-batch-size", type=int, default=4)
     p.add_argument("--target-seq-len", type=int, default=512)
-    p.add_argument("--head-corpus", default=str(HEAD_CORPUS))
+    p.add_argument("--head-corpus", nargs="+", default=[str(HEAD_CORPUS)], help="the heads' corpus (several files: "
+                   "one corpus), e.g. the distill stage's WORK/self_distill.jsonl")
     p.add_argument("--head-steps", type=int, default=1000)
     p.add_argument("--head-minutes", type=float, default=16.0)
     p.add_argument("--head-batch-size", type=int, default=8)
@@ -277,6 +309,14 @@ def main(argv=None) -> None:
                    "EAGLE-1 runs (the best one is committed)")
     p.add_argument("--head3-lr", type=float, default=4e-3, help="head3: the EAGLE-3 run's learning rate (4e-3 "
                    "scored 0.710 against 0.674 for 2e-3 in 4-minute probes)")
+    p.add_argument("--compare-init", action="store_true", help="head3: each run fine-tunes the committed demo head "
+                   "of its kind (--init) instead of starting from scratch")
+    p.add_argument("--distill-prompts", nargs="+", default=[str(c) for c in DISTILL_PROMPTS], help="distill: prompt "
+                   "sources (jsonl first user turns, text block openings)")
+    p.add_argument("--distill-max-prompts", type=int, default=4500)
+    p.add_argument("--distill-max-new-tokens", type=int, default=160)
+    p.add_argument("--distill-temperatures", type=float, nargs="+", default=[0.0, 0.0, 1.0])
+    p.add_argument("--distill-second-turns", type=float, default=0.5)
     p.add_argument("--compare-reuse", action="store_true", help="head3: measure the finished comparison runs in "
                    "--work again instead of training")
     p.add_argument("--compare-trees", nargs="+", default=["8,3,2", "16,4,4"], help="head3: trees (total,depth,top_k) "
@@ -306,6 +346,10 @@ def main(argv=None) -> None:
         t1 = time.time()
         info["head"] = build_head(args)
         stage_s["head"] = time.time() - t1
+    if "distill" in args.stages:
+        t1 = time.time()
+        info["distill"] = build_distill(args)
+        stage_s["distill"] = time.time() - t1
     if "head3" in args.stages:
         t1 = time.time()
         info["head3"] = build_head3(args)

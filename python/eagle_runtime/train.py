@@ -4,7 +4,9 @@
 
 Corpus: plain text (documents separated by blank lines) or jsonl. Jsonl rows with ``messages`` (role/content),
 ``conversations`` or ``question``/``answer`` are rendered as chats (the tokenizer's chat template when it has
-one, else ``User: ...\\nAssistant: ...``) and the loss covers assistant tokens only; rows with ``text`` are plain.
+one, else ``User: ...\\nAssistant: ...``) and the loss covers assistant tokens only; rows with ``text`` are plain;
+rows with ``input_ids`` (and an optional 0/1 ``loss_mask``) are token ids as they are, as
+``python -m eagle_runtime.distill`` writes the target's own answers.
 
 Features are computed on the fly by the frozen target for every batch (no disk cache: zero disk cost, one target
 forward per step). Loss per position ``i``: ``SmoothL1(head_i, f_{i+1}) + 0.1 * CE(p_target(. | f_{i+1}),
@@ -56,6 +58,7 @@ class TrainConfig:
     save_every: int = 500
     max_minutes: float | None = None
     seed: int = 0
+    init: str = ""  # a head directory to start from (fine-tuning: its weights; a fresh optimizer and schedule)
 
     def __post_init__(self):
         """Reject values that cannot train (one-line ValueError). ``warmup 0`` means no warm-up, ``eval_every 0``
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"--max-minutes must be > 0, got {self.max_minutes}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"--seed must lie in [0, 2**63), got {self.seed}")
+        if not isinstance(self.init, str):
+            raise ValueError(f"--init must be a head directory, got {self.init!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,6 +129,19 @@ def encode_chat(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], lis
     return ids, mask
 
 
+def _id_row(row: dict, vocab: int, where: str) -> tuple[list[int], list[int]]:
+    """A row of token ids (``input_ids``, optional 0/1 ``loss_mask`` of the same length; all ones without it), as
+    :mod:`eagle_runtime.distill` writes them."""
+    ids, mask = row["input_ids"], row.get("loss_mask")
+    if not isinstance(ids, list) or not ids or not all(type(t) is int and 0 <= t < vocab for t in ids):
+        raise ValueError(f"{where}: 'input_ids' must be a non-empty list of token ids in [0, {vocab})")
+    if mask is None:
+        return ids, [1] * len(ids)
+    if not isinstance(mask, list) or len(mask) != len(ids) or not all(m in (0, 1) and type(m) is int for m in mask):
+        raise ValueError(f"{where}: 'loss_mask' must be a list of 0/1 of the same length as 'input_ids'")
+    return ids, mask
+
+
 def load_corpus(path: str | Path, tokenizer) -> list[tuple[list[int], list[int]]]:
     """Documents as (token ids, loss mask) pairs."""
     path = Path(path)
@@ -148,11 +166,14 @@ def load_corpus(path: str | Path, tokenizer) -> list[tuple[list[int], list[int]]
                     raise ValueError(f"{path}:{n}: 'text' must be a string")
                 if chat is not None:
                     docs.append(encode_chat(tokenizer, chat))
+                elif "input_ids" in row:
+                    docs.append(_id_row(row, len(tokenizer), f"{path}:{n}"))
                 elif "text" in row:
                     ids = tokenizer(row["text"])["input_ids"]
                     docs.append((ids, [1] * len(ids)))
                 else:
-                    raise ValueError(f"{path}:{n}: a row needs 'messages', 'conversations', 'question'/'answer' or 'text'")
+                    raise ValueError(f"{path}:{n}: a row needs 'messages', 'conversations', 'question'/'answer', "
+                                     "'input_ids' or 'text'")
     else:
         text = path.read_text(encoding="utf-8", errors="replace")
         for block in text.split("\n\n"):
@@ -231,6 +252,8 @@ def train_head(
                                                      tokenizer=tokenizer, max_len=max(cfg.seq_len, 64))
     head = EagleHead(head_config(target.cfg), target.max_len).to(target.embed_tokens.weight.device)
     init_head_(head, cfg.seed)
+    if cfg.init:
+        start_from(head, cfg.init, target)
 
     def loss_fn(tokens, mask):
         loss, reg, cls, acc = head_loss(head, target, tokens, mask, cfg.noise, cfg.cls_weight)
@@ -238,6 +261,23 @@ def train_head(
 
     return fit(head, target, train_rows, hold_rows, out, cfg, loss_fn, lambda t, m: evaluate(head, target, t, m, cfg),
                resume=resume, progress=progress, desc="train head")
+
+
+def start_from(head, directory: str, target: Transformer):
+    """Copy the weights of the head saved in ``directory`` (``--init``) into ``head``, a freshly built trainable
+    head of the same kind and shape; returns the loaded head. One-line errors for another kind or shape."""
+    from .draft import load_head
+
+    loaded = load_head(directory, target)
+    if type(loaded) is not type(head):
+        raise ValueError(f"--init {directory} holds a {type(loaded).__name__}, not the {type(head).__name__} this "
+                         "trainer trains (pick the trainer with --head eagle1|eagle3)")
+    try:
+        head.load_state_dict(loaded.state_dict())
+    except RuntimeError as e:
+        raise CheckpointError(f"--init {directory}: its weights do not fit this head "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    return loaded
 
 
 def prepare_training(base, corpus, out, cfg: TrainConfig, *, resume: bool, overwrite: bool, tokenizer, max_len: int,
@@ -265,7 +305,11 @@ def prepare_training(base, corpus, out, cfg: TrainConfig, *, resume: bool, overw
         if tokenizer is None:
             raise ValueError(f"no tokenizer found in {base}")
     target.requires_grad_(False).eval()
-    docs = load_corpus(corpus, tokenizer)
+    corpora = list(corpus) if isinstance(corpus, (list, tuple)) else [corpus]
+    if not corpora:
+        raise ValueError("--corpus: give at least one file")
+    docs = [d for c in corpora for d in load_corpus(c, tokenizer)]
+    corpus = " + ".join(str(c) for c in corpora)
     if len(docs) < 2:
         raise ValueError(f"corpus {corpus} holds {len(docs)} document; the held-out split needs one of its own")
     random.Random(cfg.seed).shuffle(docs)
@@ -455,7 +499,9 @@ def run_cli(argv, *, prog: str, description: str, layout: str, cfg_type: type, t
 
     p = OneLineParser(prog=prog, description=description)
     p.add_argument("--base", required=True, help="target model: HF directory or hub id")
-    p.add_argument("--corpus", required=True, help="plain text (blank-line separated documents) or chat jsonl")
+    p.add_argument("--corpus", required=True, nargs="+",
+                   help="plain text (blank-line separated documents) or jsonl (chats, text or token ids); several "
+                   "files are read as one corpus")
     p.add_argument("--out", required=True, help=f"output directory ({layout})")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a head already in OUT")

@@ -8,7 +8,8 @@ one-line errors (exit status 2) are :mod:`eagle_runtime.train`'s (``prepare_trai
 What differs:
 
 - The draft vocabulary: the ``--draft-vocab`` most frequent target tokens of the training rows (loss-masked
-  positions; ties to the lower id), saved as ``d2t``/``t2d``.
+  positions; ties to the lower id), saved as ``d2t``/``t2d``; with ``--init`` the starting head's vocabulary
+  and taps.
 - The training-time test: the head runs on its own outputs for ``--ttt-steps`` steps. Step ``j`` at index ``q``
   reads (its step ``j-1`` output at ``q`` (step 0: ``fc`` of the target taps at ``q``), token ``t_{q+1+j}``) at
   rotary position ``q + j``, attends to the step-0 keys at indices ``<= q`` (the true context) and to its own
@@ -32,7 +33,7 @@ import torch
 
 from .draft3 import Eagle3Head, new_eagle3_head
 from .model import Transformer, apply_rope
-from .train import TrainConfig, fit, prepare_training, run_cli
+from .train import TrainConfig, fit, prepare_training, run_cli, start_from
 
 
 @dataclass
@@ -160,8 +161,18 @@ def train_head3(
         base, corpus, out, cfg, resume=resume, overwrite=overwrite, tokenizer=tokenizer,
         max_len=max(cfg.seq_len + cfg.ttt_steps + 1, 64), check_target=check_target)
     V = target.cfg.vocab_size
-    vocab_ids = draft_vocabulary(*train_rows, V, min(cfg.draft_vocab, V))
+    if cfg.init:  # fine-tuning keeps the head's own draft vocabulary and taps
+        from .draft import load_head
+
+        start = load_head(cfg.init, target)
+        if not isinstance(start, Eagle3Head):
+            raise ValueError(f"--init {cfg.init} holds a {type(start).__name__}, not an EAGLE-3 head")
+        vocab_ids, taps = start.token_map.cpu(), tuple(start.target_taps)
+    else:
+        vocab_ids = draft_vocabulary(*train_rows, V, min(cfg.draft_vocab, V))
     head = new_eagle3_head(target, len(vocab_ids), taps, cfg.seed, vocab_ids=vocab_ids, from_target=True)
+    if cfg.init:
+        start_from(head, cfg.init, target)
 
     def loss_fn(tokens, mask):
         loss, per_step, acc = ttt_loss(head, target, tokens, mask, cfg.ttt_steps, cfg.ttt_decay)
