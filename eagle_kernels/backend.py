@@ -15,6 +15,7 @@ at import time.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -46,6 +47,10 @@ class Ops:
     add_rms_norm: Callable
     rope_kv_write: Callable
     silu_mul: Callable
+    # chains of sampled drafts (speculative sampling with the draft's distribution); every backend runs the
+    # references' PyTorch code, the cpu one with its bit-identical logit processing
+    sample_draft: Callable = reference.sample_draft
+    accept_chain: Callable = reference.accept_chain
 
 
 def interpreter_enabled() -> bool:
@@ -112,6 +117,8 @@ def _cpu_ops() -> Ops:
         cpu_fast.add_rms_norm,
         cpu_fast.rope_kv_write,
         reference.silu_mul,
+        functools.partial(reference.sample_draft, process=cpu_fast.process_logits),
+        functools.partial(reference.accept_chain, process=cpu_fast.process_logits),
     )
 
 

@@ -426,6 +426,80 @@ def accept_tree(
     return AcceptOutput(path, acc_len, nxt)
 
 
+def draft_distribution(draft_logits, temperature, top_p, top_k, token_map=None, vocab_size=None, process=None):
+    """The draft's distribution ``q [B, V]`` over the target vocabulary: its logits (draft ids mapped to target
+    ids through ``token_map``, the other ids at ``-inf``) processed like the target's (:func:`process_logits`:
+    temperature, top-k, top-p). Only for sampled rows (``temperature >= GREEDY_TEMPERATURE``)."""
+    if token_map is not None:
+        full = draft_logits.new_full(draft_logits.shape[:-1] + (vocab_size,), float("-inf"))
+        draft_logits = full.index_copy(-1, token_map, draft_logits)
+    return (process or process_logits)(draft_logits, temperature, top_p, top_k)
+
+
+def sample_draft(draft_logits, temperature, top_p, top_k, seed, offset, node: int, token_map=None, vocab_size=None,
+                 process=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chain draft sampled from the draft's distribution: ``(token [B], q [B, V])`` with ``q`` from
+    :func:`draft_distribution`. Random stream ``hash_uniform(seed, offset, b, node, 2, v)`` (``node`` is the chain
+    node the token becomes), apart from :func:`accept_chain`'s and :func:`sample_tokens`' streams."""
+    q = draft_distribution(draft_logits, temperature, top_p, top_k, token_map, vocab_size, process)
+    B, V = q.shape
+    bb = torch.arange(B, device=q.device).view(B, 1)
+    u = hash_uniform(seed, offset, bb, torch.tensor(node), torch.tensor(2), torch.arange(V, device=q.device).view(1, V))
+    return _race(q, u), q
+
+
+def accept_chain(
+    target_logits: torch.Tensor,
+    chain_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    process=None,
+) -> AcceptOutput:
+    """Speculative sampling along a chain whose drafts were *sampled* from the draft's distribution (Leviathan et
+    al. 2023, Chen et al. 2023); exact in distribution, and it accepts about ``sum_x min(p(x), q(x))`` per draft
+    instead of :func:`accept_tree`'s ``p(x)`` for a deterministic draft.
+
+    Args:
+        target_logits: ``[B, T, V]``; row ``i`` is the target's next-token logits after chain node ``i``.
+        chain_tokens: ``[B, T]``; node ``d >= 1`` is the child of node ``d - 1``, node 0 the root.
+        draft_probs: ``[B, T - 1, V]``; ``draft_probs[:, d - 1]`` is the distribution node ``d`` was sampled from
+            (:func:`sample_draft`).
+        temperature, top_p, top_k, seed, offset: as :func:`accept_tree` (every row sampled).
+        process: the processing of the target logits (default :func:`process_logits`; the fast CPU backend
+            passes its bit-identical one).
+
+    With ``p`` the processed target distribution at node ``d - 1`` and ``q = draft_probs[:, d - 1]``, node ``d``
+    (token ``x``) is accepted iff ``hash_uniform(seed, offset, b, d, 0) * q(x) < p(x)`` (probability
+    ``min(1, p(x) / q(x))``). At the first rejection the next token is drawn from ``max(p - q, 0)`` normalised;
+    after a full match from ``p`` at the last node; both by an exponential race with
+    ``hash_uniform(seed, offset, b, u, 1, v)`` at the last accepted node ``u``.
+    """
+    B, T, V = target_logits.shape
+    dev = target_logits.device
+    n = T - 1
+    p = (process or process_logits)(target_logits, temperature, top_p, top_k)  # [B, T, V]
+    x = chain_tokens[:, 1:, None]
+    px = p[:, :n].gather(2, x)[..., 0]
+    qx = draft_probs.gather(2, x)[..., 0]
+    bb = torch.arange(B, device=dev).view(B, 1)
+    r = hash_uniform(seed, offset, bb, torch.arange(1, T, device=dev).view(1, n), torch.tensor(0))  # [B, n]
+    acc_len = (r * qx < px).long().cumprod(1).sum(1)  # leading accepted drafts
+    nodes = torch.arange(T, device=dev).view(1, T)
+    path = torch.where(nodes <= acc_len[:, None], nodes, -1)
+    p_last = p.gather(1, acc_len.view(B, 1, 1).expand(B, 1, V))[:, 0]
+    q_last = draft_probs.gather(1, acc_len.clamp(max=n - 1).view(B, 1, 1).expand(B, 1, V))[:, 0]
+    residual = (p_last - q_last).clamp(min=0)
+    total = residual.sum(-1, keepdim=True)
+    residual = torch.where(total > 0, residual / total, p_last)  # total 0 cannot follow a rejection; kept safe
+    dist = torch.where((acc_len < n)[:, None], residual, p_last)
+    u = hash_uniform(seed, offset, bb, acc_len.view(B, 1), torch.tensor(1), torch.arange(V, device=dev).view(1, V))
+    return AcceptOutput(path, acc_len, _race(dist, u))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # KV compaction
 # --------------------------------------------------------------------------------------------------------------

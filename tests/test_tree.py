@@ -131,3 +131,39 @@ def test_dynamic_tree_keeps_best_connected_candidates():
                 j = int(parents[b, j])
             got.append(scores[tuple(path[::-1])])
         assert sorted(got, reverse=True) == pytest.approx(best, abs=1e-5)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 4])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_chain_shortcut_equals_the_general_expansion(depth, mapped):
+    """``top_k = 1`` takes :meth:`DynamicTree._draft_chain`: the same tokens, parents and draft-step calls
+    (inputs, positions, write slots, masks) as the general expansion, ties included (first index wins)."""
+    from eagle_kernels import get_ops
+
+    V, H, B = 29, 8, 3
+    step = _FakeStep(V, H)
+    step.W[:, 7] = step.W[:, 3]  # tokens 3 and 7 always tie: the lower one must win in both paths
+    step.E = torch.randn(100, H)  # embeddings of target ids (the map sends draft ids into [0, 100))
+    calls = {"chain": [], "tree": []}
+
+    def recording(name):
+        def f(h_in, tokens, pos, write_pos, mask):
+            calls[name].append((h_in.clone(), tokens.clone(), pos.clone(), write_pos.clone(), mask.clone()))
+            return step(h_in, tokens, pos, write_pos, mask)
+        return f
+
+    tree = DynamicTree(total_tokens=depth + 1, depth=depth, top_k=1)
+    token_map = torch.randperm(100)[:V] if mapped else None
+    d_hidden = torch.randn(B, H)
+    d_logits = d_hidden @ step.W
+    d_logits[0, 3] = d_logits[0, 7] = d_logits[0].max() + 1  # a tie at the root expansion too
+    root, L = torch.tensor([3, 5, 1]), torch.tensor([4, 9, 6])
+    ops = get_ops("torch")
+    a = tree.draft(recording("chain"), d_hidden, d_logits, root, L, ops, token_map=token_map)
+    b = tree._draft_tree(recording("tree"), d_hidden, d_logits, root, L, ops, token_map=token_map)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape == (B, depth + 2)
+    assert int(a[0][0, 1]) == (int(token_map[3]) if mapped else 3)
+    assert len(calls["chain"]) == len(calls["tree"]) == depth
+    for x, y in zip(calls["chain"], calls["tree"]):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))

@@ -517,9 +517,15 @@ class AutoTree:
         """The chooser for one ``generate`` call; ``prefix``: the longest prompt (costs grow with the cache)."""
         if batch not in self.costs and self.schedule is None:  # a forced schedule needs no costs
             self.costs[batch] = get_costs(model, batch)
-        key = (round(float(temperature), 3), round(float(top_p), 3), int(top_k))
+        sampled = bool(getattr(model, "_sampled_drafts_now", False))
+        key = (round(float(temperature), 3), round(float(top_p), 3), int(top_k), sampled)
         stats = self.stats.setdefault(key, AcceptStats())
-        return AutoController(self, self.costs.get(batch), stats, batch, temperature < GREEDY_TEMPERATURE, prefix)
+        # sampled chains accept about sum min(p, q) per draft, deterministic trees p(draft): at temperature > 0 the
+        # chains win, and mixing both kinds in one acceptance estimate would rate the trees by the chains' rate
+        chains = [t for t in self.candidates if isinstance(t, DynamicTree) and t.top_k == 1]
+        cands = chains if sampled and chains else self.candidates
+        return AutoController(self, self.costs.get(batch), stats, batch, temperature < GREEDY_TEMPERATURE, prefix,
+                              candidates=cands)
 
     def __repr__(self) -> str:
         return f"AutoTree({len(self.candidates)} candidates)"
@@ -529,14 +535,15 @@ class AutoController:
     """Chooses each step's tree during one ``generate`` call and records what it chose."""
 
     def __init__(self, auto: AutoTree, costs: CostModel, stats: AcceptStats, batch: int, greedy: bool,
-                 prefix: int | None = None):
+                 prefix: int | None = None, candidates: list | None = None):
         self.auto, self.costs, self.stats, self.batch, self.greedy = auto, costs, stats, batch, greedy
+        self.candidates = list(candidates or auto.candidates)
         self.prefix = prefix  # the cache length now (host-side estimate: prompt + emitted tokens per row)
         self.correction = 1.0  # the measured / predicted ratios of speculation over plain decoding (see _rates)
         self._pred: dict = {}  # the model's latest tokens per ms by tree key (uncorrected)
         self.step = 0
         self.choice = None
-        self.best_spec = auto.candidates[0]
+        self.best_spec = self.candidates[0]
         self.counts: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
         self.last_rates: dict[str, float] = {}
@@ -555,14 +562,14 @@ class AutoController:
         p = self.stats.p_by_depth()
         L = self.prefix
         self._pred = {"plain": 1.0 / self.costs.plain_ms(self.greedy, L)}
-        for t in self.auto.candidates:
+        for t in self.candidates:
             self._pred[tree_key(t)] = expected_tokens(t, p) / self.costs.cycle_ms(t, self.greedy, L)
         cp, cs = self.stats.measured_ratio("plain"), self.stats.measured_ratio("spec")
         # a kind not measured yet is assumed off by as much as the other: a machine slower than at calibration
         # slows both, so one kind's ratio alone must not flip the choice
         cp, cs = cp or cs or 1.0, cs or cp or 1.0
         self.correction = cs / cp
-        return [(None, self._pred["plain"] * cp)] + [(t, self._pred[tree_key(t)] * cs) for t in self.auto.candidates]
+        return [(None, self._pred["plain"] * cp)] + [(t, self._pred[tree_key(t)] * cs) for t in self.candidates]
 
     def _decide(self) -> None:
         rates = self._rates()

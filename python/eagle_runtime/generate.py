@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from eagle_kernels import get_ops
+from eagle_kernels.reference import GREEDY_TEMPERATURE
 
 from .adaptive import AutoTree, path_observations, tree_key
 from .draft import load_head
@@ -223,6 +224,11 @@ class EagleModel:
         self.tree = make_tree(tree)
         self.set_backend(backend)
         self._graphs: dict = {}
+        # At temperature > 0 a chain (top_k 1) draws its drafts from the draft's distribution and is verified by
+        # speculative sampling (``eagle_kernels.reference.accept_chain``): it accepts about sum_x min(p, q) per
+        # draft where EAGLE-2's deterministic draft gets p(draft). False: deterministic drafts everywhere.
+        self.sampled_drafts = True
+        self._sampled_drafts_now = False
         self._graph_pool = None
         self._pool = BufferPool(
             lambda B: target.new_cache(B),
@@ -386,6 +392,7 @@ class EagleModel:
         sp.seed.fill_(int(seed))
         sp.offset.zero_()
         eos = self.target.cfg.eos_token_id if stop_on_eos else []
+        self._sampled_drafts_now = bool(self.sampled_drafts and temperature >= GREEDY_TEMPERATURE)
         ctrl = None
         if speculative and isinstance(tree, AutoTree):  # cost model measured (once, cached) before the clock
             ctrl = tree.controller(self, B, temperature, top_p, top_k, prefix=max(len(p) for p in ids))
@@ -478,7 +485,7 @@ class EagleModel:
         if not self._use_graphs(state["L"].device):
             return fn
         # a graph reads the pool's caches at fixed addresses: one that grew since the capture means recapture
-        key = (state["L"].shape[0], speculative, id(self.tree), self._pool.generation)
+        key = (state["L"].shape[0], speculative, id(self.tree), self._pool.generation, self._sampled_drafts_now)
         if key not in self._graphs:
             self._graphs = {k: g for k, g in self._graphs.items() if k[3] == self._pool.generation}
             if self._graph_pool is None:
@@ -576,12 +583,28 @@ class EagleModel:
         L, root = _live_len(state), state["next_tok"]
         B, dev = L.shape[0], L.device
         head = self.head
-        tokens, parents = tree.draft(
-            self._draft_step(state), state["d_hidden"], state["d_logits"], root, L, ops, token_map=head.token_map
-        )
+        sampled = self._sampled_drafts_now and isinstance(tree, DynamicTree) and tree.top_k == 1
+        if sampled:  # a chain of drafts sampled from the draft's distribution (speculative sampling)
+            V = tgt.cfg.vocab_size
+
+            def sampler(logits, node):
+                return ops.sample_draft(logits, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset, node,
+                                        token_map=head.token_map, vocab_size=V)
+
+            tokens, parents, q = tree.draft_sampled(self._draft_step(state), state["d_hidden"], state["d_logits"],
+                                                    root, L, sampler)
+        else:
+            tokens, parents = tree.draft(
+                self._draft_step(state), state["d_hidden"], state["d_logits"], root, L, ops, token_map=head.token_map
+            )
         bufs = ops.build_tree_buffers(parents, tree.max_depth)
         feats, states = target_states(tgt, tokens, L[:, None] + bufs.depth, state["cache"], L, L, bufs.mask, head)
-        acc = ops.accept_tree(tgt.logits(feats), tokens, parents, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
+        if sampled:
+            acc = ops.accept_chain(tgt.logits(feats), tokens, q, sp.temperature, sp.top_p, sp.top_k, sp.seed,
+                                   sp.offset)
+        else:
+            acc = ops.accept_tree(tgt.logits(feats), tokens, parents, sp.temperature, sp.top_p, sp.top_k, sp.seed,
+                                  sp.offset)
         ops.kv_compact(state["cache"], L, acc.accept_path, acc.accept_len)
         self._last_tree = (parents, acc)  # for tree="auto"'s acceptance statistics (eager steps only)
         # The accepted path (root first) and the token after it; the head re-reads them with true features.

@@ -127,6 +127,12 @@ class DynamicTree:
         return max(self.depth, 1) * self.top_k
 
     def draft(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops, token_map=None):
+        if self.top_k == 1:
+            return self._draft_chain(step, d_hidden, d_logits, root, L, token_map)
+        return self._draft_tree(step, d_hidden, d_logits, root, L, ops, token_map)
+
+    def _draft_tree(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops, token_map=None):
+        """EAGLE-2's expansion and rerank (any ``top_k``; :meth:`draft` takes a shortcut for chains)."""
         B, dev = root.shape[0], root.device
         k = self.top_k
         e = ops.topk_expand(d_logits[:, None], torch.zeros(B, 1, device=dev), k, token_map=token_map)
@@ -162,6 +168,45 @@ class DynamicTree:
         root_par = torch.full((B, 1), -1, dtype=torch.long, device=dev)
         tokens = torch.cat([root[:, None], tok.gather(1, sel)], dim=1)
         return tokens, torch.cat([root_par, parents], dim=1)
+
+    def _draft_chain(self, step: DraftStep, d_hidden, d_logits, root, L, token_map, sampler=None):
+        """``top_k == 1``: the tree is a chain of ``depth + 1`` drafts (the pool holds exactly ``total_tokens``
+        candidates, so the rerank keeps them all, in chain order). Each draft is the argmax of the draft's
+        log-probabilities (first index on ties: ``topk_expand``'s choice for ``k = 1``), without the top-k
+        expansion, frontier gathers and rerank of the general case.
+
+        ``sampler(logits, node) -> (tokens [B], q [B, V])`` instead samples each draft from the draft's
+        distribution (see :meth:`draft_sampled`)."""
+        B, dev = root.shape[0], root.device
+        qs = []
+
+        def pick(logits, node):
+            if sampler is not None:
+                t, q = sampler(logits, node)
+                qs.append(q)
+                return t
+            t = torch.log_softmax(logits.float(), dim=-1).argmax(-1)
+            return t if token_map is None else token_map[t]
+
+        toks = [root, pick(d_logits, 1)]
+        h_in = d_hidden[:, None]
+        for s in range(1, self.depth + 1):
+            mask = torch.ones(B, 1, s, dtype=torch.bool, device=dev)  # every earlier chain slot is an ancestor
+            h_in, logits = step(h_in, toks[-1][:, None], (L + s - 1)[:, None], L + s - 1, mask)
+            toks.append(pick(logits[:, 0], s + 1))
+        parents = torch.arange(-1, self.total_tokens, device=dev).expand(B, -1).contiguous()
+        if sampler is not None:
+            return torch.stack(toks, 1), parents, torch.stack(qs, 1)
+        return torch.stack(toks, 1), parents
+
+    def draft_sampled(self, step: DraftStep, d_hidden, d_logits, root, L, sampler):
+        """A chain (``top_k == 1`` only) whose drafts are sampled: ``(tokens [B, T], parents [B, T], q [B, T - 1,
+        V])``, ``q[:, d - 1]`` the distribution node ``d`` was drawn from, for
+        :func:`eagle_kernels.reference.accept_chain`. ``sampler(logits, node) -> (tokens, q)`` (the backend's
+        ``sample_draft`` with the generation's sampling settings)."""
+        if self.top_k != 1:
+            raise ValueError(f"sampled drafts need a chain (top_k 1), got top_k {self.top_k}")
+        return self._draft_chain(step, d_hidden, d_logits, root, L, None, sampler)
 
 
 def make_tree(spec):
