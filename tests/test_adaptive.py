@@ -292,3 +292,16 @@ def test_deferred_head_prefill_matches_the_eager_one(stories_dir):
         fresh = model._prefill([ids + gen[:3]], sampling(), True)
     assert int(eager["next_tok"]) == gen[0]
     torch.testing.assert_close(state["d_hidden"], fresh["d_hidden"], rtol=1e-4, atol=1e-4)
+
+
+def test_tree_kinds_are_measured_against_their_expectation():
+    """A kind of tree that emits less than the rank model expects is rated down (and only that kind)."""
+    from eagle_runtime.adaptive import AcceptStats, fit_kind
+
+    st = AcceptStats()
+    assert st.tree_factor("tree") == st.tree_factor("chain") == 1.0
+    for _ in range(30):
+        st.add_cycle("tree", 2.0, 4.0)  # emits half of what the model expected
+        st.add_cycle("chain", 4.0, 4.0)
+    assert 0.5 <= st.tree_factor("tree") < 0.6 and st.tree_factor("chain") == pytest.approx(1.0)
+    assert fit_kind(DynamicTree(5, 4, 1)) == "chain" and fit_kind(DynamicTree(16, 4, 4)) == "tree"
