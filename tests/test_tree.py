@@ -136,9 +136,9 @@ def test_dynamic_tree_keeps_best_connected_candidates():
 @pytest.mark.parametrize("depth", [0, 1, 4])
 @pytest.mark.parametrize("mapped", [False, True])
 def test_chain_shortcut_equals_the_general_expansion(depth, mapped):
-    """:meth:`DynamicTree._draft_chain` (the sampled chains' drafting, here with argmax picks): the same tokens,
-    parents and draft-step calls (inputs, positions, write slots, masks) as the general expansion with
-    ``top_k = 1``, ties included (first index wins)."""
+    """``top_k = 1`` takes :meth:`DynamicTree._draft_chain` (also the sampled chains' drafting): the same tokens,
+    parents and draft-step calls (inputs, positions, write slots, masks) as the general expansion, ties included
+    (first index wins)."""
     from eagle_kernels import get_ops
 
     V, H, B = 29, 8, 3
@@ -160,7 +160,7 @@ def test_chain_shortcut_equals_the_general_expansion(depth, mapped):
     d_logits[0, 3] = d_logits[0, 7] = d_logits[0].max() + 1  # a tie at the root expansion too
     root, L = torch.tensor([3, 5, 1]), torch.tensor([4, 9, 6])
     ops = get_ops("torch")
-    a = tree._draft_chain(recording("chain"), d_hidden, d_logits, root, L, token_map)
+    a = tree.draft(recording("chain"), d_hidden, d_logits, root, L, ops, token_map=token_map)
     b = tree._draft_tree(recording("tree"), d_hidden, d_logits, root, L, ops, token_map=token_map)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert a[0].shape == (B, depth + 2)

@@ -127,10 +127,8 @@ class DynamicTree:
         return max(self.depth, 1) * self.top_k
 
     def draft(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops, token_map=None):
-        # Deterministic chains take the general path too: tree="auto"'s cost model calibrates its per-level
-        # overhead on a chain and a wider tree drafted this way, and a cheaper chain path skews that fit towards
-        # short chains (measured: MT-bench auto at temperature 0 fell from 2.1x to 1.8-1.9x plain).
-        # _draft_chain serves the sampled chains (draft_sampled).
+        if self.top_k == 1:
+            return self._draft_chain(step, d_hidden, d_logits, root, L, token_map)
         return self._draft_tree(step, d_hidden, d_logits, root, L, ops, token_map)
 
     def _draft_tree(self, step: DraftStep, d_hidden, d_logits, root, L, ops: Ops, token_map=None):
