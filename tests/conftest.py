@@ -45,6 +45,14 @@ def stories_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(stories_dir):
+    """stories260k's tokenizer."""
+    from eagle_runtime.generate import _load_tokenizer
+
+    return _load_tokenizer(stories_dir)
+
+
+@pytest.fixture(scope="session")
 def stories_moe_dir() -> Path:
     return require(STORIES_MOE)
 

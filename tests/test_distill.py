@@ -12,7 +12,6 @@ from eagle_runtime.chat import encode_prompt, make_prompt
 from eagle_runtime.distill import distill, main as distill_main, read_prompts
 from eagle_runtime.draft import EagleHead, head_config, init_head_
 from eagle_runtime.draft3 import new_eagle3_head, random_head3
-from eagle_runtime.generate import _load_tokenizer
 from eagle_runtime.train import TrainConfig, load_corpus, start_from, train_head
 from eagle_runtime.train_eagle3 import Eagle3TrainConfig, train_head3
 
@@ -22,11 +21,6 @@ from conftest import CORPUS, require
 @pytest.fixture(scope="module")
 def target(stories_dir):
     return load_target(stories_dir, max_len=256)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(stories_dir):
-    return _load_tokenizer(stories_dir)
 
 
 def _prompt_files(tmp_path):

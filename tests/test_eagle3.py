@@ -59,11 +59,6 @@ def target(stories_dir):
     return load_target(stories_dir, max_len=320)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(stories_dir):
-    return _load_tokenizer(stories_dir)
-
-
 def _draft_outputs(head, target, seed=0):
     """Head outputs and draft logits on a random prefix (prefill-style pass through the draft cache)."""
     g = torch.Generator().manual_seed(seed)
