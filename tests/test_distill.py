@@ -12,7 +12,7 @@ from eagle_runtime.chat import encode_prompt, make_prompt
 from eagle_runtime.distill import distill, main as distill_main, read_prompts
 from eagle_runtime.draft import EagleHead, head_config, init_head_
 from eagle_runtime.draft3 import new_eagle3_head, random_head3
-from eagle_runtime.train import TrainConfig, load_corpus, start_from, train_head
+from eagle_runtime.train import TrainConfig, load_corpus, load_init, train_head
 from eagle_runtime.train_eagle3 import Eagle3TrainConfig, train_head3
 
 from conftest import CORPUS, require
@@ -116,7 +116,7 @@ def test_init_starts_from_the_given_head(tmp_path, target, tokenizer):
     h3 = random_head3(target, 64, (0, 2, 4))
     save_head(h3, tmp_path / "h3")
     with pytest.raises(ValueError, match="holds a Eagle3Head"):
-        start_from(EagleHead(head_config(target.cfg), target.max_len), str(tmp_path / "h3"), target)
+        load_init(str(tmp_path / "h3"), target, EagleHead)
 
 
 def test_init_eagle3_keeps_its_vocabulary_and_taps(tmp_path, target, tokenizer):

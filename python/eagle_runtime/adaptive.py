@@ -552,7 +552,7 @@ class AutoTree:
         stats = self.stats.setdefault(key, AcceptStats())
         # sampled chains accept about sum min(p, q) per draft, deterministic trees p(draft): at temperature > 0 the
         # chains win, and mixing both kinds in one acceptance estimate would rate the trees by the chains' rate
-        chains = [t for t in self.candidates if isinstance(t, DynamicTree) and t.top_k == 1]
+        chains = [t for t in self.candidates if fit_kind(t) == "chain"]
         cands = chains if sampled and chains else self.candidates
         return AutoController(self, self.costs.get(batch), stats, batch, temperature < GREEDY_TEMPERATURE, prefix,
                               candidates=cands)

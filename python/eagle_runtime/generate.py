@@ -20,7 +20,7 @@ import torch
 from eagle_kernels import get_ops
 from eagle_kernels.reference import GREEDY_TEMPERATURE
 
-from .adaptive import AutoTree, path_observations, tree_key
+from .adaptive import AutoTree, fit_kind, path_observations, tree_key
 from .draft import load_head
 from .drafter import Drafter, target_states
 from .loading import load_target
@@ -582,7 +582,7 @@ class EagleModel:
         L, root = _live_len(state), state["next_tok"]
         B, dev = L.shape[0], L.device
         head = self.head
-        sampled = self._sampled_drafts_now and isinstance(tree, DynamicTree) and tree.top_k == 1
+        sampled = self._sampled_drafts_now and fit_kind(tree) == "chain"
         if sampled:  # a chain of drafts sampled from the draft's distribution (speculative sampling)
             V = tgt.cfg.vocab_size
 

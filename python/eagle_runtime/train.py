@@ -253,7 +253,7 @@ def train_head(
     head = EagleHead(head_config(target.cfg), target.max_len).to(target.embed_tokens.weight.device)
     init_head_(head, cfg.seed)
     if cfg.init:
-        start_from(head, cfg.init, target)
+        start_from(head, load_init(cfg.init, target, EagleHead), cfg.init)
 
     def loss_fn(tokens, mask):
         loss, reg, cls, acc = head_loss(head, target, tokens, mask, cfg.noise, cfg.cls_weight)
@@ -263,21 +263,25 @@ def train_head(
                resume=resume, progress=progress, desc="train head")
 
 
-def start_from(head, directory: str, target: Transformer):
-    """Copy the weights of the head saved in ``directory`` (``--init``) into ``head``, a freshly built trainable
-    head of the same kind and shape; returns the loaded head. One-line errors for another kind or shape."""
+def load_init(directory: str, target: Transformer, kind: type):
+    """The head saved in ``directory`` (``--init``), which must be a ``kind`` head (one-line error otherwise)."""
     from .draft import load_head
 
     loaded = load_head(directory, target)
-    if type(loaded) is not type(head):
-        raise ValueError(f"--init {directory} holds a {type(loaded).__name__}, not the {type(head).__name__} this "
+    if type(loaded) is not kind:
+        raise ValueError(f"--init {directory} holds a {type(loaded).__name__}, not the {kind.__name__} this "
                          "trainer trains (pick the trainer with --head eagle1|eagle3)")
+    return loaded
+
+
+def start_from(head, loaded, directory: str) -> None:
+    """Copy ``loaded``'s weights (from :func:`load_init`) into ``head``, a freshly built trainable head of the same
+    kind and shape; a one-line error when the shapes differ."""
     try:
         head.load_state_dict(loaded.state_dict())
     except RuntimeError as e:
         raise CheckpointError(f"--init {directory}: its weights do not fit this head "
                               f"({str(e).splitlines()[0][:200]})") from None
-    return loaded
 
 
 def prepare_training(base, corpus, out, cfg: TrainConfig, *, resume: bool, overwrite: bool, tokenizer, max_len: int,

@@ -33,7 +33,7 @@ import torch
 
 from .draft3 import Eagle3Head, new_eagle3_head
 from .model import Transformer, apply_rope
-from .train import TrainConfig, fit, prepare_training, run_cli, start_from
+from .train import TrainConfig, fit, load_init, prepare_training, run_cli, start_from
 
 
 @dataclass
@@ -161,18 +161,14 @@ def train_head3(
         base, corpus, out, cfg, resume=resume, overwrite=overwrite, tokenizer=tokenizer,
         max_len=max(cfg.seq_len + cfg.ttt_steps + 1, 64), check_target=check_target)
     V = target.cfg.vocab_size
-    if cfg.init:  # fine-tuning keeps the head's own draft vocabulary and taps
-        from .draft import load_head
-
-        start = load_head(cfg.init, target)
-        if not isinstance(start, Eagle3Head):
-            raise ValueError(f"--init {cfg.init} holds a {type(start).__name__}, not an EAGLE-3 head")
+    start = load_init(cfg.init, target, Eagle3Head) if cfg.init else None
+    if start is not None:  # fine-tuning keeps the head's own draft vocabulary and taps
         vocab_ids, taps = start.token_map.cpu(), tuple(start.target_taps)
     else:
         vocab_ids = draft_vocabulary(*train_rows, V, min(cfg.draft_vocab, V))
     head = new_eagle3_head(target, len(vocab_ids), taps, cfg.seed, vocab_ids=vocab_ids, from_target=True)
-    if cfg.init:
-        start_from(head, cfg.init, target)
+    if start is not None:
+        start_from(head, start, cfg.init)
 
     def loss_fn(tokens, mask):
         loss, per_step, acc = ttt_loss(head, target, tokens, mask, cfg.ttt_steps, cfg.ttt_decay)
