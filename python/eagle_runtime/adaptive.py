@@ -55,8 +55,7 @@ from eagle_kernels.reference import GREEDY_TEMPERATURE
 
 from .tree import DynamicTree
 
-COST_VERSION = 5
-REFERENCE_TREES = [(2, 1, 1), (12, 5, 2)]  # whole cycles timed at calibration (depths 1 and 5): the overhead fit
+COST_VERSION = 6
 TARGET_SIZES = [1, 2, 4, 8, 16, 32, 64]
 DRAFT_SIZES = [1, 2, 4, 8, 16]
 
@@ -160,8 +159,14 @@ class AcceptStats:
     def add_cycle(self, key: str, tokens: float, expected: float) -> None:
         """One cycle of a tree of kind ``key`` (:func:`fit_kind`) that emitted ``tokens`` per row where the rank
         model expected ``expected``."""
-        f = self.tree_fit.setdefault(key, [0.0, 0.0])
-        f[0], f[1] = f[0] * self.fit_decay + tokens, f[1] * self.fit_decay + expected
+        # every kind's evidence ages with every cycle, not only with its own: a kind judged on a few early cycles
+        # (two poor cycles of a chain at the start of a text once kept chains out for the whole benchmark) drifts
+        # back towards the prior while the other runs, until it is tried again
+        self.tree_fit.setdefault(key, [0.0, 0.0])
+        for f in self.tree_fit.values():
+            f[0], f[1] = f[0] * self.fit_decay, f[1] * self.fit_decay
+        f = self.tree_fit[key]
+        f[0], f[1] = f[0] + tokens, f[1] + expected
 
     def tree_factor(self, key: str) -> float:
         """Emitted / expected tokens per cycle of kind ``key``, shrunk towards 1, clamped to [0.5, 1.5]."""
@@ -261,6 +266,31 @@ def cache_dir() -> Path:
     return Path(base) / "eagle_runtime"
 
 
+def tree_from_key(key: str) -> DynamicTree:
+    """The inverse of :func:`tree_key` for dynamic trees (``chain4``, ``16,4,4``)."""
+    if key.startswith("chain"):
+        n = int(key[len("chain"):])
+        return DynamicTree(n, n - 1, 1)
+    total, depth, top_k = (int(v) for v in key.split(","))
+    return DynamicTree(total, depth, top_k)
+
+
+def _residual_features(tree: DynamicTree) -> tuple:
+    """What a cycle's overhead over its parts grows with: levels, and (trees only; a chain's size is its depth)
+    the nodes reranked, gathered and masked."""
+    return (1.0, float(tree.depth)) if fit_kind(tree) == "chain" else (1.0, float(tree.depth), float(tree.total_tokens))
+
+
+def _least_squares(rows: list) -> list:
+    """Coefficients minimising the squared error of ``x . c = y`` over ``rows = [(x, y)]`` (the mean alone when
+    there are fewer rows than coefficients)."""
+    if len(rows) < len(rows[0][0]) + 1:
+        return [sum(y for _, y in rows) / len(rows)] + [0.0] * (len(rows[0][0]) - 1)
+    X = torch.tensor([x for x, _ in rows], dtype=torch.float64)
+    y = torch.tensor([[y] for _, y in rows], dtype=torch.float64)
+    return [float(c) for c in torch.linalg.lstsq(X, y, driver="gelsd").solution[:, 0]]
+
+
 def _interp(table: dict, n: float) -> float:
     xs = sorted(table)
     if n <= xs[0]:
@@ -294,11 +324,13 @@ class CostModel:
     key: str = ""
     measured_s: float = 0.0
     plain_overhead: float = 0.0  # a real plain step minus its parts (bookkeeping, rotary tables, ...)
-    cycle_overhead: float = 0.0  # a real cycle minus its parts (tree drafting's small ops, path gathers, ...) ...
-    depth_overhead: float = 0.0  # ... is cycle_overhead + depth_overhead * depth
     prefix: int = 64  # the cache length ``target`` was timed at ...
     target_long: dict = field(default_factory=dict)  # ... and the same forwards at ``long_prefix`` (attention
     long_prefix: int = 0  # grows with the prefix times the tree): ``target`` at any length is interpolated
+    cycles: dict = field(default_factory=dict)  # tree key -> a real greedy cycle (ms, at ``prefix``) ...
+    cycles_sampled: dict = field(default_factory=dict)  # ... and at temperature 1 (chains with sampled drafts)
+    residual_fit: dict = field(default_factory=dict)  # "chain"/"tree" + "|greedy"/"|sampled" -> least-squares
+    # coefficients of (real cycle - its parts) on (1, depth, total tokens): the overhead of a tree not timed
 
     def target_ms(self, n: int, L: float | None = None) -> float:
         """A target forward over ``n`` tokens after a prefix of ``L`` (None: the calibration prefix)."""
@@ -312,32 +344,64 @@ class CostModel:
         return (self.target_ms(1, L) + _interp(self.accept_greedy if greedy else self.accept_sampled, 1)
                 + self.plain_overhead)
 
-    def cycle_ms(self, tree: DynamicTree, greedy: bool, L: float | None = None) -> float:
+    def parts_ms(self, tree: DynamicTree, greedy: bool, L: float | None = None) -> float:
+        """The sum of a cycle's timed parts: ``depth`` head passes over ``top_k`` nodes, the head's re-read of the
+        accepted path (``depth + 2`` nodes; it also stands for the root's top-k expansion), verification and
+        acceptance."""
         n = tree.total_tokens + 1
         acc = self.accept_greedy if greedy else self.accept_sampled
-        # depth head passes over top_k nodes, the head's re-read of the accepted path (depth + 2 nodes; it also
-        # stands for the root's top-k expansion), verification and acceptance
         return (self.target_ms(n, L) + tree.depth * _interp(self.draft, tree.top_k)
-                + _interp(self.draft, tree.depth + 2) + _interp(acc, n) + self.cycle_overhead
-                + self.depth_overhead * tree.depth)
+                + _interp(self.draft, tree.depth + 2) + _interp(acc, n))
+
+    def residual_ms(self, tree: DynamicTree, greedy: bool) -> float:
+        """A real cycle minus its parts at the calibration prefix: measured for the trees timed whole, else the
+        least-squares fit over the timed trees of its kind (chains and trees differ: a chain drafts by argmax,
+        a tree pays top-k expansion, reranking and bigger buffers per level)."""
+        table = self.cycles if greedy else self.cycles_sampled
+        key = tree_key(tree)
+        if key in table:
+            return table[key] - self.parts_ms(tree, greedy)
+        coef = self.residual_fit.get(f"{fit_kind(tree)}|{'greedy' if greedy else 'sampled'}")
+        if not coef:
+            return 0.0
+        return sum(c * x for c, x in zip(coef, _residual_features(tree)))
+
+    def cycle_ms(self, tree: DynamicTree, greedy: bool, L: float | None = None) -> float:
+        """One cycle of ``tree`` after a prefix of ``L``: its parts at ``L`` plus its overhead over them."""
+        parts = self.parts_ms(tree, greedy, L)
+        return max(parts + self.residual_ms(tree, greedy), 0.5 * parts)
+
+    def fit_residuals(self) -> None:
+        """Fit :attr:`residual_fit` from the timed cycles (per kind and sampling mode)."""
+        self.residual_fit = {}
+        for greedy, table in ((True, self.cycles), (False, self.cycles_sampled)):
+            groups: dict = {}
+            for key, ms in table.items():
+                tree = tree_from_key(key)
+                groups.setdefault(fit_kind(tree), []).append((_residual_features(tree), ms - self.parts_ms(tree, greedy)))
+            for kind, rows in groups.items():
+                self.residual_fit[f"{kind}|{'greedy' if greedy else 'sampled'}"] = _least_squares(rows)
 
     def to_json(self) -> dict:
         enc = lambda t: {str(k): v for k, v in t.items()}  # noqa: E731
         return {"version": COST_VERSION, "key": self.key, "measured_s": self.measured_s, "target": enc(self.target),
                 "draft": enc(self.draft), "accept_greedy": enc(self.accept_greedy),
                 "accept_sampled": enc(self.accept_sampled), "plain_overhead": self.plain_overhead,
-                "cycle_overhead": self.cycle_overhead, "depth_overhead": self.depth_overhead, "prefix": self.prefix,
-                "target_long": enc(self.target_long), "long_prefix": self.long_prefix}
+                "prefix": self.prefix, "target_long": enc(self.target_long), "long_prefix": self.long_prefix,
+                "cycles": dict(self.cycles), "cycles_sampled": dict(self.cycles_sampled),
+                "residual_fit": {k: list(v) for k, v in self.residual_fit.items()}}
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
         if d.get("version") != COST_VERSION:
             raise ValueError("stale cost-model entry")
         dec = lambda t: {int(k): float(v) for k, v in t.items()}  # noqa: E731
+        keyed = lambda t: {str(k): float(v) for k, v in t.items()}  # noqa: E731
         return cls(dec(d["target"]), dec(d["draft"]), dec(d["accept_greedy"]), dec(d["accept_sampled"]),
                    str(d.get("key", "")), float(d.get("measured_s", 0.0)), float(d["plain_overhead"]),
-                   float(d["cycle_overhead"]), float(d["depth_overhead"]), int(d["prefix"]),
-                   dec(d["target_long"]), int(d["long_prefix"]))
+                   int(d["prefix"]), dec(d["target_long"]), int(d["long_prefix"]), keyed(d["cycles"]),
+                   keyed(d["cycles_sampled"]),
+                   {str(k): [float(c) for c in v] for k, v in d["residual_fit"].items()})
 
 
 def cost_key(model, batch: int) -> str:
@@ -347,7 +411,9 @@ def cost_key(model, batch: int) -> str:
     dev = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else f"cpu-{platform.machine()}"
     cfgs = json.dumps([tgt.cfg.raw, model.head.cfg.raw if model.head is not None else None], sort_keys=True, default=str)
     h = hashlib.sha1(cfgs.encode()).hexdigest()[:16]
-    return f"{h}|{dev}|{w.dtype}|B{batch}|{model.ops.name}|threads{torch.get_num_threads()}|torch{torch.__version__}"
+    sd = int(bool(getattr(model, "sampled_drafts", False)))  # how chains draft at temperature > 0 (cycles_sampled)
+    return (f"{h}|{dev}|{w.dtype}|B{batch}|{model.ops.name}|threads{torch.get_num_threads()}|torch{torch.__version__}"
+            f"|sd{sd}")
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -453,26 +519,39 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
 
         return run
 
-    def step_fn(tree):
-        """A real plain step (``tree`` None) or cycle on a state prefilled with a random prompt; neither commits."""
+    def step_fn(tree, greedy=True):
+        """A real plain step (``tree`` None) or cycle on a state prefilled with a random prompt, greedy or at
+        temperature 1 (chains then draft by sampling when the model does); neither commits."""
         from .generate import _Sampling
 
-        sp = _Sampling(torch.zeros(B, device=dev), torch.ones(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
+        temp = torch.full((B,), 0.0 if greedy else 1.0, device=dev)
+        sp = _Sampling(temp, torch.ones(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
                        torch.tensor(0, device=dev), torch.tensor(0, device=dev))
         prompt = torch.randint(0, V, (B, max(prefix, 1)), generator=g).tolist()
         state = model._prefill(prompt, sp, head is not None)
         if tree is None:
             return lambda: model._plain_step(state, sp)
-        return lambda: model._cycle(state, sp, tree)
+        mode = bool(model.sampled_drafts and not greedy)
+
+        def run():
+            before, model._sampled_drafts_now = model._sampled_drafts_now, mode
+            try:
+                model._cycle(state, sp, tree)
+            finally:
+                model._sampled_drafts_now = before
+
+        return run
 
     jobs = {("target", n): tgt_fn(n) for n in TARGET_SIZES}
     if long_prefix:
         at_long = torch.full((B,), long_prefix, dtype=torch.long, device=dev)
         jobs.update({("target_long", n): tgt_fn(n, at_long) for n in TARGET_SIZES})
     jobs[("step", 0)] = step_fn(None)
-    if head is not None:
-        for i, t in enumerate(REFERENCE_TREES):
-            jobs[("step", i + 1)] = step_fn(DynamicTree(*t))
+    if head is not None:  # every default candidate's cycle, whole: its overhead over the parts is measured, not fitted
+        for t in default_candidates():
+            jobs[("cycle", tree_key(t))] = step_fn(t)
+            if fit_kind(t) == "chain" or not model.sampled_drafts:  # at temperature > 0 only chains run then
+                jobs[("cycle_sampled", tree_key(t))] = step_fn(t, greedy=False)
     jobs.update({("draft", k): draft_fn(k) for k in DRAFT_SIZES})
     for n in TARGET_SIZES:
         jobs[("accept_greedy", n)] = accept_fn(n, True)
@@ -488,16 +567,11 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
     table = lambda name: _monotone({n: best[(name, n)] for (what, n) in best if what == name})  # noqa: E731
     cm = CostModel(table("target"), table("draft"), table("accept_greedy"), table("accept_sampled"),
                    cost_key(model, batch), time.perf_counter() - t0, prefix=prefix,
-                   target_long=table("target_long") if long_prefix else {}, long_prefix=long_prefix)
+                   target_long=table("target_long") if long_prefix else {}, long_prefix=long_prefix,
+                   cycles={k: v for (what, k), v in best.items() if what == "cycle"},
+                   cycles_sampled={k: v for (what, k), v in best.items() if what == "cycle_sampled"})
     cm.plain_overhead = max(best[("step", 0)] - cm.plain_ms(True), 0.0)
-    if head is not None:
-        (t1, t2) = (DynamicTree(*t) for t in REFERENCE_TREES)
-        e1, e2 = (best[("step", i + 1)] - cm.cycle_ms(t, True) for i, t in enumerate((t1, t2)))
-        # Capped at one head step: a level's glue costs less than the head pass it wraps, and on a loaded machine
-        # the longer reference cycle is preempted more often, which once fitted 5 ms per level and chains only.
-        slope = min(max((e2 - e1) / (t2.depth - t1.depth), 0.0), _interp(cm.draft, 1))
-        cm.cycle_overhead = max(e1 - slope * t1.depth, 0.0)
-        cm.depth_overhead = slope
+    cm.fit_residuals()
     return cm
 
 
