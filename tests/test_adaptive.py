@@ -305,3 +305,68 @@ def test_tree_kinds_are_measured_against_their_expectation():
         st.add_cycle("chain", 4.0, 4.0)
     assert 0.5 <= st.tree_factor("tree") < 0.6 and st.tree_factor("chain") == pytest.approx(1.0)
     assert fit_kind(DynamicTree(5, 4, 1)) == "chain" and fit_kind(DynamicTree(16, 4, 4)) == "tree"
+
+
+def test_a_kind_judged_on_early_cycles_is_tried_again():
+    """Two poor chain cycles, then only trees: the chains' evidence ages with the trees' cycles, so their factor
+    returns towards 1 (they are tried again) instead of keeping them out for good."""
+    from eagle_runtime.adaptive import AcceptStats
+
+    st = AcceptStats()
+    for _ in range(2):
+        st.add_cycle("chain", 1.0, 6.0)
+    early = st.tree_factor("chain")
+    assert early < 0.7
+    for _ in range(80):
+        st.add_cycle("tree", 4.0, 4.0)
+    assert st.tree_factor("chain") > 0.95 > early
+    assert st.tree_factor("tree") == pytest.approx(1.0)
+
+
+def _parts_costs():
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    return CostModel({n: 4.0 + 0.05 * n for n in sizes}, {k: 0.4 + 0.01 * k for k in [1, 2, 4, 8, 16]},
+                     {n: 0.05 for n in sizes}, {n: 0.5 for n in sizes}, prefix=64,
+                     target_long={n: 4.5 + 0.2 * n for n in sizes}, long_prefix=448)
+
+
+def test_timed_cycles_set_each_trees_cost():
+    """A timed tree's cycle is its measured time at the calibration length (its parts move with the cache length
+    and sampling mode); an untimed tree gets its kind's fitted overhead: trees and chains are fitted apart."""
+    from eagle_runtime.adaptive import tree_from_key, tree_key
+
+    cm = _parts_costs()
+    chains = [DynamicTree(c, c - 1, 1) for c in (1, 2, 4, 8)]
+    trees = [DynamicTree(*t) for t in [(4, 2, 2), (8, 3, 2), (12, 5, 2), (16, 4, 4), (32, 6, 4)]]
+    for t in chains:  # a chain costs 0.3 ms over its parts plus 0.05 per level
+        cm.cycles[tree_key(t)] = cm.parts_ms(t, True) + 0.3 + 0.05 * t.depth
+    for t in trees:  # a tree 1.0 ms plus 0.2 per level plus 0.03 per node
+        cm.cycles[tree_key(t)] = cm.parts_ms(t, True) + 1.0 + 0.2 * t.depth + 0.03 * t.total_tokens
+    cm.fit_residuals()
+    for key, ms in cm.cycles.items():
+        t = tree_from_key(key)
+        assert tree_key(t) == key and cm.cycle_ms(t, True) == pytest.approx(ms)
+        # at a longer cache only the target's forward moves
+        assert cm.cycle_ms(t, True, 448) - ms == pytest.approx(cm.target_ms(t.total_tokens + 1, 448)
+                                                               - cm.target_ms(t.total_tokens + 1))
+    chain6, tree24 = DynamicTree(6, 5, 1), DynamicTree(24, 5, 4)
+    assert cm.cycle_ms(chain6, True) == pytest.approx(cm.parts_ms(chain6, True) + 0.3 + 0.05 * 5, rel=1e-6)
+    assert cm.cycle_ms(tree24, True) == pytest.approx(cm.parts_ms(tree24, True) + 1.0 + 0.2 * 5 + 0.03 * 24, rel=1e-6)
+    # nothing timed at temperature 1 here: the parts alone (sampled acceptance is dearer than greedy)
+    assert cm.cycle_ms(tree24, False) == pytest.approx(cm.parts_ms(tree24, False))
+    again = CostModel.from_json(cm.to_json())
+    assert again.cycle_ms(tree24, True, 300) == pytest.approx(cm.cycle_ms(tree24, True, 300))
+    assert again.cycle_ms(chains[2], True) == pytest.approx(cm.cycle_ms(chains[2], True))
+
+
+def test_calibration_times_every_default_candidate(stories_dir):
+    """The measured cost model holds a real cycle of every default candidate, greedy and (chains, which draft by
+    sampling then) at temperature 1, and predicts each timed cycle as measured."""
+    model = _model(stories_dir, None, "auto")
+    cm = adaptive.measure_costs(model, 1, reps=1)
+    keys = {adaptive.tree_key(t) for t in adaptive.default_candidates()}
+    assert set(cm.cycles) == keys
+    assert set(cm.cycles_sampled) == {k for k in keys if k.startswith("chain")}
+    assert set(cm.residual_fit) == {"chain|greedy", "tree|greedy", "chain|sampled"}
+    for key, ms in cm.cycles.items():
+        assert ms > 0 and cm.cycle_ms(adaptive.tree_from_key(key), True) == pytest.approx(ms)

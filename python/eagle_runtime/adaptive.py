@@ -7,9 +7,10 @@ Two inputs decide:
   the time of a target forward over ``n`` tokens after a cache of 64 and of up to 448 tokens (linearly
   interpolated at the generation's current length: attention over a long prompt makes trees dearer), of a draft
   step over ``k`` nodes (head + logits + top-k) and
-  of acceptance over a tree of ``n`` nodes (greedy and sampled), plus a real plain step and two real cycles
-  (:data:`REFERENCE_TREES`) whose excess over their parts becomes a fixed per-step overhead; each the fastest of
-  a few interleaved runs (timing noise on a shared machine only adds time);
+  of acceptance over a tree of ``n`` nodes (greedy and sampled), plus a real plain step and a real cycle of
+  every default candidate (greedy, and at temperature 1), whose excess over its parts is kept (and fitted per
+  kind, chains and trees, for trees not timed); each the fastest of a few interleaved runs (timing noise on a
+  shared machine only adds time);
 * the **running acceptance** per sampling setting: at every node of an accepted path the tree had ``c``
   children and the target took the child of draft rank ``r`` (or none). ``p[d][r]``, the chance the accepted
   child at depth ``d`` is rank ``r``, is estimated over the nodes that had a rank-``r`` child, with a weak prior,
@@ -18,12 +19,12 @@ Two inputs decide:
 A candidate tree's expected tokens per cycle is ``1 + sum over its nodes of prod(p[depth][rank])`` along the
 node's path, for the tree that EAGLE-2's expansion would build from those rank probabilities (the ``top_k``
 best nodes of each level expand, the ``total_tokens`` best are kept). Its cycle time is
-``target(N + 1, L) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1) + a + b * depth`` (``a``, ``b``
-fitted to the two timed cycles). The best of
+``target(N + 1, L) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1)`` plus the tree's measured (or
+fitted) excess over those parts at the calibration length. The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
 plain decoding's ``1 / step time`` raised by 8% (the model errs on speculation's side); the current choice is kept
-unless another is predicted 7.5% faster (the estimates wobble; among trees within 3% of the best the smallest
-is taken), so speculation starts at a predicted 1.16x and
+unless another is predicted 7.5% faster (the estimates wobble; ``tie_band`` below 1 would take the smallest tree
+within that fraction of the best), so speculation starts at a predicted 1.16x and
 stops below 1.0x. Both levels are corrected by measurement: the ratio of measured to predicted tokens per ms of
 the plain steps, and of the cycles, that ran (decayed per step of each kind; CPU only, where a step's wall time
 costs no synchronisation; a kind not measured yet borrows the other's ratio) scales plain decoding's rate and
@@ -153,7 +154,7 @@ class AcceptStats:
     # (AutoController._rates). One factor per kind: the bias is the kind's, and every tree learns from every
     # tree's cycles instead of each being tried in turn
     tree_fit: dict = field(default_factory=dict)
-    fit_decay: float = 0.95  # per cycle of that kind: about the last 20 count
+    fit_decay: float = 0.95  # per cycle of any kind: about the last 20 count
     fit_prior: float = 8.0  # tokens of pseudo-observation at the model's expectation (about two cycles)
 
     def add_cycle(self, key: str, tokens: float, expected: float) -> None:
@@ -681,8 +682,7 @@ class AutoController:
     def _decide(self) -> None:
         rates = self._rates()
         top = max(r for _, r in rates[1:])
-        # within 3% of the best, the smallest tree: the estimates are that close and the model's independence
-        # assumption overrates deep and wide trees most
+        # within tie_band of the best, the smallest tree (tie_band 1: the best)
         self.best_spec, best = min(((t, r) for t, r in rates[1:] if r >= self.auto.tie_band * top),
                                    key=lambda tr: (tr[0].num_nodes, tr[0].max_depth))
         plain = rates[0][1] * self.auto.spec_margin  # speculation must promise more than plain decoding: its
