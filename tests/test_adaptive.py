@@ -370,3 +370,46 @@ def test_calibration_times_every_default_candidate(stories_dir):
     assert set(cm.residual_fit) == {"chain|greedy", "tree|greedy", "chain|sampled"}
     for key, ms in cm.cycles.items():
         assert ms > 0 and cm.cycle_ms(adaptive.tree_from_key(key), True) == pytest.approx(ms)
+
+
+def _plain_winning_controller(far: bool):
+    """A controller on synthetic costs where plain decoding wins (by far, or narrowly)."""
+    stats = AcceptStats(prior_weight=1e-9)
+    p = [0.05, 0.01] if far else [0.5, 0.1]
+    stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
+    stats.tries = [1000.0] * stats.max_rank
+    ctrl = adaptive.AutoController(AutoTree(), _costs(10.0, 3.0 if not far else 5.0), stats, 1, True, prefix=64)
+    assert ctrl.choice is None
+    return ctrl
+
+
+def test_a_plain_stretch_is_observed_as_its_steps():
+    """Plain steps observed as one stretch leave the controller as step-by-step observation does."""
+    a, b = _plain_winning_controller(True), _plain_winning_controller(True)
+    for _ in range(12):
+        a.observe(None, 1, 2.0)
+        b.observe(None, 1, 2.0)
+    assert a.plain_steps_ahead() == b.plain_steps_ahead() >= 1
+    for _ in range(5):
+        a.observe(None, 1, 2.0)
+    b.observe(None, 5, 10.0, steps=5)
+    for attr in ("step", "prefix", "counts", "tokens", "wall_ms"):
+        assert getattr(a, attr) == pytest.approx(getattr(b, attr)), attr
+    assert a.stats.plain_run == b.stats.plain_run == 17
+    assert a.stats.measured["plain"] == pytest.approx(b.stats.measured["plain"])
+    with pytest.raises(ValueError, match="plain steps"):
+        b.observe(DynamicTree(4, 3, 1), 8, 10.0, steps=2)
+
+
+def test_probes_back_off_further_when_speculation_is_far_from_paying():
+    for far, cap in ((True, 32), (False, 8)):
+        ctrl = _plain_winning_controller(far)
+        base = ctrl.auto.probe_every
+        for _ in range(8):  # probes that keep confirming plain decoding
+            assert ctrl.next_tree() is None
+            ctrl.stats.plain_run = ctrl.plain_steps_ahead() + ctrl.stats.plain_run
+            probe = ctrl.next_tree()
+            assert probe is not None
+            ctrl.observe(probe, 1, 20.0)
+            assert ctrl.choice is None
+        assert ctrl.stats.probe_gap == cap * base, far

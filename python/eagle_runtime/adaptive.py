@@ -30,7 +30,8 @@ the plain steps, and of the cycles, that ran (decayed per step of each kind; CPU
 costs no synchronisation; a kind not measured yet borrows the other's ratio) scales plain decoding's rate and
 every tree's rate respectively. When plain wins the runtime decodes plainly and probes one speculative cycle after
 ``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to ``8 *
-probe_every``, while probes keep confirming plain decoding). Decisions are re-taken every ``decide_every``
+probe_every``, or ``32 * probe_every`` while the best tree is predicted below 0.8x plain decoding, while probes
+keep confirming plain decoding); the plain steps between probes run as one stretch, observed at its end. Decisions are re-taken every ``decide_every``
 speculative steps (every 2 while fewer than 32 path nodes have been observed) and after every probe.
 
 Everything stays exact: any tree, changed between any two cycles, and plain steps in between give the same
@@ -611,6 +612,7 @@ class AutoTree:
         self.costs: dict = {}  # batch size -> CostModel
         self.switch_margin = 0.93
         self.spec_margin = 1.08  # with the hysteresis: plain -> a tree at 1.16x plain's rate, back below 1.0x
+        self.backoff, self.far_backoff, self.far_ratio = 8, 32, 0.8  # probe gap caps (x probe_every), see observe
         self.tie_band = 1.0  # 1: the best predicted tree (0.97 took the smallest within 3%, which kept chains short and
         # their deep levels unobserved: MT-bench auto at temperature 0 1.84-1.86x against 2.14x on one calibration)
 
@@ -697,6 +699,10 @@ class AutoController:
             self.best_spec = self.choice
         self.last_rates = {tree_key(t): 1e3 * r for t, r in rates}
 
+    def _probe_gap(self) -> int:
+        st = self.stats
+        return st.probe_gap or (self.auto.probe_every if st.nodes >= 16 else max(self.auto.probe_every // 4, 1))
+
     def next_tree(self):
         """The tree for this step, or ``None`` for a plain step."""
         if self.auto.schedule is not None:
@@ -705,36 +711,53 @@ class AutoController:
             every = self.auto.decide_every if self.stats.nodes >= 32 else 2
             if self.step and self.step % every == 0:
                 self._decide()
-        if self.choice is None:
-            st = self.stats
-            gap = st.probe_gap or (self.auto.probe_every if st.nodes >= 16 else max(self.auto.probe_every // 4, 1))
-            if st.plain_run >= gap:
-                return self.best_spec
+        if self.choice is None and self.stats.plain_run >= self._probe_gap():
+            return self.best_spec
         return self.choice
 
-    def observe(self, tree, n_tokens: int, wall_ms: float | None, observations=()) -> None:
-        """After a step: what it emitted (row 0..B-1 total), its wall time (None: unknown) and path nodes."""
-        self.step += 1
-        if self.prefix is not None:
-            self.prefix += n_tokens / self.batch
+    def plain_steps_ahead(self) -> int:
+        """After :meth:`next_tree` returned ``None``: how many plain steps (this one included) come before anything
+        can change (the next probe), so the caller may run them as one stretch and :meth:`observe` them at once."""
+        if self.auto.schedule is not None or self.choice is not None:
+            return 1
+        return max(self._probe_gap() - self.stats.plain_run, 1)
+
+    def observe(self, tree, n_tokens: int, wall_ms: float | None, observations=(), steps: int = 1) -> None:
+        """After a step: what it emitted (row 0..B-1 total), its wall time (None: unknown) and path nodes; or after
+        a stretch of ``steps`` plain steps, their total tokens and wall time (each counted as the stretch's mean)."""
+        if steps > 1 and tree is not None:
+            raise ValueError("only plain steps are observed as a stretch")
         key = tree_key(tree)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        self.tokens[key] = self.tokens.get(key, 0) + n_tokens
         st = self.stats
-        st.plain_run = st.plain_run + 1 if tree is None else 0
+        self.counts[key] = self.counts.get(key, 0) + steps
+        self.tokens[key] = self.tokens.get(key, 0) + n_tokens
+        if wall_ms is not None:
+            self.wall_ms[key] = self.wall_ms.get(key, 0.0) + wall_ms
+        pred = self._pred.get(key) if wall_ms is not None else None
+        per_tokens = n_tokens / self.batch / steps
+        for _ in range(steps):
+            self.step += 1
+            if self.prefix is not None:
+                self.prefix += per_tokens
+            if pred is not None and self.step > 8:  # a call's first steps pay one-off costs (allocation, caches)
+                st.add_step("plain" if tree is None else "spec", per_tokens, pred * wall_ms / steps)
+        st.plain_run = st.plain_run + steps if tree is None else 0
         for c, r, d in observations:
             st.add(c, r, d)
         if tree is not None and key in self._exp:
             st.add_cycle(fit_kind(tree), n_tokens / self.batch, self._exp[key])
-        if wall_ms is not None:
-            self.wall_ms[key] = self.wall_ms.get(key, 0.0) + wall_ms
-            pred = self._pred.get(key)
-            if pred is not None and self.step > 8:  # a call's first steps pay one-off costs (allocation, caches)
-                st.add_step("plain" if tree is None else "spec", n_tokens / self.batch, pred * wall_ms)
         if tree is not None and self.choice is None and self.auto.schedule is None and self.costs is not None:
             self._decide()  # a probe: decide again with its news; back off while plain keeps winning
             base = self.auto.probe_every
-            st.probe_gap = min(2 * (st.probe_gap or base), 8 * base) if self.choice is None else 0
+            if self.choice is None:
+                # far from paying (the best tree predicted below 0.8x plain decoding): back off further, each probe
+                # costs a cycle and the head's catch-up (stories260k: 2% of the time at a cap of 8x)
+                plain_rate = self.last_rates.get("plain", 0.0)
+                far = self.last_rates.get(tree_key(self.best_spec), 0.0) < self.auto.far_ratio * plain_rate
+                cap = (self.auto.far_backoff if far else self.auto.backoff) * base
+                st.probe_gap = min(2 * (st.probe_gap or base), cap)
+            else:
+                st.probe_gap = 0
 
     def summary(self) -> dict:
         steps = sum(self.counts.values())
