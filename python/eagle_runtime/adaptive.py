@@ -31,8 +31,9 @@ costs no synchronisation; a kind not measured yet borrows the other's ratio) sca
 every tree's rate respectively. When plain wins the runtime decodes plainly and probes one speculative cycle after
 ``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to ``8 *
 probe_every``, or ``32 * probe_every`` while the best tree is predicted below 0.8x plain decoding, while probes
-keep confirming plain decoding); the plain steps between probes run as one stretch, observed at its end. Decisions are re-taken every ``decide_every``
-speculative steps (every 2 while fewer than 32 path nodes have been observed) and after every probe.
+keep confirming plain decoding); the plain steps between probes run as one stretch, observed at its end.
+Decisions are re-taken every ``decide_every`` speculative steps (every 2 while fewer than 32 path nodes have been
+observed) and after every probe.
 
 Everything stays exact: any tree, changed between any two cycles, and plain steps in between give the same
 greedy tokens as plain decoding, and sampled tokens from the target's distribution.
@@ -380,7 +381,8 @@ class CostModel:
             groups: dict = {}
             for key, ms in table.items():
                 tree = tree_from_key(key)
-                groups.setdefault(fit_kind(tree), []).append((_residual_features(tree), ms - self.parts_ms(tree, greedy)))
+                excess = ms - self.parts_ms(tree, greedy)
+                groups.setdefault(fit_kind(tree), []).append((_residual_features(tree), excess))
             for kind, rows in groups.items():
                 self.residual_fit[f"{kind}|{'greedy' if greedy else 'sampled'}"] = _least_squares(rows)
 
