@@ -361,9 +361,13 @@ def test_timed_cycles_set_each_trees_cost():
 
 def test_calibration_times_every_default_candidate(stories_dir):
     """The measured cost model holds a real cycle of every default candidate, greedy and (chains, which draft by
-    sampling then) at temperature 1, and predicts each timed cycle as measured."""
+    sampling then) at temperature 1, and predicts each timed cycle as measured; all of them on one set of caches."""
     model = _model(stories_dir, None, "auto")
+    taken = []
+    pool_cache = model._pool.cache
+    model._pool.cache = lambda name, B: taken.append(name) or pool_cache(name, B)
     cm = adaptive.measure_costs(model, 1, reps=1)
+    assert sorted(taken) == ["cache", "d_cache"]  # one prefilled state serves every timed step and cycle
     keys = {adaptive.tree_key(t) for t in adaptive.default_candidates()}
     assert set(cm.cycles) == keys
     assert set(cm.cycles_sampled) == {k for k in keys if k.startswith("chain")}

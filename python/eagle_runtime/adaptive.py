@@ -523,16 +523,22 @@ def measure_costs(model, batch: int, reps: int = 5) -> CostModel:
 
         return run
 
+    shared: dict = {}
+
     def step_fn(tree, greedy=True):
-        """A real plain step (``tree`` None) or cycle on a state prefilled with a random prompt, greedy or at
-        temperature 1 (chains then draft by sampling when the model does); neither commits."""
+        """A real plain step (``tree`` None) or cycle, greedy or at temperature 1 (chains then draft by sampling when
+        the model does). Neither commits (both only read the state and write scratch slots past its length), so
+        every job runs on one state prefilled with a random prompt: one set of caches, not one per job (a 7B
+        target's cache at 4096 positions is 2 GiB)."""
         from .generate import _Sampling
 
         temp = torch.full((B,), 0.0 if greedy else 1.0, device=dev)
         sp = _Sampling(temp, torch.ones(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
                        torch.tensor(0, device=dev), torch.tensor(0, device=dev))
-        prompt = torch.randint(0, V, (B, max(prefix, 1)), generator=g).tolist()
-        state = model._prefill(prompt, sp, head is not None)
+        if "state" not in shared:
+            prompt = torch.randint(0, V, (B, max(prefix, 1)), generator=g).tolist()
+            shared["state"] = model._prefill(prompt, sp, head is not None)
+        state = shared["state"]
         if tree is None:
             return lambda: model._plain_step(state, sp)
         mode = bool(model.sampled_drafts and not greedy)
