@@ -419,3 +419,24 @@ def test_probes_back_off_further_when_speculation_is_far_from_paying():
             ctrl.observe(probe, 1, 20.0)
             assert ctrl.choice is None
         assert ctrl.stats.probe_gap == cap * base, far
+
+
+def test_a_slightly_better_tree_is_taken_but_plain_keeps_its_hysteresis():
+    """Between two trees a 4% better prediction switches (an early choice is not locked in); between speculation
+    and plain decoding the 7.5% hysteresis stays."""
+    ctrl = adaptive.AutoController(AutoTree(), _costs(10.0, 0.5), AcceptStats(), 1, True)
+    assert ctrl.choice is not None
+    rates = {"plain": 1.0, "a": 2.0, "b": 2.08}
+    a, b = DynamicTree(5, 4, 1), DynamicTree(8, 7, 1)
+    ctrl.auto.spec_margin = 1.0
+    ctrl._rates = lambda: [(None, rates["plain"]), (a, rates["a"]), (b, rates["b"])]
+    ctrl.choice = a
+    ctrl._decide()
+    assert ctrl.choice is b  # 4% better: taken
+    rates.update(a=2.0, b=1.0, plain=2.1)  # plain 5% better than the current tree: kept
+    ctrl.choice = a
+    ctrl._decide()
+    assert ctrl.choice is a
+    rates.update(plain=2.2)  # 10% better: plain decoding
+    ctrl._decide()
+    assert ctrl.choice is None

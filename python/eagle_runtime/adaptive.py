@@ -23,9 +23,9 @@ best nodes of each level expand, the ``total_tokens`` best are kept). Its cycle 
 fitted) excess over those parts at the calibration length. The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
 plain decoding's ``1 / step time`` raised by 8% (the model errs on speculation's side); the current choice is kept
-unless another is predicted 7.5% faster (the estimates wobble; ``tie_band`` below 1 would take the smallest tree
-within that fraction of the best), so speculation starts at a predicted 1.16x and
-stops below 1.0x. Both levels are corrected by measurement: the ratio of measured to predicted tokens per ms of
+unless another is predicted 7.5% faster (2% between two trees; the estimates wobble; ``tie_band`` below 1 would
+take the smallest tree within that fraction of the best), so speculation starts at a predicted 1.16x and stops
+below 1.0x. Both levels are corrected by measurement: the ratio of measured to predicted tokens per ms of
 the plain steps, and of the cycles, that ran (decayed per step of each kind; CPU only, where a step's wall time
 costs no synchronisation; a kind not measured yet borrows the other's ratio) scales plain decoding's rate and
 every tree's rate respectively. When plain wins the runtime decodes plainly and probes one speculative cycle after
@@ -618,7 +618,8 @@ class AutoTree:
         self.num_nodes = max(t.num_nodes for t in self.candidates)
         self.stats: dict = {}  # sampling setting -> AcceptStats (kept across generate calls)
         self.costs: dict = {}  # batch size -> CostModel
-        self.switch_margin = 0.93
+        self.switch_margin = 0.93  # plain <-> speculation: another must be predicted 7.5% faster
+        self.tree_switch_margin = 0.98  # one tree -> another: 2%
         self.spec_margin = 1.08  # with the hysteresis: plain -> a tree at 1.16x plain's rate, back below 1.0x
         self.backoff, self.far_backoff, self.far_ratio = 8, 32, 0.8  # probe gap caps (x probe_every), see observe
         self.tie_band = 1.0  # 1: the best predicted tree (0.97 took the smallest within 3%, which kept chains short and
@@ -701,8 +702,14 @@ class AutoController:
         else:
             best_choice = self.best_spec
         current = plain if self.choice is None else next((r for t, r in rates if t is self.choice), 0.0)
-        if current < self.auto.switch_margin * best:  # hysteresis: estimates wobble, switching costs nothing
-            self.choice = best_choice                  # but chasing noise does
+        # hysteresis: the estimates wobble. Between plain decoding and speculation a wrong switch costs (a probe's
+        # catch-up, a measured level that lags); between two trees it costs next to nothing, while a wide margin
+        # there locked in an early choice (MT-bench: a chain of 5 for 330 of 401 cycles, 1.93x, where chains of
+        # 6-8 give 2.1-2.4x, once acceptance was known to be higher)
+        same_mode = (self.choice is None) == (best_choice is None)
+        margin = self.auto.tree_switch_margin if same_mode else self.auto.switch_margin
+        if current < margin * best:
+            self.choice = best_choice
         if self.choice is not None:
             self.best_spec = self.choice
         self.last_rates = {tree_key(t): 1e3 * r for t, r in rates}
