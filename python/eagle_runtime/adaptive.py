@@ -704,8 +704,7 @@ class AutoController:
         current = plain if self.choice is None else next((r for t, r in rates if t is self.choice), 0.0)
         # hysteresis: the estimates wobble. Between plain decoding and speculation a wrong switch costs (a probe's
         # catch-up, a measured level that lags); between two trees it costs next to nothing, while a wide margin
-        # there locked in an early choice (MT-bench: a chain of 5 for 330 of 401 cycles, 1.93x, where chains of
-        # 6-8 give 2.1-2.4x, once acceptance was known to be higher)
+        # there can lock in a choice made on early estimates
         same_mode = (self.choice is None) == (best_choice is None)
         margin = self.auto.tree_switch_margin if same_mode else self.auto.switch_margin
         if current < margin * best:
