@@ -415,7 +415,7 @@ def cost_key(model, batch: int) -> str:
     dev = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else f"cpu-{platform.machine()}"
     cfgs = json.dumps([tgt.cfg.raw, model.head.cfg.raw if model.head is not None else None], sort_keys=True, default=str)
     h = hashlib.sha1(cfgs.encode()).hexdigest()[:16]
-    sd = int(bool(getattr(model, "sampled_drafts", False)))  # how chains draft at temperature > 0 (cycles_sampled)
+    sd = int(bool(model.sampled_drafts))  # how chains draft at temperature > 0 (cycles_sampled)
     return (f"{h}|{dev}|{w.dtype}|B{batch}|{model.ops.name}|threads{torch.get_num_threads()}|torch{torch.__version__}"
             f"|sd{sd}")
 
