@@ -119,6 +119,20 @@ def test_cost_model_cache_round_trip(stories_dir, tmp_path, monkeypatch):
     assert calls == [1, 2] and adaptive.load_costs(adaptive.cost_key(model, 2)) is not None
 
 
+def test_auto_costs_follow_the_drafting_mode(stories_dir, monkeypatch):
+    """Toggling ``sampled_drafts`` between calls must not reuse the cost model timed in the other mode (its sampled
+    chains' cycles differ, and ``cost_key`` names the mode)."""
+    model = _model(stories_dir, None, "auto")
+    seen = []
+    monkeypatch.setattr(adaptive, "get_costs", lambda m, b: seen.append(adaptive.cost_key(m, b)) or _costs(1.0, 0.1))
+    auto = AutoTree()
+    for sampled in (True, False, True, False):
+        model.sampled_drafts = sampled
+        ctrl = auto.controller(model, 1, 1.0, 1.0, 0)
+        assert ctrl.costs is auto.costs[(1, sampled)]
+    assert [k.rsplit("|", 1)[1] for k in seen] == ["sd1", "sd0"]  # each mode measured once, then kept
+
+
 def _costs(target_ms, draft_ms):
     sizes = [1, 2, 4, 8, 16, 32, 64]
     return CostModel({n: target_ms * (1 + 0.01 * n) for n in sizes}, {k: draft_ms * (1 + 0.02 * k) for k in sizes},

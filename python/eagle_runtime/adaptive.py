@@ -617,7 +617,7 @@ class AutoTree:
         self.max_depth = max(t.max_depth for t in self.candidates)
         self.num_nodes = max(t.num_nodes for t in self.candidates)
         self.stats: dict = {}  # sampling setting -> AcceptStats (kept across generate calls)
-        self.costs: dict = {}  # batch size -> CostModel
+        self.costs: dict = {}  # (batch size, model.sampled_drafts) -> CostModel (cost_key names both)
         self.switch_margin = 0.93  # plain <-> speculation: another must be predicted 7.5% faster
         self.tree_switch_margin = 0.98  # one tree -> another: 2%
         self.spec_margin = 1.08  # with the hysteresis: plain -> a tree at 1.16x plain's rate, back below 1.0x
@@ -631,8 +631,9 @@ class AutoTree:
     def controller(self, model, batch: int, temperature: float, top_p: float, top_k: int,
                    prefix: int | None = None) -> "AutoController":
         """The chooser for one ``generate`` call; ``prefix``: the longest prompt (costs grow with the cache)."""
-        if batch not in self.costs and self.schedule is None:  # a forced schedule needs no costs
-            self.costs[batch] = get_costs(model, batch)
+        ckey = (batch, bool(model.sampled_drafts))  # toggling sampled_drafts must not reuse the other mode's chains
+        if ckey not in self.costs and self.schedule is None:  # a forced schedule needs no costs
+            self.costs[ckey] = get_costs(model, batch)
         sampled = bool(getattr(model, "_sampled_drafts_now", False))
         key = (round(float(temperature), 3), round(float(top_p), 3), int(top_k), sampled)
         stats = self.stats.setdefault(key, AcceptStats())
@@ -640,7 +641,7 @@ class AutoTree:
         # chains win, and mixing both kinds in one acceptance estimate would rate the trees by the chains' rate
         chains = [t for t in self.candidates if fit_kind(t) == "chain"]
         cands = chains if sampled and chains else self.candidates
-        return AutoController(self, self.costs.get(batch), stats, batch, temperature < GREEDY_TEMPERATURE, prefix,
+        return AutoController(self, self.costs.get(ckey), stats, batch, temperature < GREEDY_TEMPERATURE, prefix,
                               candidates=cands)
 
     def __repr__(self) -> str:
