@@ -265,3 +265,43 @@ def test_cosine_follows_the_wall_clock_budget_when_it_ends_first():
     assert lr_factor(100, cfg, 0.5) == pytest.approx(0.5)  # half the budget used: half-way down the cosine
     assert lr_factor(100, cfg, 1.0) == pytest.approx(0.0)
     assert lr_factor(900, cfg, 0.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))  # the later one wins
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --cache-target
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", HEADS)
+def test_cached_target_outputs_train_the_same_head(tmp_path, stories, small_corpus, kind):
+    """With --cache-target the target runs once over the training rows before the first step; every step then reads
+    its rows' slices, and the run is the one that ran the target per step: same losses, same weights."""
+    target, tok = stories
+    runs = {}
+    for cache in (False, True):
+        train, cfg = _trainer(kind, steps=4, eval_every=0, cache_target=cache, **SMALL)
+        res = train(target, small_corpus, tmp_path / str(cache), cfg, tokenizer=tok, progress=False)
+        runs[cache] = (res["history"], load_head(tmp_path / str(cache), target).state_dict())
+    (h0, w0), (h1, w1) = runs[False], runs[True]
+    assert [r["step"] for r in h1] == [1, 2, 3, 4]
+    for a, b in zip(h0, h1):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5) and a["acc"] == b["acc"], (a, b)
+    assert h0[-1]["loss"] != h0[0]["loss"]  # the batches differ from step to step: a wrong row slice would show
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_cache_target_refused_when_it_would_not_fit(tmp_path, stories_dir, small_corpus, capsys, monkeypatch, kind):
+    import eagle_runtime.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_available_memory", lambda: 1 << 20)  # 1 MiB free
+    rc, err = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", tmp_path / "o", "--steps", 1,
+                        "--batch-size", 2, "--seq-len", 32, "--cache-target", *HEAD_FLAGS[kind]], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--cache-target" in err and "GiB" in err, err
+    assert not (tmp_path / "o" / "train_state.pt").exists()
+    monkeypatch.setattr(train_mod, "_available_memory", lambda: 1 << 40)
+    rc, err = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", tmp_path / "o", "--steps", 1,
+                        "--batch-size", 2, "--seq-len", 32, "--eval-batches", 1, "--cache-target", *HEAD_FLAGS[kind]],
+                       capsys)
+    assert rc == 0 and (tmp_path / "o" / "train_state.pt").exists(), err
+    saved = json.loads((tmp_path / "o" / "train_config.json").read_text())
+    assert saved["train"]["cache_target"] is True

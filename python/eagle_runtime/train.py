@@ -8,8 +8,9 @@ one, else ``User: ...\\nAssistant: ...``) and the loss covers assistant tokens o
 rows with ``input_ids`` (and an optional 0/1 ``loss_mask``) are token ids as they are, as
 ``python -m eagle_runtime.distill`` writes the target's own answers.
 
-Features are computed on the fly by the frozen target for every batch (no disk cache: zero disk cost, one target
-forward per step). Loss per position ``i``: ``SmoothL1(head_i, f_{i+1}) + 0.1 * CE(p_target(. | f_{i+1}),
+Features are computed on the fly by the frozen target for every batch (one target forward per step), or with
+``--cache-target`` once for every training row before the first step and kept in memory (no disk: the run
+refuses to start when they would not fit; the time it takes counts against ``--max-minutes``). Loss per position ``i``: ``SmoothL1(head_i, f_{i+1}) + 0.1 * CE(p_target(. | f_{i+1}),
 p_head(. | head_i))`` with uniform noise U(-0.1, 0.1) added to the input features; AdamW with warm-up and cosine
 decay (following wall time under ``--max-minutes``, see :func:`lr_factor`); gradient clipping 0.5. Saves the published EAGLE-1 format (``config.json`` + ``pytorch_model.bin``) and a
 ``train_state.pt`` for ``--resume``.
@@ -59,6 +60,7 @@ class TrainConfig:
     max_minutes: float | None = None
     seed: int = 0
     init: str = ""  # a head directory to start from (fine-tuning: its weights; a fresh optimizer and schedule)
+    cache_target: bool = False  # the frozen target's outputs for every training row computed once, kept in memory
 
     def __post_init__(self):
         """Reject values that cannot train (one-line ValueError). ``warmup 0`` means no warm-up, ``eval_every 0``
@@ -87,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"--seed must lie in [0, 2**63), got {self.seed}")
         if not isinstance(self.init, str):
             raise ValueError(f"--init must be a head directory, got {self.init!r}")
+        if not isinstance(self.cache_target, bool):
+            raise ValueError(f"--cache-target is a switch (True or False), got {self.cache_target!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,10 +215,18 @@ def pack(docs, seq_len: int, pad_id: int = 0, what: str = "corpus") -> tuple[tor
 # ----------------------------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------------------------
-def head_loss(head: EagleHead, target: Transformer, tokens, loss_mask, noise: float, cls_weight: float):
-    """(loss, regression loss, classification loss, top-1 accuracy) on a batch ``tokens [B, T]``."""
+def target_features(target: Transformer, tokens) -> tuple[torch.Tensor]:
+    """What EAGLE-1's loss reads from the frozen target for ``tokens [B, T]``: its features ``f_0 .. f_{T-1}``."""
     with torch.no_grad():
-        feats = target.forward_causal(tokens)  # f_0 .. f_{T-1}
+        return (target.forward_causal(tokens),)
+
+
+def head_loss(head: EagleHead, target: Transformer, tokens, loss_mask, noise: float, cls_weight: float,
+              given: tuple | None = None):
+    """(loss, regression loss, classification loss, top-1 accuracy) on a batch ``tokens [B, T]``; ``given``: the
+    rows' :func:`target_features` when cached (else computed here)."""
+    (feats,) = given if given is not None else target_features(target, tokens)
+    with torch.no_grad():
         target_logp = torch.log_softmax(target.logits(feats[:, 1:]).float(), dim=-1)
     inp = feats[:, :-1]
     if noise > 0:
@@ -255,12 +267,12 @@ def train_head(
     if cfg.init:
         start_from(head, load_init(cfg.init, target, EagleHead), cfg.init)
 
-    def loss_fn(tokens, mask):
-        loss, reg, cls, acc = head_loss(head, target, tokens, mask, cfg.noise, cfg.cls_weight)
+    def loss_fn(tokens, mask, given):
+        loss, reg, cls, acc = head_loss(head, target, tokens, mask, cfg.noise, cfg.cls_weight, given)
         return loss, {"reg": reg.item(), "cls": cls.item(), "acc": acc.item()}
 
     return fit(head, target, train_rows, hold_rows, out, cfg, loss_fn, lambda t, m: evaluate(head, target, t, m, cfg),
-               resume=resume, progress=progress, desc="train head")
+               resume=resume, progress=progress, desc="train head", target_fn=lambda t: target_features(target, t))
 
 
 def load_init(directory: str, target: Transformer, kind: type):
@@ -326,13 +338,15 @@ def prepare_training(base, corpus, out, cfg: TrainConfig, *, resume: bool, overw
 
 
 def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eval_fn, *, resume: bool, progress: bool,
-        desc: str) -> dict:
+        desc: str, target_fn) -> dict:
     """The training loop both trainers share: AdamW (betas 0.9/0.95) with :func:`lr_factor`, gradient clipping,
     held-out evaluation every ``cfg.eval_every`` steps and after the last, atomic saves every ``cfg.save_every``
     steps and at the end, the ``--max-minutes`` cap, ``resume`` from ``out/train_state.pt`` (weights only), and
     SIGINT/SIGTERM (main thread) stopping at the next step boundary with a save.
 
-    ``loss_fn(tokens [B, T], mask [B, T]) -> (loss, {name: float})`` (the dict has ``acc``) trains one batch;
+    ``loss_fn(tokens [B, T], mask [B, T], given) -> (loss, {name: float})`` (the dict has ``acc``) trains one batch;
+    ``given`` is None (the loss runs the target itself) or, under ``cfg.cache_target``, the batch rows' slices of
+    ``target_fn(tokens) -> tuple of [B, T, ..] tensors`` computed for every training row before the first step;
     ``eval_fn(tokens, mask) -> {"eval_loss", "eval_acc"}`` scores the held-out rows (it may leave ``head`` in eval
     mode). Returns ``{"history", "out", "steps", "interrupted" (the signal's name or None), "time_s"}``."""
     out = Path(out)
@@ -344,6 +358,7 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
     (train_t, train_m), (hold_t, hold_m) = train_rows, hold_rows
     gen = torch.Generator().manual_seed(cfg.seed + step)
     t_start = time.time()
+    cached = cache_target_outputs(target_fn, train_t, cfg.batch_size, dev, progress) if cfg.cache_target else None
     # Under --max-minutes the bar shows the share of the run done (the larger of steps and wall time, as the
     # schedule counts it), not the step count against a --steps the cap will never reach.
     capped = cfg.max_minutes is not None
@@ -365,7 +380,8 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
             elapsed = (time.time() - t_start) / (60 * cfg.max_minutes) if cfg.max_minutes is not None else 0.0
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * lr_factor(step, cfg, elapsed)
-            loss, metrics = loss_fn(train_t[idx].to(dev), train_m[idx].to(dev))
+            given = None if cached is None else tuple(c[idx].to(dev) for c in cached)
+            loss, metrics = loss_fn(train_t[idx].to(dev), train_m[idx].to(dev), given)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
@@ -391,6 +407,40 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
         print(f"{stop[0]}: stopped at step {step}, saved to {out} (continue with --resume)", file=sys.stderr)
     return {"history": history, "out": str(out), "steps": step, "interrupted": stop[0] if stop else None,
             "time_s": time.time() - t_start}
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cache_target_outputs(target_fn, tokens: torch.Tensor, batch_size: int, dev, progress: bool) -> tuple:
+    """``--cache-target``: ``target_fn`` over every row of ``tokens [N, T]`` once, in batches, kept in CPU memory
+    (``[N, T, ..]`` per output, the target's dtype). Refused in one line, before the rows are run, when the outputs
+    would take more than 80% of the memory available."""
+    n = tokens.shape[0]
+    first = target_fn(tokens[:batch_size].to(dev))
+    need = sum(o[0].numel() * o.element_size() for o in first) * n
+    avail = _available_memory()
+    if avail is not None and need > 0.8 * avail:
+        raise ValueError(f"--cache-target: the target's outputs for {n} training rows need {need / 2**30:.2f} GiB, "
+                         f"more than 80% of the {avail / 2**30:.2f} GiB available; train without it (one target "
+                         "forward per step) or on a smaller corpus")
+    cached = tuple(torch.empty((n, *o.shape[1:]), dtype=o.dtype) for o in first)
+    for c, o in zip(cached, first):
+        c[: o.shape[0]] = o.cpu()
+    for s in tqdm(range(batch_size, n, batch_size), disable=not progress, desc=f"target outputs ({need / 2**20:.0f} MiB)",
+                  dynamic_ncols=True, initial=1, total=math.ceil(n / batch_size)):
+        for c, o in zip(cached, target_fn(tokens[s : s + batch_size].to(dev))):
+            c[s : s + o.shape[0]] = o.cpu()
+    return cached
 
 
 def lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
@@ -511,6 +561,9 @@ def run_cli(argv, *, prog: str, description: str, layout: str, cfg_type: type, t
     p.add_argument("--overwrite", action="store_true", help="replace a head already in OUT")
     d = cfg_type()
     for name, val in asdict(d).items():
+        if isinstance(val, bool):  # --cache-target / --no-cache-target
+            p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=val)
+            continue
         typ = float if name == "max_minutes" else type(val)
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=val)
     a = p.parse_args(argv)

@@ -105,13 +105,22 @@ def ttt_forward(head: Eagle3Head, tokens: torch.Tensor, taps: torch.Tensor, targ
         yield hidden
 
 
-def ttt_loss(head: Eagle3Head, target: Transformer, tokens, loss_mask, steps: int, decay: float):
-    """(loss, per-step losses, step-0 top-1 accuracy) of the training-time test on ``tokens [B, T]``."""
+def target_outputs3(head: Eagle3Head, target: Transformer, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the training-time test reads from the frozen target for ``tokens [B, T]``: (final features, the
+    concatenated taps ``[B, T, len(taps) * H_t]``)."""
+    with torch.no_grad():
+        return target.forward_causal(tokens, taps=head.target_taps)
+
+
+def ttt_loss(head: Eagle3Head, target: Transformer, tokens, loss_mask, steps: int, decay: float,
+             given: tuple | None = None):
+    """(loss, per-step losses, step-0 top-1 accuracy) of the training-time test on ``tokens [B, T]``; ``given``:
+    the rows' :func:`target_outputs3` when cached (else computed here)."""
     B, T = tokens.shape
     N = T - 1
     dev = tokens.device
+    feats, taps = given if given is not None else target_outputs3(head, target, tokens)
     with torch.no_grad():
-        feats, taps = target.forward_causal(tokens, taps=head.target_taps)
         full = target.logits(feats)
         target_top = full.argmax(-1)
         target_p = torch.softmax(full[..., head.token_map].float(), -1)  # restricted to the draft vocabulary
@@ -170,13 +179,13 @@ def train_head3(
     if start is not None:
         start_from(head, start, cfg.init)
 
-    def loss_fn(tokens, mask):
-        loss, per_step, acc = ttt_loss(head, target, tokens, mask, cfg.ttt_steps, cfg.ttt_decay)
+    def loss_fn(tokens, mask, given):
+        loss, per_step, acc = ttt_loss(head, target, tokens, mask, cfg.ttt_steps, cfg.ttt_decay, given)
         return loss, {"ce0": per_step[0].item(), "acc": acc.item()}
 
     return fit(head, target, train_rows, hold_rows, out, cfg, loss_fn,
                lambda t, m: evaluate3(head, target, t, m, cfg), resume=resume, progress=progress,
-               desc="train eagle3 head")
+               desc="train eagle3 head", target_fn=lambda t: target_outputs3(head, target, t))
 
 
 @torch.no_grad()
