@@ -10,10 +10,12 @@ rows with ``input_ids`` (and an optional 0/1 ``loss_mask``) are token ids as the
 
 Features are computed on the fly by the frozen target for every batch (one target forward per step), or with
 ``--cache-target`` once for every training row before the first step and kept in memory (no disk: the run
-refuses to start when they would not fit; the time it takes counts against ``--max-minutes``). Loss per position ``i``: ``SmoothL1(head_i, f_{i+1}) + 0.1 * CE(p_target(. | f_{i+1}),
-p_head(. | head_i))`` with uniform noise U(-0.1, 0.1) added to the input features; AdamW with warm-up and cosine
-decay (following wall time under ``--max-minutes``, see :func:`lr_factor`); gradient clipping 0.5. Saves the published EAGLE-1 format (``config.json`` + ``pytorch_model.bin``) and a
-``train_state.pt`` for ``--resume``.
+refuses to start when they would not fit; the time it takes counts against ``--max-minutes``).
+
+Loss per position ``i``: ``SmoothL1(head_i, f_{i+1}) + 0.1 * CE(p_target(. | f_{i+1}), p_head(. | head_i))`` with
+uniform noise U(-0.1, 0.1) added to the input features; AdamW with warm-up and cosine decay (following wall time
+under ``--max-minutes``, see :func:`lr_factor`); gradient clipping 0.5. Saves the published EAGLE-1 format
+(``config.json`` + ``pytorch_model.bin``) and a ``train_state.pt`` for ``--resume``.
 """
 
 from __future__ import annotations
@@ -436,8 +438,9 @@ def cache_target_outputs(target_fn, tokens: torch.Tensor, batch_size: int, dev, 
     cached = tuple(torch.empty((n, *o.shape[1:]), dtype=o.dtype) for o in first)
     for c, o in zip(cached, first):
         c[: o.shape[0]] = o.cpu()
-    for s in tqdm(range(batch_size, n, batch_size), disable=not progress, desc=f"target outputs ({need / 2**20:.0f} MiB)",
-                  dynamic_ncols=True, initial=1, total=math.ceil(n / batch_size)):
+    bar = tqdm(range(batch_size, n, batch_size), disable=not progress, desc=f"target outputs ({need / 2**20:.0f} MiB)",
+               dynamic_ncols=True, initial=1, total=math.ceil(n / batch_size))
+    for s in bar:
         for c, o in zip(cached, target_fn(tokens[s : s + batch_size].to(dev))):
             c[s : s + o.shape[0]] = o.cpu()
     return cached
