@@ -293,7 +293,7 @@ def test_cached_target_outputs_train_the_same_head(tmp_path, stories, small_corp
 def test_cache_target_refused_when_it_would_not_fit(tmp_path, stories_dir, small_corpus, capsys, monkeypatch, kind):
     import eagle_runtime.train as train_mod
 
-    monkeypatch.setattr(train_mod, "_available_memory", lambda: 1 << 20)  # 1 MiB free
+    monkeypatch.setattr(train_mod, "_available_memory", lambda: 1 << 10)  # 1 KiB free: less than any row needs
     rc, err = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", tmp_path / "o", "--steps", 1,
                         "--batch-size", 2, "--seq-len", 32, "--cache-target", *HEAD_FLAGS[kind]], capsys)
     assert rc == 2 and err.count("\n") == 1 and "--cache-target" in err and "GiB" in err, err
