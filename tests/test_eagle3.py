@@ -92,6 +92,19 @@ def test_target_taps_are_the_inputs_of_the_tapped_layers(stories_dir, target):
     torch.testing.assert_close(feats2, feats, rtol=1e-5, atol=1e-5)
     assert default_taps(32) == (2, 16, 29)
 
+    # Tap id L is the last layer's output before the final norm: HF's hidden_states[L] is that output normed.
+    L, H = target.cfg.num_layers, target.cfg.hidden_size
+    with torch.no_grad():
+        _, last = target.forward_causal(tok, taps=(L, 1))
+        _, last2 = target(tok, torch.arange(T)[None], target.new_cache(1, 16), z, z, causal_mask(1, T, "cpu"),
+                          taps=(L, 1))
+    torch.testing.assert_close(last[..., H:], hs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last2, last, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target.norm(last[..., :H]), hs[L], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(last[..., :H], hs[L], atol=1e-2)  # un-normed, unlike HF's last entry
+    with pytest.raises(ValueError, match="tap layers"):
+        target.forward_causal(tok, taps=(L + 1,))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading both layouts, saving the official one, refused variants
@@ -260,9 +273,10 @@ def _greedy_equal(model, prompts, batch, n):
     return sum(lens) / len(lens)
 
 
-@pytest.mark.parametrize("tree", ["dynamic", "static"])
-def test_greedy_exact_stories260k(target, tokenizer, tree):
-    model = EagleModel(target, random_head3(target, 200, TAPS, seed=1), tokenizer, tree=TREES[tree], backend="torch")
+@pytest.mark.parametrize("tree,taps", [("dynamic", TAPS), ("static", TAPS), ("dynamic", (1, 3, 5))])
+def test_greedy_exact_stories260k(target, tokenizer, tree, taps):
+    """Also with tap 5 = L, the last layer's output (the verify forward hands it over from the final norm)."""
+    model = EagleModel(target, random_head3(target, 200, taps, seed=1), tokenizer, tree=TREES[tree], backend="torch")
     for batch in (1, 3):
         _greedy_equal(model, PROMPTS, batch, 10)
 

@@ -219,9 +219,9 @@ def load_eagle3(where: str, raw: dict, state: dict, target: Transformer, taps=No
     cfg = ModelConfig.from_dict(layer_raw)
     tcfg = target.cfg
     taps = tuple(int(t) for t in (taps or default_taps(tcfg.num_layers)))
-    bad = [t for t in taps if not 0 <= t < tcfg.num_layers]
+    bad = [t for t in taps if not 0 <= t <= tcfg.num_layers]
     if bad:
-        raise CheckpointError(f"draft head {where}: tap layers {bad} are not in [0, {tcfg.num_layers}) of the target")
+        raise CheckpointError(f"draft head {where}: tap layers {bad} are not in [0, {tcfg.num_layers}] of the target")
     if cfg.vocab_size != tcfg.vocab_size:
         raise CheckpointError(f"draft head {where} has vocab_size {cfg.vocab_size}, the target has {tcfg.vocab_size}")
     t_hidden = int(raw.get("target_hidden_size") or cfg.hidden_size)

@@ -334,13 +334,18 @@ class Transformer(nn.Module):
         ``positions [B, T]`` are rotary positions, ``write_pos [B]`` the first cache slot written, ``mask
         [B, T, M]`` the tree mask relative to ``prefix_len [B]``. With ``taps`` (layer ids) it returns
         ``(features, tapped)``: ``tapped [B, T, len(taps) * H]`` the un-normed hidden states at the *input* of
-        those layers (HF ``hidden_states[i]``), concatenated in the order given (EAGLE-3 heads read them).
+        those layers (HF ``hidden_states[i]``; id ``num_layers``: the last layer's output before the final
+        norm), concatenated in the order given (EAGLE-3 heads read them).
         """
         x = self.embed_tokens(tokens)
         got: list | None = None if taps is None else []
         x, residual = self.run_layers(x, positions, cache, prefix_len, write_pos, mask, taps, got)
-        feats = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
-        return feats if got is None else (feats, _gather_taps(taps, got, len(self.layers)))
+        feats, last = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        if got is None:
+            return feats
+        if len(self.layers) in taps:
+            got.append((len(self.layers), last))
+        return feats, _gather_taps(taps, got, len(self.layers))
 
     def run_layers(self, x, positions, cache, prefix_len, write_pos, mask, taps=None, got=None):
         """``(last_mlp_out, residual)``: the final hidden state is their sum (the final norm fuses the add).
@@ -375,16 +380,20 @@ class Transformer(nn.Module):
             if taps is not None and i in taps:
                 got.append((i, x))
             x = layer.forward_causal(x, rope)
-        return self.norm(x) if taps is None else (self.norm(x), _gather_taps(taps, got, len(self.layers)))
+        if taps is None:
+            return self.norm(x)
+        got.append((len(self.layers), x))
+        return self.norm(x), _gather_taps(taps, got, len(self.layers))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.lm_head(features)
 
 
 def _gather_taps(taps, got: list, num_layers: int) -> torch.Tensor:
-    """Concatenate the collected layer inputs in the order of ``taps`` (ids may repeat)."""
+    """Concatenate the collected layer inputs in the order of ``taps`` (ids may repeat; ``num_layers``: the last
+    layer's output)."""
     by_layer = dict(got)
     missing = [t for t in taps if t not in by_layer]
     if missing:
-        raise ValueError(f"tap layers {missing} are not in [0, {num_layers})")
+        raise ValueError(f"tap layers {missing} are not in [0, {num_layers}]")
     return torch.cat([by_layer[t] for t in taps], dim=-1)

@@ -9,7 +9,7 @@ What differs:
 
 - The draft vocabulary: the ``--draft-vocab`` most frequent target tokens of the training rows (loss-masked
   positions; ties to the lower id), saved as ``d2t``/``t2d``; with ``--init`` the starting head's vocabulary
-  and taps.
+  and taps (``--taps`` may name other layers, as many: ``fc`` is kept and learns to read them).
 - The training-time test: the head runs on its own outputs for ``--ttt-steps`` steps. Step ``j`` at index ``q``
   reads (its step ``j-1`` output at ``q`` (step 0: ``fc`` of the target taps at ``q``), token ``t_{q+1+j}``) at
   rotary position ``q + j``, attends to the step-0 keys at indices ``<= q`` (the true context) and to its own
@@ -163,16 +163,20 @@ def train_head3(
         if target.max_len < cfg.seq_len + cfg.ttt_steps:
             raise ValueError(f"the target's max_len {target.max_len} < --seq-len + --ttt-steps = "
                              f"{cfg.seq_len + cfg.ttt_steps}")
-        if taps is not None and not all(0 <= t < target.cfg.num_layers for t in taps):
-            raise ValueError(f"--taps {cfg.taps}: layer ids must lie in [0, {target.cfg.num_layers})")
+        if taps is not None and not all(0 <= t <= target.cfg.num_layers for t in taps):
+            raise ValueError(f"--taps {cfg.taps}: layer ids must lie in [0, {target.cfg.num_layers}]")
 
     target, train_rows, hold_rows = prepare_training(
         base, corpus, out, cfg, resume=resume, overwrite=overwrite, tokenizer=tokenizer,
         max_len=max(cfg.seq_len + cfg.ttt_steps + 1, 64), check_target=check_target)
     V = target.cfg.vocab_size
     start = load_init(cfg.init, target, Eagle3Head) if cfg.init else None
-    if start is not None:  # fine-tuning keeps the head's own draft vocabulary and taps
-        vocab_ids, taps = start.token_map.cpu(), tuple(start.target_taps)
+    if start is not None:  # fine-tuning keeps the head's own draft vocabulary, and its taps unless --taps names others
+        vocab_ids = start.token_map.cpu()
+        if taps is not None and len(taps) != len(start.target_taps):
+            raise ValueError(f"--taps {cfg.taps}: --init {cfg.init} reads {len(start.target_taps)} taps "
+                             f"({','.join(map(str, start.target_taps))}); fc's shape needs as many")
+        taps = taps or tuple(start.target_taps)
     else:
         vocab_ids = draft_vocabulary(*train_rows, V, min(cfg.draft_vocab, V))
     head = new_eagle3_head(target, len(vocab_ids), taps, cfg.seed, vocab_ids=vocab_ids, from_target=True)
