@@ -19,7 +19,8 @@ Forward at draft position ``i`` (hidden ``h_i``, token ``t_{i+1}``)::
     logits = lm_head(norm(h))                                # draft vocabulary; target id = d + d2t[d]
 
 The first step's ``h`` is ``fc(cat(h_low, h_mid, h_high))`` from the target's taps (inputs of layers 2, L//2,
-L-3 by default); deeper steps feed the layer's own output ``h`` back (no fc).
+L-3 by default; id L is the last layer's output before the final norm); deeper steps feed the layer's own
+output ``h`` back (no fc).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ and later drafters (parallel drafting, MTP heads), plug in without head-specific
 
 - ``target_taps``: which target hidden states the head reads. ``None``: the target's final-norm features
   ``[B, T, H]`` (EAGLE-1). A tuple of layer ids: the un-normed hidden states at the *input* of those target
-  layers, concatenated ``[B, T, len(taps) * H]`` (EAGLE-3's low | mid | high).
+  layers (id ``num_layers``: the last layer's output before the final norm), concatenated
+  ``[B, T, len(taps) * H]`` (EAGLE-3's low | mid | high).
 - ``first_input(states)``: those states -> the head's hidden input ``[B, T, H_head]`` at true (verified)
   positions (EAGLE-1: the features themselves; EAGLE-3: ``fc`` over the concatenation).
 - ``forward(hidden, tokens, target, positions, cache, prefix_len, write_pos, mask)``: one pass of the head over

@@ -41,7 +41,7 @@ class Eagle3TrainConfig(TrainConfig):
     draft_vocab: int = 32000  # clamped to the target's vocabulary
     ttt_steps: int = 7
     ttt_decay: float = 0.8
-    taps: str = ""  # comma-separated target layer ids; empty = 2, L//2, L-3
+    taps: str = ""  # comma-separated target layer ids (L: the last layer's output); empty = 2, L//2, L-3
 
     def __post_init__(self):
         """:class:`TrainConfig`'s checks plus the EAGLE-3 fields' (one-line ValueError naming the flag)."""
