@@ -134,9 +134,9 @@ def test_init_eagle3_keeps_its_vocabulary_and_taps(tmp_path, target, tokenizer):
     # --taps names other layers (as many): the weights are kept, the head now reads those layers
     cfg.taps = "1,3,5"
     train_head3(target, corpus, tmp_path / "retapped", cfg, tokenizer=tokenizer, progress=False)
-    re = load_head(tmp_path / "retapped", target)
-    assert re.target_taps == (1, 3, 5) and torch.equal(re.token_map, vocab)
-    assert all(torch.allclose(a[k].float(), v.float(), atol=1e-6) for k, v in re.state_dict().items())
+    retapped = load_head(tmp_path / "retapped", target)
+    assert retapped.target_taps == (1, 3, 5) and torch.equal(retapped.token_map, vocab)
+    assert all(torch.allclose(a[k].float(), v.float(), atol=1e-6) for k, v in retapped.state_dict().items())
     cfg.taps = "1,3"
     with pytest.raises(ValueError, match="reads 3 taps"):
         train_head3(target, corpus, tmp_path / "two_taps", cfg, tokenizer=tokenizer, progress=False)
