@@ -366,12 +366,18 @@ def test_trainer_learns_and_saves_the_official_layout(tmp_path, target, tokenize
     assert counts[head.token_map].min() >= counts[~head.t2d].max()
 
 
-def test_train_cli_head_flag_errors(tmp_path, stories_dir):
+def test_train_cli_head_flag_errors(tmp_path, stories_dir, capsys):
     from eagle_runtime.train import main
 
     base = ["--head", "eagle3", "--base", str(stories_dir), "--corpus", str(tmp_path / "c.txt"), "--out", str(tmp_path)]
     for bad in (["--ttt-decay", "0"], ["--draft-vocab", "0"], ["--taps", "a,b"]):
         assert main(base + bad) == 2  # one-line errors, status 2 (as --head eagle1)
+    # stories260k has 5 layers: tap 5 is its last layer's output, 6 names nothing (checked before the corpus is read)
+    capsys.readouterr()
+    assert main(base + ["--taps", "0,2,6"]) == 2
+    assert "layer ids must lie in [0, 5]" in capsys.readouterr().err
+    assert main(base + ["--taps", "0,2,5"]) == 2  # only the missing corpus now
+    assert "layer ids" not in capsys.readouterr().err
     assert main(base) == 2  # missing corpus
     with pytest.raises(SystemExit) as e:
         main(["--head", "eagle4"])

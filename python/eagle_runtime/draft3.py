@@ -37,7 +37,7 @@ from .config import ModelConfig
 from .draft import load_checked
 from .drafter import Drafter
 from .loading import CheckpointError
-from .model import MLP, Attention, RMSNorm, Rotary, Transformer, per_forward
+from .model import MLP, Attention, RMSNorm, Rotary, Transformer, bad_taps, per_forward
 
 EAGLE3_WEIGHTS = "pytorch_model.bin"
 # Variants of the speculators format this runtime does not implement (config flag -> what it changes).
@@ -220,7 +220,7 @@ def load_eagle3(where: str, raw: dict, state: dict, target: Transformer, taps=No
     cfg = ModelConfig.from_dict(layer_raw)
     tcfg = target.cfg
     taps = tuple(int(t) for t in (taps or default_taps(tcfg.num_layers)))
-    bad = [t for t in taps if not 0 <= t <= tcfg.num_layers]
+    bad = bad_taps(taps, tcfg.num_layers)
     if bad:
         raise CheckpointError(f"draft head {where}: tap layers {bad} are not in [0, {tcfg.num_layers}] of the target")
     if cfg.vocab_size != tcfg.vocab_size:

@@ -389,6 +389,12 @@ class Transformer(nn.Module):
         return self.lm_head(features)
 
 
+def bad_taps(taps, num_layers: int) -> list[int]:
+    """The ids in ``taps`` that name no tap of a ``num_layers``-layer target (valid: ``0 .. num_layers``, the
+    last one being the last layer's output)."""
+    return [t for t in taps if not 0 <= t <= num_layers]
+
+
 def _gather_taps(taps, got: list, num_layers: int) -> torch.Tensor:
     """Concatenate the collected layer inputs in the order of ``taps`` (ids may repeat; ``num_layers``: the last
     layer's output)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .draft3 import Eagle3Head, new_eagle3_head
-from .model import Transformer, apply_rope
+from .model import Transformer, apply_rope, bad_taps
 from .train import TrainConfig, fit, load_init, prepare_training, run_cli, start_from
 
 
@@ -163,7 +163,7 @@ def train_head3(
         if target.max_len < cfg.seq_len + cfg.ttt_steps:
             raise ValueError(f"the target's max_len {target.max_len} < --seq-len + --ttt-steps = "
                              f"{cfg.seq_len + cfg.ttt_steps}")
-        if taps is not None and not all(0 <= t <= target.cfg.num_layers for t in taps):
+        if taps is not None and bad_taps(taps, target.cfg.num_layers):
             raise ValueError(f"--taps {cfg.taps}: layer ids must lie in [0, {target.cfg.num_layers}]")
 
     target, train_rows, hold_rows = prepare_training(
