@@ -298,6 +298,15 @@ def start_from(head, loaded, directory: str) -> None:
                               f"({str(e).splitlines()[0][:200]})") from None
 
 
+def split_heldout(docs: list, seed: int, fraction: float) -> tuple[list, list]:
+    """The trainers' split: ``docs`` shuffled with ``seed``, the first ``fraction`` of them (at least one) held out.
+    Returns ``(held_out, train)``; ``docs`` is left as it was."""
+    docs = list(docs)
+    random.Random(seed).shuffle(docs)
+    n_hold = max(1, int(len(docs) * fraction))
+    return docs[:n_hold], docs[n_hold:]
+
+
 def prepare_training(base, corpus, out, cfg: TrainConfig, *, resume: bool, overwrite: bool, tokenizer, max_len: int,
                      check_target=None):
     """What both trainers (EAGLE-1 here, EAGLE-3 in :mod:`.train_eagle3`) do before building a head: refuse to
@@ -330,10 +339,9 @@ def prepare_training(base, corpus, out, cfg: TrainConfig, *, resume: bool, overw
     corpus = " + ".join(str(c) for c in corpora)
     if len(docs) < 2:
         raise ValueError(f"corpus {corpus} holds {len(docs)} document; the held-out split needs one of its own")
-    random.Random(cfg.seed).shuffle(docs)
-    n_hold = max(1, int(len(docs) * cfg.holdout_fraction))
-    train_rows = pack(docs[n_hold:], cfg.seq_len, what=f"the training split of {corpus}")
-    hold_rows = pack(docs[:n_hold], cfg.seq_len, what=(
+    held, train = split_heldout(docs, cfg.seed, cfg.holdout_fraction)
+    train_rows = pack(train, cfg.seq_len, what=f"the training split of {corpus}")
+    hold_rows = pack(held, cfg.seq_len, what=(
         f"the held-out split of {corpus} (--holdout-fraction {cfg.holdout_fraction}: at least 1 document; it must "
         "fill a whole sequence, so use a larger corpus or fraction, or a smaller --seq-len)"))
     return target, train_rows, hold_rows
