@@ -28,11 +28,8 @@ into ``--out`` (default ``$EAGLE_RESULTS_DIR``, else ``results/``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -43,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target  # noqa: E402
 from eagle_runtime.generate import _load_tokenizer  # noqa: E402
-from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, write_atomic  # noqa: E402
+from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, save_json  # noqa: E402
 
 SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 STORY_WORDS = 12
@@ -83,14 +80,20 @@ def accept_by_depth(lens: list[int], depth: int) -> list[float | None]:
     return [round(reach[d] / reach[d - 1], 4) if reach[d - 1] else None for d in range(1, depth + 1)]
 
 
-def run_set(target, tokenizer, heads: dict, trees: list[tuple[int, int, int]], prompts: list, max_new: int) -> dict:
-    plain = EagleModel(target, None, tokenizer)
-    plain.generate(prompts[0], 16, speculative=False)  # warm-up
-    plain_time, plain_tokens = 0.0, []
+def plain_baseline(model: EagleModel, prompts: list, max_new: int) -> tuple[float, list[list[int]]]:
+    """Plain greedy decoding of ``max_new`` tokens (no stop at EOS) per prompt, after one warm-up:
+    ``(seconds, tokens per prompt)``."""
+    model.generate(prompts[0], 16, speculative=False)
+    seconds, tokens = 0.0, []
     for p in prompts:
-        r = plain.generate(p, max_new, speculative=False, stop_on_eos=False)
-        plain_time += r.wall_time_s
-        plain_tokens.append(r.tokens[0])
+        r = model.generate(p, max_new, speculative=False, stop_on_eos=False)
+        seconds += r.wall_time_s
+        tokens.append(r.tokens[0])
+    return seconds, tokens
+
+
+def run_set(target, tokenizer, heads: dict, trees: list[tuple[int, int, int]], prompts: list, max_new: int) -> dict:
+    plain_time, plain_tokens = plain_baseline(EagleModel(target, None, tokenizer), prompts, max_new)
     n_tok = max_new * len(prompts)
     out = {"prompts": len(prompts), "plain_tokens_per_s": round(n_tok / plain_time, 1), "trees": {}}
     for spec in trees:
@@ -178,11 +181,7 @@ def main(argv=None) -> dict:
               flush=True)
         res["sets"][s] = {**run_set(target, tokenizer, heads, args.tree_specs, prompts, args.max_new_tokens),
                           "too_long_left_out": left_out}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compare_heads_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(res, indent=1)))
-    print(f"wrote {path}")
+    save_json(args.out, "compare_heads", res)
     return res
 
 

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -42,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import eagle_runtime.generate as G  # noqa: E402
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target  # noqa: E402
 from eagle_runtime.generate import _load_tokenizer  # noqa: E402
-from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, write_atomic  # noqa: E402
+from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, save_json  # noqa: E402
 
 PHASES = ["draft", "head_step", "topk_expand", "verify", "lm_head", "tree_buffers", "accept", "kv_compact"]
 INSIDE_DRAFT = ("head_step", "topk_expand")  # timed within "draft" (as are the head's lm_head calls)
@@ -256,11 +254,7 @@ def main(argv=None) -> dict:
         p.error(f"--tree {args.tree!r}: {e}")
     res = run(args)
     print(report(res))
-    out = Path(args.out or os.environ.get("EAGLE_RESULTS_DIR") or "results")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"cpu_cycle_phases_{platform.machine()}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(res, indent=1)))
-    print(f"wrote {path}")
+    save_json(args.out or os.environ.get("EAGLE_RESULTS_DIR") or "results", f"cpu_cycle_phases_{platform.machine()}", res)
     return res
 
 

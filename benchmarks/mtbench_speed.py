@@ -506,6 +506,16 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
+def save_json(out: str | Path, stem: str, res: dict) -> Path:
+    """``res`` as ``<out>/<stem>_<UTC time>.json``, written atomically (``out`` is created); prints and returns it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(res, indent=1)))
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=None, help="target: HF directory or hub id (default: the embedded demo pair)")

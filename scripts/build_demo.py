@@ -42,11 +42,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without the editable install
+sys.path.insert(0, str(REPO / "benchmarks"))  # compare_heads: the held-out story openings and the plain baseline
 
 from eagle_runtime import DynamicTree, EagleModel, load_head, save_head  # noqa: E402
 from eagle_runtime.demo import DEMO_DIR  # noqa: E402
 from eagle_runtime.train import TrainConfig, train_head  # noqa: E402
-from eagle_runtime.train_target import DEFAULT_TOKENIZER, TargetConfig, read_stories, train_target  # noqa: E402
+from eagle_runtime.train_target import DEFAULT_TOKENIZER, TargetConfig, train_target  # noqa: E402
 
 SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data"))
 HEAD_CORPUS = SHARED / "corpus" / "tinystories_val.txt"
@@ -250,15 +251,10 @@ def build_distill(args) -> dict:
 def _plain_baseline(model, n_prompts: int) -> tuple[list[str], float, list[list[int]]]:
     """Plain greedy decoding of ``MEASURE_TOKENS`` on the last ``n_prompts`` held-out story openings (after one
     warm-up): ``(prompts, seconds, tokens per prompt)``, the baseline every measured tree is compared with."""
-    stories = read_stories(SHARED / "corpus" / "tinystories_extra.txt")[-n_prompts:]
-    prompts = [" ".join(s.split()[:12]) for s in stories]
-    model.generate(prompts[0], 16, speculative=False)  # warm-up
-    plain_time, plain_tokens = 0.0, []
-    for p in prompts:
-        r = model.generate(p, MEASURE_TOKENS, speculative=False, stop_on_eos=False)
-        plain_time += r.wall_time_s
-        plain_tokens.append(r.tokens[0])
-    return prompts, plain_time, plain_tokens
+    from compare_heads import plain_baseline, story_prompts
+
+    prompts = story_prompts(n_prompts)
+    return (prompts, *plain_baseline(model, prompts, MEASURE_TOKENS))
 
 
 def measure(args) -> dict:
