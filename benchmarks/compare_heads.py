@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target  # noqa: E402
+from eagle_runtime.draft3 import Eagle3Head  # noqa: E402
 from eagle_runtime.generate import _load_tokenizer  # noqa: E402
 from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, save_json  # noqa: E402
 
@@ -55,7 +56,7 @@ def heldout_prompts(files: list[str], tokenizer, seed: int, fraction: float, pro
     for ids, mask in held:
         first = next((i for i, m in enumerate(mask) if m), len(ids))
         prompts.append(list(ids[:first] if first > 0 else ids[:prompt_tokens]))
-    return [p for p in prompts if p]
+    return prompts
 
 
 def story_prompts(n: int) -> list[str]:
@@ -159,23 +160,21 @@ def main(argv=None) -> dict:
     target = load_target(args.base)
     tokenizer = _load_tokenizer(args.base)
     heads = {name: load_head(d, target) for name, d in (h.split("=", 1) for h in args.heads)}
-    sizers = [EagleModel(target, next(iter(heads.values())), tokenizer, tree=DynamicTree(*t)) for t in args.tree_specs]
-
-    def fits(p) -> bool:
-        return all(m.cache_len_needed(p, args.max_new_tokens) <= target.max_len for m in sizers)
-    res = {"config": {**{k: v for k, v in vars(args).items() if k != "tree_specs"}, "threads": args.threads},
-           "head_types": {n: ("eagle3" if h.target_taps is not None else "eagle1") for n, h in heads.items()},
+    # the longest prompt that leaves room for --max-new-tokens and the largest tree in the target's cache
+    budget = target.max_len + 1 - max(EagleModel(target, next(iter(heads.values())), tokenizer, tree=DynamicTree(*t))
+                                      .cache_len_needed([1], args.max_new_tokens) for t in args.tree_specs)
+    res = {"config": {k: v for k, v in vars(args).items() if k != "tree_specs"},
+           "head_types": {n: ("eagle3" if isinstance(h, Eagle3Head) else "eagle1") for n, h in heads.items()},
            "temperature": 0.0, "sets": {}}
     for s in args.prompts:
         if s == "stories":
             prompts, left_out = story_prompts(args.num_prompts), 0
         elif s == "mtbench":
-            budget = target.max_len - max(m.cache_len_needed([1], args.max_new_tokens) for m in sizers) + 1
             prompts, left_out = mtbench_prompts(args.num_prompts, tokenizer, budget), 0
         else:
             files = s[len("heldout:"):].split(",")
             every = heldout_prompts(files, tokenizer, args.split_seed, args.holdout_fraction, args.prompt_tokens)
-            ok = [p for p in every if fits(p)]
+            ok = [p for p in every if len(p) <= budget]
             prompts, left_out = ok[: args.num_prompts], len(every) - len(ok)
         print(f"{s}: {len(prompts)} prompts" + (f" ({left_out} held-out prompts too long left out)" if left_out else ""),
               flush=True)
