@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target  # noqa: E402
 from eagle_runtime.draft3 import Eagle3Head  # noqa: E402
-from eagle_runtime.generate import _load_tokenizer  # noqa: E402
+from eagle_runtime.text import load_tokenizer  # noqa: E402
 from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, save_json  # noqa: E402
 
 SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     target = load_target(args.base)
-    tokenizer = _load_tokenizer(args.base)
+    tokenizer = load_tokenizer(args.base)
     heads = {name: load_head(d, target) for name, d in (h.split("=", 1) for h in args.heads)}
     # the longest prompt that leaves room for --max-new-tokens and the largest tree in the target's cache
     budget = target.max_len + 1 - max(EagleModel(target, next(iter(heads.values())), tokenizer, tree=DynamicTree(*t))

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import eagle_runtime.generate as G  # noqa: E402
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target  # noqa: E402
-from eagle_runtime.generate import _load_tokenizer  # noqa: E402
+from eagle_runtime.text import load_tokenizer  # noqa: E402
 from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, save_json  # noqa: E402
 
 PHASES = ["draft", "head_step", "topk_expand", "verify", "lm_head", "tree_buffers", "accept", "kv_compact"]
@@ -173,7 +173,7 @@ def run(args) -> dict:
 
         base, draft = demo_paths(best_head())
     target = load_target(base)
-    tok = _load_tokenizer(base)
+    tok = load_tokenizer(base)
     tree = DynamicTree(*(int(v) for v in args.tree.split(",")))
     model = EagleModel(target, load_head(draft, target), tok, tree=tree, backend="cpu")
     questions, source = load_questions(Path(args.questions) if args.questions else

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
 from eagle_runtime import EagleModel, load_head, load_target  # noqa: E402
-from eagle_runtime.generate import _load_tokenizer  # noqa: E402
+from eagle_runtime.text import load_tokenizer  # noqa: E402
 from eagle_runtime.parallel import (  # noqa: E402
     env_world_size,
     is_main_process,
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         target = load_target_parallel(base, dtype=dtype, device=a.device, vocab=a.vocab)
     else:
         target = load_target(base, dtype=dtype, device=a.device)
-    model = EagleModel(target, load_head(draft, target), _load_tokenizer(base), tree=tree, backend=a.backend)
+    model = EagleModel(target, load_head(draft, target), load_tokenizer(base), tree=tree, backend=a.backend)
     tp = getattr(target, "tp", None)
     prompts = PROMPTS[: a.num_prompts]
 

@@ -129,10 +129,10 @@ def _speculate(model, prompts, plain_time: float, plain_tokens) -> dict:
 def _measure_heads(heads: dict, tree: DynamicTree, n_prompts: int) -> dict:
     """Plain decoding and each head with ``tree`` on the same held-out openings: tokens/s, tau, exactness."""
     from eagle_runtime import load_target
-    from eagle_runtime.generate import _load_tokenizer
+    from eagle_runtime.text import load_tokenizer
 
     target = load_target(DEMO_DIR / "target")
-    tok = _load_tokenizer(DEMO_DIR / "target")
+    tok = load_tokenizer(DEMO_DIR / "target")
     prompts, plain_time, plain_tokens = _plain_baseline(EagleModel(target, None, tok), n_prompts)
     n_tok = MEASURE_TOKENS * len(prompts)
     out = {"prompts": len(prompts), "max_new_tokens": MEASURE_TOKENS, "temperature": 0.0,

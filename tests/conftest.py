@@ -47,9 +47,9 @@ def stories_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(stories_dir):
     """stories260k's tokenizer."""
-    from eagle_runtime.generate import _load_tokenizer
+    from eagle_runtime.text import load_tokenizer
 
-    return _load_tokenizer(stories_dir)
+    return load_tokenizer(stories_dir)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import torch
 from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target, random_head
 from eagle_runtime import adaptive
 from eagle_runtime.adaptive import AcceptStats, AutoTree, CostModel, expected_tokens, path_observations
-from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.text import load_tokenizer
 from eagle_runtime.tree import make_tree
 
 PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park", "One day, a bird", "Lily had a big"]
@@ -22,7 +22,7 @@ SCHEDULE = [None, DynamicTree(3, 2, 1), DynamicTree(8, 3, 2), None, None, Dynami
 def _model(path, head_dir, tree):
     target = load_target(path, max_len=320)
     head = load_head(head_dir, target) if head_dir else random_head(target, seed=1)
-    return EagleModel(target, head, _load_tokenizer(path), tree=tree, backend="cpu")
+    return EagleModel(target, head, load_tokenizer(path), tree=tree, backend="cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 
 from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target
 from eagle_runtime.demo import demo_paths
-from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.text import load_tokenizer
 
 LILY = "Once upon a time there was a little girl named Lily. She"
 SMALL_TREE = DynamicTree(total_tokens=8, depth=3, top_k=2)
@@ -20,11 +20,11 @@ SMALL_TREE = DynamicTree(total_tokens=8, depth=3, top_k=2)
 
 def _exact_model(target_dir, head_dir, tree, backend, prompts, max_new, speculative=True):
     """A model whose cache holds exactly what generate reserves for ``prompts`` (and that size)."""
-    probe = EagleModel(load_target(target_dir, max_len=64), None, _load_tokenizer(target_dir), tree=tree)
+    probe = EagleModel(load_target(target_dir, max_len=64), None, load_tokenizer(target_dir), tree=tree)
     need = probe.cache_len_needed(prompts, max_new, speculative)
     target = load_target(target_dir, max_len=need)
     head = load_head(head_dir, target) if head_dir else None
-    return EagleModel(target, head, _load_tokenizer(target_dir), tree=tree, backend=backend), need
+    return EagleModel(target, head, load_tokenizer(target_dir), tree=tree, backend=backend), need
 
 
 def _random_ids(rng, n, vocab):
@@ -102,7 +102,7 @@ def test_mixed_batch_exact_cache_triton_sampled(stories_dir):
     from eagle_runtime import random_head
 
     rows = ["Once upon a time", _random_ids(random.Random(2), 9, 512)]
-    tok = _load_tokenizer(stories_dir)
+    tok = load_tokenizer(stories_dir)
     need = EagleModel(load_target(stories_dir, max_len=64), None, tok, tree=SMALL_TREE).cache_len_needed(rows, 12)
     target = load_target(stories_dir, max_len=need)
     model = EagleModel(target, random_head(target, seed=1), tok, tree=SMALL_TREE, backend="triton")

@@ -13,7 +13,8 @@ import torch
 
 from eagle_runtime import EagleModel, load_target, random_head
 from eagle_runtime import generate as gen
-from eagle_runtime.generate import BufferPool, GraphsUnavailable, _bucket, _load_tokenizer, _resolve_graphs
+from eagle_runtime.generate import BufferPool, GraphsUnavailable, _bucket, _resolve_graphs
+from eagle_runtime.text import load_tokenizer
 
 PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park", "One day, a bird", "Lily had a big",
            "The sun was", "A boy named Tim", "In the forest there", "Mom said"]
@@ -28,7 +29,7 @@ def test_buckets():
 
 def _model(stories_dir, static: bool):
     target = load_target(stories_dir, max_len=160)
-    model = EagleModel(target, random_head(target, seed=1), _load_tokenizer(stories_dir), backend="torch",
+    model = EagleModel(target, random_head(target, seed=1), load_tokenizer(stories_dir), backend="torch",
                        cuda_graphs=True)
     assert not model.cuda_graphs, "graphs requested on CPU are ignored"
     model._pool.static = static  # the switch the CUDA path sets: static buffers as if graphs were captured

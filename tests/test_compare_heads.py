@@ -50,9 +50,9 @@ def test_split_heldout_is_the_trainers_split(tmp_path):
 
 
 def test_heldout_prompts_are_the_held_out_documents_first_turns(tmp_path):
-    from eagle_runtime.generate import _load_tokenizer
+    from eagle_runtime.text import load_tokenizer
 
-    bench, tok = _bench(), _load_tokenizer(DEMO_DIR / "target")
+    bench, tok = _bench(), load_tokenizer(DEMO_DIR / "target")
     docs = _id_corpus(tmp_path / "c.jsonl", 40, seed=1)
     held, _ = split_heldout(docs, 0, 0.25)
     got = bench.heldout_prompts([str(tmp_path / "c.jsonl")], tok, 0, 0.25, prompt_tokens=4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target, random_head
-from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.text import load_tokenizer
 
 pytestmark = pytest.mark.cuda
 
@@ -16,7 +16,7 @@ PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park"]
 def _pair(stories_dir, head_dir, tree, graphs):
     target = load_target(stories_dir, device="cuda", max_len=320)
     head = load_head(head_dir, target) if head_dir else random_head(target)
-    return EagleModel(target, head, _load_tokenizer(stories_dir), tree=tree, backend="triton", cuda_graphs=graphs)
+    return EagleModel(target, head, load_tokenizer(stories_dir), tree=tree, backend="triton", cuda_graphs=graphs)
 
 
 @pytest.mark.parametrize("tree", [DynamicTree(), StaticTree()], ids=["dynamic", "static"])

@@ -11,7 +11,8 @@ import torch
 from eagle_kernels import reference
 from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target, save_head
 from eagle_runtime.draft3 import Eagle3Head, default_taps, random_head3
-from eagle_runtime.generate import _load_tokenizer, causal_mask
+from eagle_runtime.generate import causal_mask
+from eagle_runtime.text import load_tokenizer
 from eagle_runtime.loading import CheckpointError, load_state_dict
 
 from conftest import CORPUS, require
@@ -287,7 +288,7 @@ def demo3():
 
     require(DEMO_DIR / "head3" / "config.json")
     t = load_target(DEMO_DIR / "target", max_len=48)  # short: the sampling test runs batches of 1000
-    return EagleModel(t, load_head(DEMO_DIR / "head3", t), _load_tokenizer(DEMO_DIR / "target"), backend="torch")
+    return EagleModel(t, load_head(DEMO_DIR / "head3", t), load_tokenizer(DEMO_DIR / "target"), backend="torch")
 
 
 @pytest.mark.parametrize("tree", ["dynamic", "static"])

@@ -11,7 +11,7 @@ import torch
 
 from eagle_kernels import get_ops, triton_available
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target
-from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.text import load_tokenizer
 
 from test_generate import PROMPTS, _chi2_pvalue, _exact_joint, _spec_counts
 
@@ -30,7 +30,7 @@ def _needs_triton():
 
 def test_greedy_exact_moe_triton(stories_moe_dir, trained_head_dir):
     target = load_target(stories_moe_dir, max_len=160)
-    model = EagleModel(target, load_head(trained_head_dir, target), _load_tokenizer(stories_moe_dir), tree=SMALL,
+    model = EagleModel(target, load_head(trained_head_dir, target), load_tokenizer(stories_moe_dir), tree=SMALL,
                        backend="torch")
     prompts = PROMPTS[:2]
     plain = model.generate(prompts, 16, speculative=False)
@@ -45,7 +45,7 @@ def test_sampling_distribution_with_fused_layer_kernels(stories_dir, trained_hea
     """Speculative sampling with the fused Triton layer kernels (tree attention and acceptance from the torch
     backend: the interpreter would take minutes over a batch of 3000) follows the target's exact joint."""
     target = load_target(stories_dir, max_len=64)
-    model = EagleModel(target, load_head(trained_head_dir, target), _load_tokenizer(stories_dir), tree=SMALL,
+    model = EagleModel(target, load_head(trained_head_dir, target), load_tokenizer(stories_dir), tree=SMALL,
                        backend="torch")
     prompt = model.encode("Once upon a time, there was a little")[0]
     joint = _exact_joint(model, prompt, 1.0, 4)

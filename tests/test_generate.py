@@ -7,7 +7,7 @@ import torch
 
 from eagle_kernels import reference
 from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target, random_head
-from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.text import load_tokenizer
 
 from spec_helpers import chi2_pvalue as _chi2_pvalue, exact_joint as _exact_joint, spec_counts as _spec_counts
 
@@ -23,7 +23,7 @@ TREES = {"dynamic": DynamicTree(), "static": StaticTree(), "small": DynamicTree(
 def _model(path, head_dir=None, tree="dynamic"):
     target = load_target(path, max_len=320)
     head = load_head(head_dir, target) if head_dir else random_head(target, seed=1)
-    return EagleModel(target, head, _load_tokenizer(path), tree=TREES[tree], backend="torch")
+    return EagleModel(target, head, load_tokenizer(path), tree=TREES[tree], backend="torch")
 
 
 def _check_greedy(model, prompts, batch, n=48):

@@ -10,7 +10,7 @@ import torch
 from eagle_kernels import get_ops, reference
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target
 from eagle_runtime.adaptive import AutoTree
-from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.text import load_tokenizer
 
 from spec_helpers import chi2_pvalue, exact_joint, spec_counts
 
@@ -108,7 +108,7 @@ def test_accept_chain_paths_and_lengths():
 @pytest.fixture(scope="module")
 def chain_model(stories_dir, trained_head_dir):
     target = load_target(stories_dir, max_len=320)
-    model = EagleModel(target, load_head(trained_head_dir, target), _load_tokenizer(stories_dir),
+    model = EagleModel(target, load_head(trained_head_dir, target), load_tokenizer(stories_dir),
                        tree=DynamicTree(4, 3, 1), backend="torch")
     prompt = model.encode("Once upon a time, there was a little")[0]
     return model, prompt, exact_joint(model, prompt, 1.0, 4)

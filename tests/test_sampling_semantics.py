@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 
 from eagle_kernels import reference
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target
-from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.text import load_tokenizer
 
 
 def _hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -157,7 +157,7 @@ def _sample(model, ids, speculative, seed, samples=SAMPLES):
 @pytest.fixture(scope="module")
 def hf_model(stories_dir, trained_head_dir):
     target = load_target(stories_dir, max_len=64)
-    model = EagleModel(target, load_head(trained_head_dir, target), _load_tokenizer(stories_dir),
+    model = EagleModel(target, load_head(trained_head_dir, target), load_tokenizer(stories_dir),
                        tree=DynamicTree(total_tokens=12, depth=3, top_k=4), backend="torch")
     ids = model.encode(PROMPT)[0]
     return model, ids, _joint(model, ids, _hf_probs)

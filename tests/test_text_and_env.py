@@ -13,7 +13,7 @@ import torch
 
 from eagle_runtime import EagleModel, load_target, random_head, save_head
 from eagle_runtime.cli import env_report, main
-from eagle_runtime.generate import _continuation_text, _load_tokenizer
+from eagle_runtime.text import continuation_text, load_tokenizer
 
 from conftest import ROOT
 
@@ -29,17 +29,17 @@ def _strict_json(text: str):
 # Text
 # ----------------------------------------------------------------------------------------------------------------
 def test_continuation_keeps_the_space_before_a_new_word(stories_dir):
-    tok = _load_tokenizer(stories_dir)
+    tok = load_tokenizer(stories_dir)
     ids = tok("Once upon a time there was a girl")["input_ids"]
     cut = len(tok("Once upon a time")["input_ids"])
     assert tok.decode(ids[cut:], skip_special_tokens=True) == "there was a girl"  # what the old code printed
-    assert _continuation_text(tok, ids[:cut], ids[cut:]) == " there was a girl"
+    assert continuation_text(tok, ids[:cut], ids[cut:]) == " there was a girl"
 
 
 def test_generated_text_follows_the_prompt(stories_dir):
     """``prompt + out.text`` equals the decoded whole sequence for every prompt (4 of 20 glued words before)."""
     target = load_target(stories_dir, max_len=128)
-    tok = _load_tokenizer(stories_dir)
+    tok = load_tokenizer(stories_dir)
     model = EagleModel(target, random_head(target), tok, tree="static", backend="torch")
     prompts = ["Once upon a time", "Once upon a time there", "The little dog", "Lily and Tom went to the",
                "One day, a"]

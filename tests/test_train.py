@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eagle_runtime import EagleModel, load_head, load_target
-from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.text import load_tokenizer
 from eagle_runtime.loading import load_state_dict
 from eagle_runtime.train import TrainConfig, encode_chat, train_head
 
@@ -44,7 +44,7 @@ def test_saved_head_reloads_to_identical_outputs(tmp_path, stories_dir):
     require(CORPUS / "tinystories_val.txt")
     cfg = TrainConfig(steps=6, batch_size=2, seq_len=64, eval_every=6, eval_batches=1)
     target = load_target(stories_dir, max_len=128)
-    tok = _load_tokenizer(stories_dir)
+    tok = load_tokenizer(stories_dir)
     out = tmp_path / "head"
     train_head(target, CORPUS / "tinystories_val.txt", out, cfg, tokenizer=tok, progress=False)
     reloaded = load_head(out, target)
@@ -62,7 +62,7 @@ def test_saved_head_reloads_to_identical_outputs(tmp_path, stories_dir):
 
 
 def test_chat_loss_mask_covers_assistant_turns_only(stories_dir):
-    tok = _load_tokenizer(stories_dir)
+    tok = load_tokenizer(stories_dir)
     ids, mask = encode_chat(tok, [("user", "What is two and two?"), ("assistant", "Four."), ("user", "Thanks")])
     assert len(ids) == len(mask) and 0 < sum(mask) < len(mask)
     text = tok.decode([i for i, m in zip(ids, mask) if m])

@@ -18,7 +18,7 @@ import torch
 
 from eagle_runtime import load_head, load_target
 from eagle_runtime.draft import EagleHead, head_config
-from eagle_runtime.generate import _load_tokenizer
+from eagle_runtime.text import load_tokenizer
 from eagle_runtime.loading import CheckpointError
 from eagle_runtime.train import TrainConfig, _load_state, _save, lr_factor, main, train_head
 from eagle_runtime.train_eagle3 import Eagle3TrainConfig, train_head3
@@ -49,7 +49,7 @@ def small_corpus(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def stories(stories_dir):
-    return load_target(stories_dir, max_len=64), _load_tokenizer(stories_dir)
+    return load_target(stories_dir, max_len=64), load_tokenizer(stories_dir)
 
 
 def _run_cli(argv, capsys) -> tuple[int, str]:

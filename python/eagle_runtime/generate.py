@@ -25,6 +25,7 @@ from .draft import load_head
 from .drafter import Drafter, target_states
 from .loading import load_target
 from .model import Transformer
+from .text import continuation_text, load_tokenizer
 from .tree import DynamicTree, StaticTree, make_tree
 
 
@@ -293,7 +294,7 @@ class EagleModel:
         else:
             target = load_target(base, dtype=dtype, device=dev, max_len=max_len)
         head = load_head(draft, target) if draft is not None else None
-        return cls(target, head, _load_tokenizer(base), tree=tree, backend=backend, cuda_graphs=cuda_graphs)
+        return cls(target, head, load_tokenizer(base), tree=tree, backend=backend, cuda_graphs=cuda_graphs)
 
     def _graphs_possible(self, device: torch.device) -> bool:
         return self.cuda_graphs and device.type == "cuda"
@@ -656,7 +657,7 @@ class EagleModel:
             accepts.append([n for n in hist_l[b] if n > 0])
         text = None
         if self.tokenizer is not None:
-            text = [_continuation_text(self.tokenizer, p, t) for p, t in zip(ids, tokens)]
+            text = [continuation_text(self.tokenizer, p, t) for p, t in zip(ids, tokens)]
         return GenerationResult(tokens, text, accepts, [len(p) for p in ids], wall, t_prefill, speculative)
 
 
@@ -695,28 +696,6 @@ def _is_id(t) -> bool:
     if isinstance(t, numbers.Integral):
         return True
     return isinstance(t, torch.Tensor) and t.ndim == 0 and not t.is_floating_point() and t.dtype != torch.bool
-
-
-def _continuation_text(tokenizer, prompt: list[int], new: list[int]) -> str:
-    """The text that ``new`` adds after ``prompt``: decode(prompt + new) minus decode(prompt), as transformers'
-    streamers do. Decoding ``new`` alone drops a word's leading space (SentencePiece's "▁there" decodes to
-    "there" at the start of a string), so ``prompt + text`` would read "timethere"."""
-    before = tokenizer.decode(prompt, skip_special_tokens=True)
-    full = tokenizer.decode(prompt + new, skip_special_tokens=True)
-    if full.startswith(before):
-        return full[len(before):]
-    return tokenizer.decode(new, skip_special_tokens=True)  # a tokenizer that rewrites the prompt's text
-
-
-def _load_tokenizer(base):
-    from transformers import AutoTokenizer
-
-    from .loading import resolve_dir
-
-    try:
-        return AutoTokenizer.from_pretrained(str(resolve_dir(base)))
-    except (OSError, ValueError):
-        return None
 
 
 __all__ = ["EagleModel", "GenerationResult", "DynamicTree", "StaticTree", "BufferPool", "GraphsUnavailable"]

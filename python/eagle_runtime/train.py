@@ -324,11 +324,11 @@ def prepare_training(base, corpus, out, cfg: TrainConfig, *, resume: bool, overw
     if check_target is not None:
         check_target(target)
     if tokenizer is None:
-        from .generate import _load_tokenizer
+        from .text import load_tokenizer
 
         if isinstance(base, Transformer):
             raise ValueError("pass tokenizer= when base is a loaded model")
-        tokenizer = _load_tokenizer(base)
+        tokenizer = load_tokenizer(base)
         if tokenizer is None:
             raise ValueError(f"no tokenizer found in {base}")
     target.requires_grad_(False).eval()
