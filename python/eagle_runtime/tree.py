@@ -209,17 +209,44 @@ class DynamicTree:
         return self._draft_chain(step, d_hidden, d_logits, root, L, None, sampler)
 
 
-def make_tree(spec):
-    """``"auto"`` (an :class:`~eagle_runtime.adaptive.AutoTree`: the fastest candidate or plain decoding, chosen
-    as it runs), ``"dynamic"`` (EAGLE-2 defaults 60/6/10), ``"static"`` (mc_sim_7b_63), or a tree object."""
-    from .adaptive import AutoTree
+def default_candidates() -> list[DynamicTree]:
+    """Chains (``top_k = 1``) of 1-8 draft tokens and small/medium EAGLE-2 trees."""
+    chains = [DynamicTree(c, c - 1, 1) for c in (1, 2, 3, 4, 5, 6, 8)]
+    trees = [(4, 2, 2), (6, 3, 2), (8, 3, 2), (8, 4, 2), (12, 5, 2), (8, 3, 4), (12, 3, 4), (16, 4, 4),
+             (24, 5, 4), (32, 6, 4), (32, 5, 8), (60, 6, 10)]
+    return chains + [DynamicTree(*t) for t in trees]
 
-    if isinstance(spec, (StaticTree, DynamicTree, AutoTree)):
-        return spec
-    if spec == "auto":
-        return AutoTree()
-    if spec == "dynamic":
-        return DynamicTree()
-    if spec in ("static", "mc_sim_7b_63"):
-        return StaticTree()
-    raise ValueError(f"unknown tree {spec!r}; use 'auto', 'dynamic', 'static' or a StaticTree/DynamicTree/AutoTree")
+
+def fit_kind(tree) -> str:
+    """``"chain"`` (a :class:`DynamicTree` with ``top_k == 1``) or ``"tree"``: chains draft by argmax (or by
+    sampling, see :meth:`DynamicTree.draft_sampled`), trees by top-k expansion; tree="auto" fits the two apart."""
+    return "chain" if isinstance(tree, DynamicTree) and tree.top_k == 1 else "tree"
+
+
+def tree_key(tree) -> str:
+    """A short name: ``plain`` (None), ``chain4`` (4 draft tokens in a row), ``16,4,4`` (total, depth, top-k)."""
+    if tree is None:
+        return "plain"
+    if isinstance(tree, DynamicTree):
+        if tree.top_k == 1:
+            return f"chain{tree.total_tokens}"
+        return f"{tree.total_tokens},{tree.depth},{tree.top_k}"
+    return type(tree).__name__
+
+
+def tree_from_key(key: str) -> DynamicTree:
+    """The inverse of :func:`tree_key` for dynamic trees (``chain4``, ``16,4,4``)."""
+    if key.startswith("chain"):
+        n = int(key[len("chain"):])
+        return DynamicTree(n, n - 1, 1)
+    total, depth, top_k = (int(v) for v in key.split(","))
+    return DynamicTree(total, depth, top_k)
+
+
+def shape_key(tree) -> tuple:
+    """What a captured cycle depends on in ``tree``: its kind and sizes (a static tree: its rank paths)."""
+    if isinstance(tree, DynamicTree):
+        return ("dynamic", tree.total_tokens, tree.depth, tree.top_k)
+    if isinstance(tree, StaticTree):
+        return ("static", tuple(tuple(c) for c in tree.choices))
+    raise TypeError(f"not a draft tree: {tree!r}")
