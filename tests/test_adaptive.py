@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target, random_head
-from eagle_runtime import adaptive
-from eagle_runtime.adaptive import AcceptStats, AutoTree, CostModel, expected_tokens, path_observations
+from eagle_runtime import adaptive, costs
+from eagle_runtime.adaptive import AcceptStats, AutoConfig, AutoTree, CostModel, expected_tokens, make_tree, \
+    path_observations
+from eagle_runtime.state import Sampling
 from eagle_runtime.text import load_tokenizer
-from eagle_runtime.tree import make_tree
+from eagle_runtime.tree import default_candidates, fit_kind, tree_from_key, tree_key
 
 PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park", "One day, a bird", "Lily had a big"]
 # A forced schedule: plain steps, chains, small and large dynamic trees and the static tree, changing every step.
@@ -104,19 +107,20 @@ def test_sampling_with_changing_trees_follows_the_target(stories_dir, trained_he
 def test_cost_model_cache_round_trip(stories_dir, tmp_path, monkeypatch):
     model = _model(stories_dir, None, "auto")
     calls = []
-    real = adaptive.measure_costs
-    monkeypatch.setattr(adaptive, "measure_costs", lambda m, b: calls.append(b) or real(m, b, reps=1))
-    a = adaptive.get_costs(model, 1)
-    b = adaptive.get_costs(model, 1)  # from disk
+    real = costs.measure_costs
+    monkeypatch.setattr(costs, "measure_costs", lambda d, b, s: calls.append(b) or real(d, b, s, reps=1))
+    dec = model.decoder
+    a = costs.get_costs(dec, 1, True)
+    b = costs.get_costs(dec, 1, True)  # from disk
     assert calls == [1]
-    assert b.to_json() == a.to_json() and a.key == adaptive.cost_key(model, 1)
+    assert b.to_json() == a.to_json() and a.key == costs.cost_key(dec, 1, True)
     assert all(a.target[n] <= a.target[m] for n in a.target for m in a.target if n < m)  # monotone in size
     folder = tmp_path / "cache"
     assert [p.name for p in folder.iterdir()] == ["costs.json"]  # atomic write: no temp file left behind
     (folder / "costs.json").write_text("{not json")
-    assert adaptive.load_costs(a.key) is None  # unreadable cache: measured again, never trusted
-    adaptive.get_costs(model, 2)
-    assert calls == [1, 2] and adaptive.load_costs(adaptive.cost_key(model, 2)) is not None
+    assert costs.load_costs(a.key) is None  # unreadable cache: measured again, never trusted
+    costs.get_costs(dec, 2, True)
+    assert calls == [1, 2] and costs.load_costs(costs.cost_key(dec, 2, True)) is not None
 
 
 def test_auto_costs_follow_the_drafting_mode(stories_dir, monkeypatch):
@@ -124,7 +128,7 @@ def test_auto_costs_follow_the_drafting_mode(stories_dir, monkeypatch):
     chains' cycles differ, and ``cost_key`` names the mode)."""
     model = _model(stories_dir, None, "auto")
     seen = []
-    monkeypatch.setattr(adaptive, "get_costs", lambda m, b: seen.append(adaptive.cost_key(m, b)) or _costs(1.0, 0.1))
+    monkeypatch.setattr(adaptive, "get_costs", lambda d, b, s: seen.append(costs.cost_key(d, b, s)) or _costs(1.0, 0.1))
     auto = AutoTree()
     for sampled in (True, False, True, False):
         model.sampled_drafts = sampled
@@ -140,7 +144,7 @@ def _costs(target_ms, draft_ms):
 
 
 def _choice(costs, p, greedy=True):
-    stats = AcceptStats(prior_weight=1e-9)
+    stats = AcceptStats(AutoConfig(prior_weight=1e-9))
     stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
     stats.tries = [1000.0] * stats.max_rank
     ctrl = adaptive.AutoController(AutoTree(), costs, stats, 1, greedy)
@@ -176,7 +180,7 @@ def test_costs_follow_the_cache_length():
     tree = DynamicTree(32, 5, 4)
     assert cm.cycle_ms(tree, True, 448) - cm.cycle_ms(tree, True, 64) > long[32] - short[32] - 1e-9
     p = [0.6, 0.2, 0.1, 0.05]
-    stats = AcceptStats(prior_weight=1e-9)
+    stats = AcceptStats(AutoConfig(prior_weight=1e-9))
     stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
     stats.tries = [1000.0] * stats.max_rank
     at_short = adaptive.AutoController(AutoTree(), cm, stats, 1, True, prefix=64).choice
@@ -195,13 +199,13 @@ def test_measured_steps_correct_the_model():
     p = [0.6, 0.2, 0.1, 0.05]
 
     def ctrl(plain_measured: bool):
-        stats = AcceptStats(prior_weight=1e-9)
+        stats = AcceptStats(AutoConfig(prior_weight=1e-9))
         stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
         stats.tries = [1000.0] * stats.max_rank
         if plain_measured:
             for _ in range(20):
                 stats.add_step("plain", 1.0, 1.0)  # plain steps ran as fast as predicted
-        return adaptive.AutoController(AutoTree(decide_every=4), _costs(10.0, 1.5), stats, 1, True)
+        return adaptive.AutoController(AutoTree(config=AutoConfig(decide_every=4)), _costs(10.0, 1.5), stats, 1, True)
 
     for slow, plain_measured, expect_plain in ((2.0, True, True), (1.0, True, False), (2.0, False, False)):
         c = ctrl(plain_measured)
@@ -248,26 +252,25 @@ def test_expected_tokens_and_observations():
 def test_head_catches_up_after_plain_steps(stories_dir):
     """After plain steps the head reads what it missed: its prediction equals a fresh prefill's on the same text
     (a stale head would keep greedy output exact but draft badly, so exactness tests cannot see this)."""
-    from eagle_runtime.generate import _Sampling
-
     model = _model(stories_dir, None, AutoTree(schedule=lambda s: None))
+    dec = model.decoder
     ids = model.encode("Once upon a time")[0]
 
-    def sampling():
-        return _Sampling(torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor(0), torch.tensor(0))
-
     with torch.inference_mode():
-        sp = sampling()
-        state = model._prefill([ids], sp, True)
-        gen, pending = [int(state["next_tok"])], []
+        sp = Sampling.empty(1, "cpu").fill_(0.0, 1.0, 0, 0)
+        state = dec.prefill([ids], sp, True)
+        gen = [int(state.next_tok)]
         for _ in range(5):
-            emitted, _ = model._auto_step(state, sp, None, pending)
-            gen.append(int(emitted[0, 0]))
-        model._resync_head(state, pending)
-        fresh = model._prefill([ids + gen[:-1]], sampling(), True)
-    assert int(fresh["next_tok"]) == gen[-1]
-    torch.testing.assert_close(state["d_hidden"], fresh["d_hidden"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(state["d_logits"], fresh["d_logits"], rtol=1e-4, atol=1e-3)
+            out = dec.plain_step(state, sp, keep_features=True)
+            state.pending.append((out.features[:, None], out.update.next_tok[:, None]))
+            dec.commit(state, sp, out.update)
+            gen.append(int(out.emitted[0, 0]))
+        dec.resync_head(state)
+        assert state.pending == []
+        fresh = dec.prefill([ids + gen[:-1]], Sampling.empty(1, "cpu").fill_(0.0, 1.0, 0, 0), True)
+    assert int(fresh.next_tok) == gen[-1]
+    torch.testing.assert_close(state.d_hidden, fresh.d_hidden, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.d_logits, fresh.d_logits, rtol=1e-4, atol=1e-3)
 
 
 def test_cli_tree_auto_json(stories_dir, tmp_path, capsys):
@@ -286,31 +289,31 @@ def test_cli_tree_auto_json(stories_dir, tmp_path, capsys):
 
 def test_deferred_head_prefill_matches_the_eager_one(stories_dir):
     """tree="auto" starting plain leaves the prompt to the head's catch-up: same head state as the prefill's."""
-    from eagle_runtime.generate import _Sampling
-
     model = _model(stories_dir, None, AutoTree(schedule=lambda s: None))
+    dec = model.decoder
     ids = model.encode("Once upon a time, a cat")[0]
 
     def sampling():
-        return _Sampling(torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor(0), torch.tensor(0))
+        return Sampling.empty(1, "cpu").fill_(0.0, 1.0, 0, 0)
 
     with torch.inference_mode():
-        eager = model._prefill([ids], sampling(), True)
-        pending: list = []
+        eager = dec.prefill([ids], sampling(), True)
         sp = sampling()
-        state = model._prefill([ids], sp, True, pending)
+        state = dec.prefill([ids], sp, True, defer_head=True)
+        assert len(state.pending) == 1
         for _ in range(3):
-            model._auto_step(state, sp, None, pending)
-        model._resync_head(state, pending)
+            out = dec.plain_step(state, sp, keep_features=True)
+            state.pending.append((out.features[:, None], out.update.next_tok[:, None]))
+            dec.commit(state, sp, out.update)
+        dec.resync_head(state)
         gen = model.generate([ids], 4, speculative=False).tokens[0]
-        fresh = model._prefill([ids + gen[:3]], sampling(), True)
-    assert int(eager["next_tok"]) == gen[0]
-    torch.testing.assert_close(state["d_hidden"], fresh["d_hidden"], rtol=1e-4, atol=1e-4)
+        fresh = dec.prefill([ids + gen[:3]], sampling(), True)
+    assert int(eager.next_tok) == gen[0]
+    torch.testing.assert_close(state.d_hidden, fresh.d_hidden, rtol=1e-4, atol=1e-4)
 
 
 def test_tree_kinds_are_measured_against_their_expectation():
     """A kind of tree that emits less than the rank model expects is rated down (and only that kind)."""
-    from eagle_runtime.adaptive import AcceptStats, fit_kind
 
     st = AcceptStats()
     assert st.tree_factor("tree") == st.tree_factor("chain") == 1.0
@@ -324,7 +327,6 @@ def test_tree_kinds_are_measured_against_their_expectation():
 def test_a_kind_judged_on_early_cycles_is_tried_again():
     """Two poor chain cycles, then only trees: the chains' evidence ages with the trees' cycles, so their factor
     returns towards 1 (they are tried again) instead of keeping them out for good."""
-    from eagle_runtime.adaptive import AcceptStats
 
     st = AcceptStats()
     for _ in range(2):
@@ -347,7 +349,6 @@ def _parts_costs():
 def test_timed_cycles_set_each_trees_cost():
     """A timed tree's cycle is its measured time at the calibration length (its parts move with the cache length
     and sampling mode); an untimed tree gets its kind's fitted overhead: trees and chains are fitted apart."""
-    from eagle_runtime.adaptive import tree_from_key, tree_key
 
     cm = _parts_costs()
     chains = [DynamicTree(c, c - 1, 1) for c in (1, 2, 4, 8)]
@@ -378,21 +379,21 @@ def test_calibration_times_every_default_candidate(stories_dir):
     sampling then) at temperature 1, and predicts each timed cycle as measured; all of them on one set of caches."""
     model = _model(stories_dir, None, "auto")
     taken = []
-    pool_cache = model._pool.cache
-    model._pool.cache = lambda name, B: taken.append(name) or pool_cache(name, B)
-    cm = adaptive.measure_costs(model, 1, reps=1)
+    pool_cache = model.pool.cache
+    model.pool.cache = lambda name, B: taken.append(name) or pool_cache(name, B)
+    cm = costs.measure_costs(model.decoder, 1, model.sampled_drafts, reps=1)
     assert sorted(taken) == ["cache", "d_cache"]  # one prefilled state serves every timed step and cycle
-    keys = {adaptive.tree_key(t) for t in adaptive.default_candidates()}
+    keys = {tree_key(t) for t in default_candidates()}
     assert set(cm.cycles) == keys
     assert set(cm.cycles_sampled) == {k for k in keys if k.startswith("chain")}
     assert set(cm.residual_fit) == {"chain|greedy", "tree|greedy", "chain|sampled"}
     for key, ms in cm.cycles.items():
-        assert ms > 0 and cm.cycle_ms(adaptive.tree_from_key(key), True) == pytest.approx(ms)
+        assert ms > 0 and cm.cycle_ms(tree_from_key(key), True) == pytest.approx(ms)
 
 
 def _plain_winning_controller(far: bool):
     """A controller on synthetic costs where plain decoding wins (by far, or narrowly)."""
-    stats = AcceptStats(prior_weight=1e-9)
+    stats = AcceptStats(AutoConfig(prior_weight=1e-9))
     p = [0.05, 0.01] if far else [0.5, 0.1]
     stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
     stats.tries = [1000.0] * stats.max_rank
@@ -442,7 +443,7 @@ def test_a_slightly_better_tree_is_taken_but_plain_keeps_its_hysteresis():
     assert ctrl.choice is not None
     rates = {"plain": 1.0, "a": 2.0, "b": 2.08}
     a, b = DynamicTree(5, 4, 1), DynamicTree(8, 7, 1)
-    ctrl.auto.spec_margin = 1.0
+    ctrl.auto.config = dataclasses.replace(ctrl.auto.config, spec_margin=1.0)
     ctrl._rates = lambda: [(None, rates["plain"]), (a, rates["a"]), (b, rates["b"])]
     ctrl.choice = a
     ctrl._decide()

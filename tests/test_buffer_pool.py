@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from eagle_runtime import EagleModel, load_target, random_head
-from eagle_runtime import generate as gen
-from eagle_runtime.generate import BufferPool, GraphsUnavailable, _bucket, _resolve_graphs
+from eagle_runtime import graphs
+from eagle_runtime.graphs import BufferPool, GraphsUnavailable, bucket, graphs_ready, resolve_graphs
 from eagle_runtime.text import load_tokenizer
 
 PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park", "One day, a bird", "Lily had a big",
@@ -21,10 +21,10 @@ PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park",
 
 
 def test_buckets():
-    assert [_bucket(n) for n in range(1, 10)] == [1, 2, 3, 4, 5, 6, 7, 8, 16]
-    assert [_bucket(n) for n in (15, 16, 17, 24, 25, 64, 65)] == [16, 16, 24, 24, 32, 64, 72]
+    assert [bucket(n) for n in range(1, 10)] == [1, 2, 3, 4, 5, 6, 7, 8, 16]
+    assert [bucket(n) for n in (15, 16, 17, 24, 25, 64, 65)] == [16, 16, 24, 24, 32, 64, 72]
     with pytest.raises(ValueError):
-        _bucket(0)
+        bucket(0)
 
 
 def _model(stories_dir, static: bool):
@@ -32,7 +32,7 @@ def _model(stories_dir, static: bool):
     model = EagleModel(target, random_head(target, seed=1), load_tokenizer(stories_dir), backend="torch",
                        cuda_graphs=True)
     assert not model.cuda_graphs, "graphs requested on CPU are ignored"
-    model._pool.static = static  # the switch the CUDA path sets: static buffers as if graphs were captured
+    model.pool.static = static  # the switch the CUDA path sets: static buffers as if graphs were captured
     return model
 
 
@@ -40,8 +40,8 @@ def _counting(model):
     """Count every full-size cache allocation, whatever allocates it."""
     made = {"cache": [], "d_cache": []}
     for name in made:
-        make = model._pool._make[name]
-        model._pool._make[name] = lambda B, make=make, name=name: made[name].append(B) or make(B)
+        make = model.pool._make[name]
+        model.pool._make[name] = lambda B, make=make, name=name: made[name].append(B) or make(B)
     return made
 
 
@@ -57,27 +57,27 @@ def test_one_target_cache_for_batches_1_2_3_8(stories_dir):
             assert got.tokens == want.tokens, f"batch {B}: a cache view changed the output"
             assert got.accept_lengths == want.accept_lengths
     assert made == {"cache": [8], "d_cache": [8]}, "one target cache and one draft cache for every bucket"
-    assert model._pool.allocations == {"cache": 1, "d_cache": 1}
-    cache = model._pool._full["cache"]
+    assert model.pool.allocations == {"cache": 1, "d_cache": 1}
+    cache = model.pool._full["cache"]
     assert cache.shape[1] == 8
     # a smaller bucket is a view of the one cache: same storage, batch rows [0, B)
-    view = model._pool.cache("cache", 3)
+    view = model.pool.cache("cache", 3)
     assert view.data_ptr() == cache.data_ptr() and view.shape[1] == 3 and view.stride() == cache.stride()
 
 
-def test_grows_only_for_a_larger_bucket(stories_dir):
+def test_grows_only_for_a_largerbucket(stories_dir):
     model = _model(stories_dir, static=True)
     made = _counting(model)
     refs = []
     for B in (1, 2, 3, 8, 1, 2, 3, 8, 9):
         model.generate(PROMPTS[:B], 4)
-        full = model._pool._full["cache"]
+        full = model.pool._full["cache"]
         if not refs or refs[-1]() is not full:
             refs.append(weakref.ref(full))
     assert made["cache"] == [1, 2, 3, 8, 16] and made["d_cache"] == [1, 2, 3, 8, 16]
     gc.collect()
     assert [r() is not None for r in refs] == [False] * 4 + [True], "a replaced cache is still alive"
-    assert model._pool.generation == 10  # 5 growths of each cache: graphs keyed by generation are recaptured
+    assert model.pool.generation == 10  # 5 growths of each cache: graphs keyed by generation are recaptured
 
 
 def test_eager_allocates_per_call(stories_dir):
@@ -85,38 +85,41 @@ def test_eager_allocates_per_call(stories_dir):
     made = _counting(model)
     model.generate(PROMPTS[:2], 4)
     model.generate(PROMPTS[:2], 4)
-    assert made["cache"] == [2, 2] and model._pool._full == {}  # nothing held between calls
+    assert made["cache"] == [2, 2] and model.pool._full == {}  # nothing held between calls
 
 
 def test_pool_without_a_head():
-    pool = BufferPool(lambda B: torch.zeros(2, B, 1, 4, 2), gen._no_head_cache, static=True)
+    def no_head(B):
+        raise ValueError("plain decoding only: no draft head")
+
+    pool = BufferPool(lambda B: torch.zeros(2, B, 1, 4, 2), no_head, "cpu", static=True)
     pool.reserve(5, ("cache",))
     assert pool.cache("cache", 2).shape == (2, 2, 1, 4, 2) and pool.allocations["cache"] == 1
     with pytest.raises(ValueError, match="no draft head"):
         pool.cache("d_cache", 1)
 
 
-def test_resolve_graphs(monkeypatch):
-    monkeypatch.setattr(gen, "_warned", set())
-    assert _resolve_graphs(None, True, True, "") and _resolve_graphs(True, True, True, "")
-    assert not _resolve_graphs(False, True, True, "")
-    assert not _resolve_graphs(True, False, True, "") and not _resolve_graphs(None, False, False, "x")
+def testresolve_graphs(monkeypatch):
+    monkeypatch.setattr(graphs, "_warned", set())
+    assert resolve_graphs(None, True, True, "") and resolve_graphs(True, True, True, "")
+    assert not resolve_graphs(False, True, True, "")
+    assert not resolve_graphs(True, False, True, "") and not resolve_graphs(None, False, False, "x")
     with pytest.raises(GraphsUnavailable, match="native extension"):
-        _resolve_graphs(True, True, False, "the native extension eagle_kernels._C is missing")
+        resolve_graphs(True, True, False, "the native extension eagle_kernels._C is missing")
     with pytest.warns(UserWarning, match="running eagerly"):
-        assert not _resolve_graphs(None, True, False, "why")
+        assert not resolve_graphs(None, True, False, "why")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not _resolve_graphs(None, True, False, "why")  # said once
+        assert not resolve_graphs(None, True, False, "why")  # said once
 
 
 def test_graphs_ready_names_the_missing_extension(stories_dir, monkeypatch):
     model = _model(stories_dir, static=False)
-    ok, why = model._graphs_ready()
+    ok, why = graphs_ready(model.ops.name)
     assert not ok and "triton" in why
     model.set_backend("triton")  # CPU tensors under the interpreter
-    monkeypatch.setattr(gen, "_native_cuda", lambda: False)
-    ok, why = model._graphs_ready()
+    monkeypatch.setattr(graphs, "native_cuda", lambda: False)
+    ok, why = graphs_ready(model.ops.name)
     assert not ok and "native extension" in why and "missing" in why
 
 

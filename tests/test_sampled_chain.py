@@ -146,10 +146,8 @@ def test_greedy_chains_stay_identical_to_plain(chain_model):
 def test_auto_runs_chains_only_when_drafts_are_sampled(chain_model):
     model = chain_model[0]
     auto = AutoTree(schedule=lambda step: None)  # no cost measurement needed for the candidate set
-    model._sampled_drafts_now = True
-    sampled = auto.controller(model, 1, 1.0, 1.0, 0)
-    model._sampled_drafts_now = False
-    det = auto.controller(model, 1, 1.0, 1.0, 0)
+    sampled = auto.controller(model, 1, 1.0, 1.0, 0, sampled=True)
+    det = auto.controller(model, 1, 1.0, 1.0, 0, sampled=False)
     assert sampled.candidates and all(t.top_k == 1 for t in sampled.candidates)
     assert det.candidates == auto.candidates and any(t.top_k > 1 for t in det.candidates)
     assert len(auto.stats) == 2  # separate acceptance estimates for the two kinds of drafts

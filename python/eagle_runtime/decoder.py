@@ -8,6 +8,7 @@ committed prefix). All per-step state lives in device tensors (:class:`~eagle_ru
 Steps only *read* the state and write cache slots past the committed length, and return what they produced;
 :meth:`Decoder.commit` applies a step's :class:`~eagle_runtime.state.StepUpdate`. Running a step twice before
 committing gives the same result, which CUDA-graph warm-up and capture, and the cost model's timing, rely on.
+Every step runs under ``torch.inference_mode()`` (its buffers are inference tensors).
 
 Example (greedy, one prompt of token ids)::
 
@@ -52,12 +53,14 @@ class Decoder:
     def device(self) -> torch.device:
         return self.target.embed_tokens.weight.device
 
+    @torch.inference_mode()
     def sampling(self, batch: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int = 0) -> Sampling:
         """The sampling buffers for ``batch`` rows (the pool's, when static), filled with these settings."""
         return self.pool.sampling(batch).fill_(temperature, top_p, top_k, seed)
 
     # ----------------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def prefill(self, ids: list[list[int]], sp: Sampling, speculative: bool = True,
                 defer_head: bool = False) -> DecodeState:
         """Run the target over the prompts ``ids`` and sample each row's first token; with ``speculative`` the head
@@ -103,6 +106,7 @@ class Decoder:
         state.d_hidden, state.d_logits = fixed
         return state
 
+    @torch.inference_mode()
     def plain_step(self, state: DecodeState, sp: Sampling, keep_features: bool = False) -> StepOutput:
         """One plain decoding step. With ``keep_features`` the output carries what the head reads at this position
         (tree="auto" hands it to :meth:`resync_head` before the next cycle)."""
@@ -116,6 +120,7 @@ class Decoder:
         update = StepUpdate(state.advanced(n_emit), nxt, sp.offset + 1)
         return StepOutput(nxt[:, None], n_emit, update, states[:, 0] if keep_features else None)
 
+    @torch.inference_mode()
     def resync_head(self, state: DecodeState) -> None:
         """Let the head read the blocks in :attr:`DecodeState.pending` (the pairs ``(f_i, t_{i+1})`` of plain
         steps, in one pass as in the prefill), so its cache and prediction are what a cycle expects; clears them."""
@@ -133,6 +138,7 @@ class Decoder:
         state.d_hidden.copy_(d_last)
         state.d_logits.copy_(head.draft_logits(d_last, tgt))
 
+    @torch.inference_mode()
     def cycle(self, state: DecodeState, sp: Sampling, tree, sampled_drafts: bool = False) -> CycleOutput:
         """One draft -> verify -> accept cycle over ``tree``.
 
@@ -186,6 +192,7 @@ class Decoder:
                            accept_len=acc.accept_len)
 
     @staticmethod
+    @torch.inference_mode()
     def commit(state: DecodeState, sp: Sampling, update: StepUpdate) -> None:
         """Apply a step's update in place (captured graphs keep reading the same buffers)."""
         state.L.copy_(update.L)

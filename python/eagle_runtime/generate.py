@@ -170,11 +170,21 @@ class EagleModel:
 
     def set_backend(self, backend: str) -> None:
         """Switch the op table (``"auto"``, ``"cpu"``, ``"torch"``, ``"triton"``); re-resolves ``cuda_graphs``."""
-        self.ops = get_ops(backend)
+        ops = get_ops(backend)
         if getattr(self.target, "tp", None) is not None:  # tensor parallel: EAGLE_TP_DEBUG checks rank agreement
-            self.ops = self.target.tp.wrap_ops(self.ops)
-        self.target.ops = self.ops
-        self.decoder = Decoder(self.target, self.head, self.ops, self.pool)
+            ops = self.target.tp.wrap_ops(ops)
+        self.ops = ops
+
+    @property
+    def ops(self):
+        """The op table every step runs on; assign an :class:`eagle_kernels.Ops` to run on a custom one."""
+        return self._ops
+
+    @ops.setter
+    def ops(self, ops) -> None:
+        self._ops = ops
+        self.target.ops = ops
+        self.decoder = Decoder(self.target, self.head, ops, self.pool)
         self.cuda_graphs = self._graphs_request
 
     def reserve(self, batch: int) -> None:
