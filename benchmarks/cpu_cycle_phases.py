@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import eagle_runtime.generate as G  # noqa: E402
+import eagle_runtime.decoder as G  # noqa: E402
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target  # noqa: E402
 from eagle_runtime.text import load_tokenizer  # noqa: E402
 from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, save_json  # noqa: E402
@@ -48,7 +48,7 @@ INSIDE_DRAFT = ("head_step", "topk_expand")  # timed within "draft" (as are the 
 
 class _Phases:
     """Wraps the calls of one :class:`EagleModel` and sums their wall time, counting only calls made inside a
-    cycle (``_cycle``) or a plain step (``_plain_step``); everything is put back by :meth:`restore`."""
+    cycle (``Decoder.cycle``) or a plain step (``Decoder.plain_step``); everything is put back by :meth:`restore`."""
 
     def __init__(self, model: EagleModel):
         self.m = model
@@ -68,9 +68,9 @@ class _Phases:
                                  (model.target, "logits", "lm_head")):
             object.__setattr__(obj, name, self._wrap(getattr(obj, name), label))
             self._inst.append((obj, name))
-        for name, label in (("_cycle", "cycle"), ("_plain_step", "plain_step")):
-            setattr(model, name, self._scope(getattr(model, name), label))
-            self._inst.append((model, name))
+        dec = model.decoder  # rebuilt by the ops assignment above; restore() replaces it again
+        for name, label in (("cycle", "cycle"), ("plain_step", "plain_step")):
+            setattr(dec, name, self._scope(getattr(dec, name), label))
 
     def _wrap(self, fn, label):
         def timed(*a, **k):

@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from eagle_runtime import DynamicTree, EagleModel, random_head
-from eagle_runtime.generate import _CapturedStep, _Sampling
+from eagle_runtime.atomic import atomic_write_json
+from eagle_runtime.graphs import GraphsUnavailable
 from eagle_runtime.loading import target_from_state_dict
+from eagle_runtime.tree import shape_key
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -105,36 +107,42 @@ def measure(model: EagleModel, hf, prefix: int, dev, reps: int) -> dict:
     V = tgt.cfg.vocab_size
     ids = torch.randint(3, V, (prefix,), generator=torch.Generator().manual_seed(prefix)).tolist()
     timer = Timer(dev)
-    sp = _Sampling(torch.zeros(1, device=dev), torch.ones(1, device=dev), torch.zeros(1, dtype=torch.long, device=dev),
-                   torch.zeros((), dtype=torch.long, device=dev), torch.zeros((), dtype=torch.long, device=dev))
+    dec = model.decoder
+    # the pool's sampling buffers: a graph captured at an earlier prefix reads these very tensors (a fresh set per
+    # measurement once made the prefix-2048 replays read the buffers freed after the prefix-512 capture)
+    sp = dec.sampling(1)
     row: dict = {"prefix": prefix}
     with torch.inference_mode():
-        state = model._prefill([ids], sp, speculative=True)
-        row["plain_decode_ms"] = timer(lambda: model._plain_step(state, sp), reps)
+        state = dec.prefill([ids], sp, speculative=True)
+        row["plain_decode_ms"] = timer(lambda: dec.plain_step(state, sp), reps)
         # phases of one cycle, eager (each phase timed on its own over the same state; nothing is committed)
-        ops, tree, L = model.ops, model.tree, state["L"]
-        step = model._draft_step(state)
-        draft = lambda: tree.draft(step, state["d_hidden"], state["d_logits"], state["next_tok"], L, ops)  # noqa: E731
+        ops, tree, L, head = model.ops, model.tree, state.L, model.head
+
+        def step(h_in, tokens, positions, write_pos, mask):
+            return head.step(h_in, tokens, tgt, positions, state.d_cache, L, write_pos, mask)
+
+        draft = lambda: tree.draft(step, state.d_hidden, state.d_logits, state.next_tok, L, ops)  # noqa: E731
         row["draft_ms"] = timer(draft, reps)
         tokens, parents = draft()
 
         def verify():
             bufs = ops.build_tree_buffers(parents, tree.max_depth)
-            return tgt(tokens, L[:, None] + bufs.depth, state["cache"], L, L, bufs.mask)
+            return tgt(tokens, L[:, None] + bufs.depth, state.cache, L, L, bufs.mask)
 
         row["verify_ms"] = timer(verify, reps)
-        row["cycle_eager_ms"] = timer(lambda: model._cycle(state, sp), reps)
+        row["cycle_eager_ms"] = timer(lambda: dec.cycle(state, sp, tree), reps)
         row["accept_update_ms"] = row["cycle_eager_ms"] - row["draft_ms"] - row["verify_ms"]
-        if dev.type == "cuda" and model.cuda_graphs:
-            # each phase as its own graph (they only write cache slots past the committed length), then the
-            # runtime's own captured cycle and plain step
-            row["draft_graph_ms"] = graph_ms(draft, reps)
-            row["verify_graph_ms"] = graph_ms(verify, reps)
-            captured = model._step_fn(state, sp, True)
-            row["cycle_graph_ms"] = timer(lambda: captured(state, sp), reps)
-            row["accept_update_graph_ms"] = row["cycle_graph_ms"] - row["draft_graph_ms"] - row["verify_graph_ms"]
-            plain_graph = model._step_fn(state, sp, False)
-            row["plain_decode_graph_ms"] = timer(lambda: plain_graph(state, sp), reps)
+        if model.graphs.enabled:
+            if dev.type == "cuda":  # each phase as its own graph (they only write cache slots past the committed length)
+                row["draft_graph_ms"] = graph_ms(draft, reps)
+                row["verify_graph_ms"] = graph_ms(verify, reps)
+            # then the runtime's own captured cycle and plain step, from its graph cache (keys as generate's)
+            cycle_key = (1, "cycle", shape_key(tree), None)
+            row["cycle_graph_ms"] = timer(lambda: model.graphs.step(cycle_key, dec.cycle, state, sp, tree), reps)
+            if "draft_graph_ms" in row:
+                row["accept_update_graph_ms"] = row["cycle_graph_ms"] - row["draft_graph_ms"] - row["verify_graph_ms"]
+            plain_key = (1, "plain", False)
+            row["plain_decode_graph_ms"] = timer(lambda: model.graphs.step(plain_key, dec.plain_step, state, sp), reps)
         best_cycle = row.get("cycle_graph_ms", row["cycle_eager_ms"])
         best_plain = row.get("plain_decode_graph_ms", row["plain_decode_ms"])
         row["cycle_over_plain"] = best_cycle / best_plain
@@ -158,15 +166,12 @@ def plain_step_by_batch(model: EagleModel, dev, batches, prefix: int, reps: int)
         for B in batches:
             ids = [torch.randint(3, V, (prefix,), generator=torch.Generator().manual_seed(b)).tolist()
                    for b in range(B)]
-            sp = _Sampling(torch.zeros(B, device=dev), torch.ones(B, device=dev),
-                           torch.zeros(B, dtype=torch.long, device=dev), torch.zeros((), dtype=torch.long, device=dev),
-                           torch.zeros((), dtype=torch.long, device=dev))
-            state = model._prefill(ids, sp, speculative=False)
-            step = model._step_fn(state, sp, False)
-            ms = timer(lambda: step(state, sp), reps)
-            out.append({"batch": B, "plain_step_ms": ms, "graph": isinstance(step, _CapturedStep),
-                        "ms_per_sequence": ms / B})
-            del state, step  # let a larger batch's cache replace this one instead of joining it
+            dec = model.decoder
+            sp = dec.sampling(B)
+            state = dec.prefill(ids, sp, speculative=False)
+            ms = timer(lambda: model.graphs.step((B, "plain", False), dec.plain_step, state, sp), reps)
+            out.append({"batch": B, "plain_step_ms": ms, "graph": model.graphs.enabled, "ms_per_sequence": ms / B})
+            del state  # let a larger batch's cache replace this one instead of joining it
     return out
 
 
@@ -190,8 +195,13 @@ def run_model(name: str, dtype, dev, prefixes, reps: int, graphs: bool, log=prin
     backend = "triton" if dev.type == "cuda" else "torch"
     hf, target = build(cfg, dtype, dev, max_len=max(prefixes) + 256)
     try:
-        model = EagleModel(target, random_head(target), None, tree=DynamicTree(60, 6, 10), backend=backend,
-                           cuda_graphs=graphs and dev.type == "cuda")
+        try:
+            model = EagleModel(target, random_head(target), None, tree=DynamicTree(60, 6, 10), backend=backend,
+                               cuda_graphs=graphs and dev.type == "cuda")
+        except GraphsUnavailable as e:  # measure eagerly, and say why, rather than lose the whole run
+            log(f"{name}: CUDA graphs unavailable, measuring eagerly: {e}")
+            model = EagleModel(target, random_head(target), None, tree=DynamicTree(60, 6, 10), backend=backend,
+                               cuda_graphs=False)
         wbytes = weight_bytes_per_step(target)
         bw = copy_bandwidth_gbs(dev)
         log(f"{name}: device {device_name(dev)}; random weights, {dtype}; backend {backend}; graphs "
@@ -246,9 +256,7 @@ def main() -> None:
     name = device_name(dev)
     path = out / f"cycle_breakdown_{name.replace(' ', '_')}.json"
     info = {"device": name, "torch": torch.__version__, "quick": quick, "models": results}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, info)
     print(f"wrote {path}")
 
 
