@@ -189,6 +189,7 @@ def test_head_refused_when_it_does_not_fit(tmp_path, stories_dir, trained_head_d
             load_head(d, load_target(stories_dir, max_len=64))
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("tree", ["small", "static"])
 def test_greedy_exact_triton_backend(stories_dir, trained_head_dir, tree):
     """The runtime on the Triton kernels (the interpreter on CPU, compiled on a GPU) stays exact."""
