@@ -1,7 +1,8 @@
 """Per-cycle tree bookkeeping: the Python reference vs the native extension (C++ on CPU, CUDA on GPU).
 
-One decode cycle's bookkeeping = ``build_tree_buffers(parents)`` + position ids ``prefix_len + depth`` + the new
-sequence lengths ``seq_len += accept_len + 1``. Shapes of decoding: the EAGLE-1 static tree (T = 26, depth 5)
+One decode cycle's bookkeeping = ``build_tree_buffers(parents)`` (the native op where built) + position ids
+``prefix_len + depth`` + the new sequence lengths ``seq_len += accept_len + 1`` (plain torch in both variants, as
+in the runtime). Shapes of decoding: the EAGLE-1 static tree (T = 26, depth 5)
 and an EAGLE-2 dynamic tree (T = 61: 60 drafted tokens in 6 layers of 10), batch 1 and 4.
 
     python benchmarks/bench_tree_buffers.py [--iters N]
@@ -38,18 +39,19 @@ def dynamic_tree(gen: torch.Generator, layers: int = 6, width: int = 10) -> list
     return par
 
 
-def reference_cycle(parents, max_depth, prefix_len, seq_len, accept_len):
-    bufs = reference.build_tree_buffers(parents, max_depth)
+def _cycle(build, parents, max_depth, prefix_len, seq_len, accept_len):
+    bufs = build(parents, max_depth)
     positions = prefix_len[:, None] + bufs.depth
     seq_len.add_(accept_len + 1)
     return bufs, positions
 
 
+def reference_cycle(parents, max_depth, prefix_len, seq_len, accept_len):
+    return _cycle(reference.build_tree_buffers, parents, max_depth, prefix_len, seq_len, accept_len)
+
+
 def native_cycle(parents, max_depth, prefix_len, seq_len, accept_len):
-    bufs = tree_buffers.build_tree_buffers(parents, max_depth)
-    positions = tree_buffers.tree_positions(prefix_len, bufs.depth)
-    tree_buffers.advance_seq_lens_(seq_len, accept_len)
-    return bufs, positions
+    return _cycle(tree_buffers.build_tree_buffers, parents, max_depth, prefix_len, seq_len, accept_len)
 
 
 def time_cpu(fn, iters: int, repeats: int = 7) -> float:

@@ -5,7 +5,6 @@
 // doubt. Kernels run on the current stream, so the ops can be captured in a CUDA graph.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -35,43 +34,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tre
   return {mask, depth, first_child, next_sibling, paths};
 }
 
-at::Tensor tree_positions_cuda(const at::Tensor& prefix_len_in, const at::Tensor& depth_in) {
-  check_positions_args(prefix_len_in, depth_in);
-  const c10::cuda::CUDAGuard guard(depth_in.device());
-  const at::Tensor prefix_len = prefix_len_in.contiguous(), depth = depth_in.contiguous();
-  at::Tensor positions = at::empty_like(depth);
-  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int64_t B = depth.size(0), T = depth.size(1);
-  if (prefix_len.scalar_type() == at::kInt) {
-    C10_CUDA_CHECK(launch_tree_positions(prefix_len.data_ptr<int32_t>(), depth.data_ptr<int64_t>(), B, T,
-                                         positions.data_ptr<int64_t>(), stream));
-  } else {
-    C10_CUDA_CHECK(launch_tree_positions(prefix_len.data_ptr<int64_t>(), depth.data_ptr<int64_t>(), B, T,
-                                         positions.data_ptr<int64_t>(), stream));
-  }
-  return positions;
-}
-
-void advance_seq_lens_cuda(const at::Tensor& seq_len, const at::Tensor& accept_len_in) {
-  check_advance_args(seq_len, accept_len_in);
-  const c10::cuda::CUDAGuard guard(seq_len.device());
-  const at::Tensor accept_len = accept_len_in.contiguous();
-  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (seq_len.scalar_type() == at::kInt) {
-    C10_CUDA_CHECK(launch_advance_seq_lens(seq_len.data_ptr<int32_t>(), accept_len.data_ptr<int64_t>(),
-                                           seq_len.size(0), stream));
-  } else {
-    C10_CUDA_CHECK(launch_advance_seq_lens(seq_len.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),
-                                           seq_len.size(0), stream));
-  }
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(eagle_kernels, CUDA, m) {
   m.impl("build_tree_buffers", &build_tree_buffers_cuda);
-  m.impl("tree_positions", &tree_positions_cuda);
-  m.impl("advance_seq_lens_", &advance_seq_lens_cuda);
 }
 
 }  // namespace eagle

@@ -1,6 +1,6 @@
 // CUDA kernels of the tree bookkeeping ops. Deliberately free of torch headers (see tree_buffers_cuda.h).
 //
-// Sizes in decoding are tiny (B <= 8, T <= 64: a few thousand output bytes), so every kernel is one launch
+// Sizes in decoding are tiny (B <= 8, T <= 64: a few thousand output bytes), so the kernel is one launch
 // of flat 1-D threads and its cost is the launch itself; thread-per-node keeps it at one launch (a
 // level-by-level build would need depth launches or a grid sync).
 #include "tree_buffers_cuda.h"
@@ -24,35 +24,6 @@ __global__ void build_tree_buffers_kernel(const int64_t* __restrict__ parents, i
                     paths + e * (max_depth + 1));
 }
 
-template <typename I>
-__global__ void tree_positions_kernel(const I* __restrict__ prefix_len, const int64_t* __restrict__ depth,
-                                      int64_t n, int64_t T, int64_t* __restrict__ positions) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e < n) tree_position_elem(prefix_len, depth, T, e, positions);
-}
-
-template <typename I>
-__global__ void advance_seq_lens_kernel(I* __restrict__ seq_len, const int64_t* __restrict__ accept_len, int64_t B) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < B) advance_seq_len_elem(seq_len, accept_len, b);
-}
-
-template <typename I>
-cudaError_t positions_impl(const I* prefix_len, const int64_t* depth, int64_t B, int64_t T, int64_t* positions,
-                           cudaStream_t stream) {
-  const int64_t n = B * T;
-  if (n == 0) return cudaSuccess;
-  tree_positions_kernel<I><<<blocks_for(n), kThreads, 0, stream>>>(prefix_len, depth, n, T, positions);
-  return cudaGetLastError();
-}
-
-template <typename I>
-cudaError_t advance_impl(I* seq_len, const int64_t* accept_len, int64_t B, cudaStream_t stream) {
-  if (B == 0) return cudaSuccess;
-  advance_seq_lens_kernel<I><<<blocks_for(B), kThreads, 0, stream>>>(seq_len, accept_len, B);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_build_tree_buffers(const int64_t* parents, int64_t B, int64_t T, int64_t max_depth, bool* mask,
@@ -62,22 +33,6 @@ cudaError_t launch_build_tree_buffers(const int64_t* parents, int64_t B, int64_t
   build_tree_buffers_kernel<<<blocks_for(B * T), kThreads, 0, stream>>>(parents, B, T, max_depth, mask, depth,
                                                                        first_child, next_sibling, paths);
   return cudaGetLastError();
-}
-
-cudaError_t launch_tree_positions(const int32_t* prefix_len, const int64_t* depth, int64_t B, int64_t T,
-                                  int64_t* positions, cudaStream_t stream) {
-  return positions_impl(prefix_len, depth, B, T, positions, stream);
-}
-cudaError_t launch_tree_positions(const int64_t* prefix_len, const int64_t* depth, int64_t B, int64_t T,
-                                  int64_t* positions, cudaStream_t stream) {
-  return positions_impl(prefix_len, depth, B, T, positions, stream);
-}
-
-cudaError_t launch_advance_seq_lens(int32_t* seq_len, const int64_t* accept_len, int64_t B, cudaStream_t stream) {
-  return advance_impl(seq_len, accept_len, B, stream);
-}
-cudaError_t launch_advance_seq_lens(int64_t* seq_len, const int64_t* accept_len, int64_t B, cudaStream_t stream) {
-  return advance_impl(seq_len, accept_len, B, stream);
 }
 
 }  // namespace eagle

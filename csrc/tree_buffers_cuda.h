@@ -17,14 +17,4 @@ cudaError_t launch_build_tree_buffers(const int64_t* parents, int64_t B, int64_t
                                       int64_t* depth, int64_t* first_child, int64_t* next_sibling, int64_t* paths,
                                       cudaStream_t stream);
 
-// positions[b, t] = prefix_len[b] + depth[b, t]; prefix_len int32 or int64, depth and positions int64.
-cudaError_t launch_tree_positions(const int32_t* prefix_len, const int64_t* depth, int64_t B, int64_t T,
-                                  int64_t* positions, cudaStream_t stream);
-cudaError_t launch_tree_positions(const int64_t* prefix_len, const int64_t* depth, int64_t B, int64_t T,
-                                  int64_t* positions, cudaStream_t stream);
-
-// seq_len[b] += accept_len[b] + 1, in place; seq_len int32 or int64, accept_len int64.
-cudaError_t launch_advance_seq_lens(int32_t* seq_len, const int64_t* accept_len, int64_t B, cudaStream_t stream);
-cudaError_t launch_advance_seq_lens(int64_t* seq_len, const int64_t* accept_len, int64_t B, cudaStream_t stream);
-
 }  // namespace eagle

@@ -62,17 +62,4 @@ EAGLE_HD void tree_node_buffers(const int64_t* par, int64_t T, int64_t max_depth
   *next_sibling = ns;
 }
 
-// positions[b, t] = prefix_len[b] + depth[b, t] for flat element e = b * T + t.
-template <typename I>
-EAGLE_HD void tree_position_elem(const I* prefix_len, const int64_t* depth, int64_t T, int64_t e,
-                                 int64_t* positions) {
-  positions[e] = static_cast<int64_t>(prefix_len[e / T]) + depth[e];
-}
-
-// seq_len[b] += accept_len[b] + 1 (accepted draft tokens plus the bonus/residual token).
-template <typename I>
-EAGLE_HD void advance_seq_len_elem(I* seq_len, const int64_t* accept_len, int64_t b) {
-  seq_len[b] = static_cast<I>(seq_len[b] + accept_len[b] + 1);
-}
-
 }  // namespace eagle

@@ -23,12 +23,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import reference
+from .errors import BackendUnavailable
 
 __all__ = ["Ops", "BackendUnavailable", "get_ops", "triton_available", "native_available"]
-
-
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run on this machine."""
 
 
 @dataclass(frozen=True)

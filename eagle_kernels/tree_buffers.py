@@ -1,7 +1,7 @@
-"""Tree bookkeeping ops backed by the native extension ``eagle_kernels._C`` (sources in ``csrc/``).
+"""Tree-buffer construction backed by the native extension ``eagle_kernels._C`` (sources in ``csrc/``).
 
-The ops are registered by the extension as ``torch.ops.eagle_kernels.*`` (C++ on CPU tensors, CUDA kernels on
-CUDA tensors, meta kernels for tracing) and can be captured in CUDA graphs. The wrappers here add the
+The op is registered by the extension as ``torch.ops.eagle_kernels.build_tree_buffers`` (C++ on CPU tensors, a
+CUDA kernel on CUDA tensors, a meta kernel for tracing) and can be captured in CUDA graphs. The wrapper adds the
 :class:`~eagle_kernels.reference.TreeBuffers` result type and a clear error (:class:`BackendUnavailable`) when
 the extension is missing; CUDA tensors given to an extension built without CUDA fall back to the reference with
 one warning.
@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from . import reference
-from .backend import BackendUnavailable
+from .errors import BackendUnavailable
 from .reference import TreeBuffers
 
 try:
@@ -30,7 +30,7 @@ except ImportError as e:  # not built: pure-Python install, no compiler, or EAGL
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["build_tree_buffers", "tree_positions", "advance_seq_lens_", "native_cuda_available"]
+__all__ = ["build_tree_buffers", "native_cuda_available"]
 
 
 def native_cuda_available() -> bool:
@@ -82,30 +82,3 @@ def build_tree_buffers(parents: torch.Tensor, max_depth: int | None = None) -> T
         return reference.build_tree_buffers(parents, max_depth)
     return TreeBuffers(*torch.ops.eagle_kernels.build_tree_buffers(parents, max_depth))
 
-
-def tree_positions(prefix_len: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-    """Position ids of the tree tokens: ``prefix_len[:, None] + depth``.
-
-    Args:
-        prefix_len: ``[B]`` int32 or int64, cached tokens per sequence.
-        depth: ``[B, T]`` int64 (``TreeBuffers.depth``).
-
-    Returns:
-        ``[B, T]`` int64. ``prefix_len = [10]``, ``depth = [[0, 1, 1, 2]]`` gives ``[[10, 11, 11, 12]]``.
-    """
-    if _use_reference(depth):
-        return prefix_len.to(torch.int64)[:, None] + depth
-    return torch.ops.eagle_kernels.tree_positions(prefix_len, depth)
-
-
-def advance_seq_lens_(seq_len: torch.Tensor, accept_len: torch.Tensor) -> torch.Tensor:
-    """After acceptance, in place: ``seq_len += accept_len + 1`` (accepted drafts plus the bonus token).
-
-    Args:
-        seq_len: ``[B]`` int32 or int64, contiguous; updated in place and returned.
-        accept_len: ``[B]`` int64 (``AcceptOutput.accept_len``).
-    """
-    if _use_reference(seq_len):
-        return seq_len.add_(accept_len + 1)
-    torch.ops.eagle_kernels.advance_seq_lens_(seq_len, accept_len)
-    return seq_len

@@ -31,7 +31,7 @@ def _random_ids(rng, n, vocab):
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_issue_reproducer_exact_cache(backend):
     """The reported crash: demo pair, a 16-token and a 12-token prompt, tree 8/3/2, 60 tokens, no EOS stop."""
     target, head = demo_paths()
@@ -92,6 +92,7 @@ def test_finished_rows_do_not_touch_live_rows():
         assert model.generate([LILY] + other, 48, **kw).tokens[0] == alone
 
 
+@pytest.mark.interpreter
 def test_mixed_batch_exact_cache_triton_sampled(stories_dir):
     """The Triton backend (interpreter on CPU) at the exact cache size, sampled, rows finishing apart."""
     from eagle_kernels import triton_available

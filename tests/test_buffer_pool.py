@@ -128,6 +128,7 @@ def test_from_pretrained_defaults(stories_dir):
     assert model.target.embed_tokens.weight.dtype == torch.float32 and not model.cuda_graphs
 
 
+@pytest.mark.interpreter  # the Triton kernel on CPU tensors
 def test_kv_compact_on_a_pool_view():
     from eagle_kernels import reference
     from eagle_kernels.kv_compact import kv_compact

@@ -21,6 +21,9 @@ SMALL = DynamicTree(total_tokens=12, depth=3, top_k=4)
 SAMPLES = 1500
 
 
+pytestmark = pytest.mark.interpreter  # the Triton backend on CPU models
+
+
 @pytest.fixture(autouse=True)
 def _needs_triton():
     ok, why = triton_available()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from eagle_kernels import get_ops
@@ -35,6 +36,7 @@ def test_loaded_target_is_fused_and_keeps_the_hf_layout(stories_dir):
         assert torch.equal(state[name], hf["model." + name].float()), name
 
 
+@pytest.mark.interpreter
 def test_fused_equals_unfused(stories_dir):
     fused = load_target(stories_dir, max_len=32)
     plain = Transformer(fused.cfg, 32).eval().requires_grad_(False)

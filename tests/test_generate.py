@@ -105,3 +105,97 @@ def test_draft_attention_follows_the_tree(stories_dir, trained_head_dir):
         chain = torch.tril(torch.ones(len(anc), len(anc), dtype=torch.bool))[None]
         ref = head(all_h[:, anc], all_t[:, anc], tgt, all_p[:, anc], cache, L, L, chain)
         torch.testing.assert_close(ref[0, -1], out[0, i], rtol=1e-4, atol=1e-5)
+
+
+SAMPLES = 3000
+
+
+@pytest.fixture(scope="module")
+def sampling_model(stories_dir, trained_head_dir):
+    model = _model(stories_dir, trained_head_dir, tree="small")
+    prompt = model.encode("Once upon a time, there was a little")[0]
+    return model, prompt, _exact_joint(model, prompt, 1.0, 4)
+
+
+def test_speculative_sampling_matches_target_distribution(sampling_model):
+    model, prompt, joint = sampling_model
+    counts, out = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
+    assert out.tau > 1.3, "the test must exercise accepted draft tokens"
+    p = _chi2_pvalue(counts, joint, SAMPLES)
+    print(f"speculative sampling vs exact target joint of 3 tokens: chi-square p = {p:.3g}, tau {out.tau:.2f}")
+    assert p > 1e-3, f"speculative sampling deviates from the target distribution: chi-square p = {p:.2e}"
+
+
+def test_broken_residual_rule_is_detected(sampling_model, monkeypatch):
+    """Control: a rule that forgets to remove rejected draft tokens from the residual must fail the same test."""
+    model, prompt, joint = sampling_model
+    original = reference.accept_tree
+
+    def broken(target_logits, tree_tokens, parents, temperature, top_p, top_k, seed, offset):
+        # Try only the first child, and on rejection sample from p itself (not the residual): biased towards it.
+        res = original(target_logits, tree_tokens, parents, temperature, top_p, top_k, seed, offset)
+        probs = reference.process_logits(target_logits, temperature, top_p, top_k)
+        B, T, V = target_logits.shape
+        nxt = res.next_token.clone()
+        for b in range(B):
+            node = int(res.accept_path[b, int(res.accept_len[b])])
+            u = reference.hash_uniform(seed, offset, torch.tensor(b), torch.tensor(node), torch.tensor(1), torch.arange(V))
+            nxt[b] = reference._race(probs[b, node], u)
+        return reference.AcceptOutput(res.accept_path, res.accept_len, nxt)
+
+    monkeypatch.setattr(model, "ops", type(model.ops)(**{**model.ops.__dict__, "accept_tree": broken}))
+    counts, _ = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
+    p = _chi2_pvalue(counts, joint, SAMPLES)
+    print(f"broken residual rule: chi-square p = {p:.3g}")
+    assert p < 1e-3, f"the broken rule passes the test above (p = {p:.2e})"
+
+
+def test_bad_input_errors(stories_dir):
+    model = _model(stories_dir)
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.generate("", 4)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate("Hi", 4, temperature=-0.5)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate("Hi", 4, top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate("Hi", 4, top_p=1.5)
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        model.generate("Hi", 10_000)
+    with pytest.raises(ValueError, match="token ids"):
+        model.generate([[1, 99999]], 4)
+
+
+def test_head_refused_when_it_does_not_fit(tmp_path, stories_dir, trained_head_dir):
+    import json
+    import shutil
+
+    from eagle_runtime.loading import CheckpointError
+
+    for key, val in (("hidden_size", 128), ("vocab_size", 1000)):
+        d = tmp_path / key
+        shutil.copytree(trained_head_dir, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[key] = val
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=key):
+            load_head(d, load_target(stories_dir, max_len=64))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("tree", ["small", "static"])
+def test_greedy_exact_triton_backend(stories_dir, trained_head_dir, tree):
+    """The runtime on the Triton kernels (the interpreter on CPU, compiled on a GPU) stays exact."""
+    from eagle_kernels import triton_available
+
+    ok, why = triton_available()
+    if not ok:
+        pytest.skip(why)
+    model = _model(stories_dir, trained_head_dir, tree=tree)
+    prompts = PROMPTS[:3]
+    plain = model.generate(prompts, 20, speculative=False)
+    model.set_backend("triton")
+    spec = model.generate(prompts, 20)
+    assert model.ops.name == "triton"
+    assert spec.tokens == plain.tokens
+    assert spec.tau > 1.5

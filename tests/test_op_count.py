@@ -26,6 +26,7 @@ FUSED_LAYER = {"aten.linear": 4, "triton._add_rms_norm_kernel": 2, "triton._rope
                "triton._tree_attention_merge_kernel": 1}
 
 
+@pytest.mark.interpreter
 def test_fused_layer_op_count():
     from eagle_kernels import triton_available
 

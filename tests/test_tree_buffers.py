@@ -9,7 +9,7 @@ import torch
 
 from eagle_kernels import reference, tree_buffers
 from eagle_kernels.backend import BackendUnavailable
-from eagle_kernels.tree_buffers import advance_seq_lens_, build_tree_buffers, tree_positions
+from eagle_kernels.tree_buffers import build_tree_buffers
 
 native = pytest.mark.skipif(
     tree_buffers._C is None, reason=f"eagle_kernels._C is not built ({tree_buffers._IMPORT_ERROR}); see csrc/README.md"
@@ -123,33 +123,12 @@ def test_cpu_rejects_int32():
 
 
 @native
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_bookkeeping_cpu(dtype):
-    prefix = torch.tensor([10, 0, 7], dtype=dtype)
-    depth = torch.tensor([[0, 1, 1, 2], [0, 1, 2, 3], [0, 1, 1, 1]])
-    pos = tree_positions(prefix, depth)
-    assert pos.dtype == torch.int64 and torch.equal(pos, prefix.long()[:, None] + depth)
-    seq = prefix.clone()
-    out = advance_seq_lens_(seq, torch.tensor([0, 3, 5]))
-    assert out is seq and seq.dtype == dtype and seq.tolist() == [11, 4, 13]
-    with pytest.raises(TypeError, match="accept_len must be int64"):
-        advance_seq_lens_(seq, torch.tensor([0, 3, 5], dtype=torch.int32))
-    with pytest.raises(ValueError, match="prefix_len must be \\[B\\]"):
-        tree_positions(prefix[:2], depth)
-
-
-@native
 def test_opcheck_schemas():
-    """Schemas, meta kernels and the in-place annotation of advance_seq_lens_ agree with the CPU kernels."""
+    """The schema and the meta kernel of build_tree_buffers agree with the CPU kernel."""
     parents = torch.tensor([EAGLE1, chain(26)], dtype=torch.int64)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.eagle_kernels.build_tree_buffers.default, (parents, 25), test_utils=tests)
     torch.library.opcheck(torch.ops.eagle_kernels.build_tree_buffers.default, (parents, None), test_utils=tests)
-    depth = build_tree_buffers(parents).depth
-    torch.library.opcheck(torch.ops.eagle_kernels.tree_positions.default, (torch.tensor([3, 4]), depth), test_utils=tests)
-    torch.library.opcheck(
-        torch.ops.eagle_kernels.advance_seq_lens_.default, (torch.tensor([3, 4]), torch.tensor([1, 2])), test_utils=tests
-    )
 
 
 def test_missing_extension_is_a_clear_error(monkeypatch):
@@ -206,41 +185,37 @@ def test_cuda_invalid_tree_is_memory_safe():
 @pytest.mark.cuda
 @native
 @native_cuda
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_cuda_bookkeeping(dtype):
-    prefix = torch.tensor([10, 0, 7], dtype=dtype, device="cuda")
-    depth = torch.tensor([[0, 1, 1, 2], [0, 1, 2, 3], [0, 1, 1, 1]], device="cuda")
-    assert torch.equal(tree_positions(prefix, depth), prefix.long()[:, None] + depth)
-    seq = prefix.clone()
-    advance_seq_lens_(seq, torch.tensor([0, 3, 5], device="cuda"))
-    assert seq.dtype == dtype and seq.tolist() == [11, 4, 13]
-
-
-@pytest.mark.cuda
-@native
-@native_cuda
 def test_cuda_graph_capture():
-    """The three ops captured in one CUDA graph; replays follow new contents of the static input buffers."""
+    """The op captured in a CUDA graph; replays follow new contents of the static input buffer."""
     gen = torch.Generator().manual_seed(0)
     trees = [torch.tensor([random_tree(61, gen, "levels") for _ in range(4)]) for _ in range(3)]
     parents = trees[0].cuda()
-    prefix = torch.tensor([5, 0, 17, 100], device="cuda")
-    accept = torch.tensor([0, 3, 1, 6], device="cuda")
-    seq = prefix.clone()
 
     build_tree_buffers(parents, 6)  # warm-up outside capture (lazy CUDA init, allocator)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         bufs = build_tree_buffers(parents, 6)
-        pos = tree_positions(prefix, bufs.depth)
-        advance_seq_lens_(seq, accept)
 
-    seq.copy_(prefix)
-    for i, tree in enumerate(trees):
+    for tree in trees:
         parents.copy_(tree)
         graph.replay()
         want = reference.build_tree_buffers(tree, 6)
         assert_same(bufs, want)
-        assert torch.equal(pos.cpu(), prefix.cpu()[:, None] + want.depth)
-        assert torch.equal(seq.cpu(), prefix.cpu() + (i + 1) * (accept.cpu() + 1))
+
+
+def test_no_import_circle_with_the_backend():
+    """backend.py picks tree_buffers' op; tree_buffers must not import backend back (it takes its error from
+    eagle_kernels.errors), and the removed dead ops stay removed."""
+    import ast
+    from pathlib import Path
+
+    import eagle_kernels.tree_buffers as tb
+
+    tree = ast.parse(Path(tb.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "backend" not in imported and "errors" in imported, imported
+    assert not hasattr(tb, "tree_positions") and not hasattr(tb, "advance_seq_lens_")
+    if tb._C is not None:
+        assert not hasattr(torch.ops.eagle_kernels, "tree_positions")
+        assert not hasattr(torch.ops.eagle_kernels, "advance_seq_lens_")

@@ -192,36 +192,12 @@ void test_errors() {
   }
 }
 
-void test_bookkeeping() {
-  const int32_t prefix32[2] = {10, 0};
-  const int64_t prefix64[2] = {10, 0};
-  const I64 depth = {0, 1, 1, 2, /**/ 0, 1, 2, 3};
-  const I64 want = {10, 11, 11, 12, /**/ 0, 1, 2, 3};
-  I64 pos32(8), pos64(8);
-  for (int64_t e = 0; e < 8; ++e) {
-    eagle::tree_position_elem(prefix32, depth.data(), 4, e, pos32.data());
-    eagle::tree_position_elem(prefix64, depth.data(), 4, e, pos64.data());
-  }
-  EXPECT(pos32 == want && pos64 == want, "tree positions wrong");
-
-  int32_t seq32[3] = {5, 0, 100};
-  int64_t seq64[3] = {5, 0, 100};
-  const int64_t acc[3] = {0, 3, 5};
-  for (int64_t b = 0; b < 3; ++b) {
-    eagle::advance_seq_len_elem(seq32, acc, b);
-    eagle::advance_seq_len_elem(seq64, acc, b);
-  }
-  EXPECT(seq32[0] == 6 && seq32[1] == 4 && seq32[2] == 106, "advance int32 wrong");
-  EXPECT(seq64[0] == 6 && seq64[1] == 4 && seq64[2] == 106, "advance int64 wrong");
-}
-
 }  // namespace
 
 int main() {
   test_literal_cases();
   test_generated_cases();
   test_errors();
-  test_bookkeeping();
   if (g_failures) {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;
