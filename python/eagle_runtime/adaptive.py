@@ -22,18 +22,18 @@ best nodes of each level expand, the ``total_tokens`` best are kept). Its cycle 
 ``target(N + 1, L) + depth * draft(top_k) + draft(depth + 2) + accept(N + 1)`` plus the tree's measured (or
 fitted) excess over those parts at the calibration length. The best of
 ``expected tokens / cycle time`` over the candidates (chains and small/medium dynamic trees) is compared with
-plain decoding's ``1 / step time`` raised by 8% (the model errs on speculation's side); the current choice is kept
-unless another is predicted 7.5% faster (2% between two trees; the estimates wobble; ``tie_band`` below 1 would
-take the smallest tree within that fraction of the best), so speculation starts at a predicted 1.16x and stops
-below 1.0x. Both levels are corrected by measurement: the ratio of measured to predicted tokens per ms of
-the plain steps, and of the cycles, that ran (decayed per step of each kind; CPU only, where a step's wall time
-costs no synchronisation; a kind not measured yet borrows the other's ratio) scales plain decoding's rate and
-every tree's rate respectively. When plain wins the runtime decodes plainly and probes one speculative cycle after
-``probe_every`` plain steps to keep the acceptance estimate current (the gap doubles, up to ``8 *
-probe_every``, or ``32 * probe_every`` while the best tree is predicted below 0.8x plain decoding, while probes
-keep confirming plain decoding); the plain steps between probes run as one stretch, observed at its end.
-Decisions are re-taken every ``decide_every`` speculative steps (every 2 while fewer than 32 path nodes have been
-observed) and after every probe.
+plain decoding's ``1 / step time`` raised by ``spec_margin`` (the model errs on speculation's side); the current
+choice is kept unless another is predicted faster by ``switch_margin`` (``tree_switch_margin`` between two trees:
+the estimates wobble). Both levels are corrected by measurement: the ratio of measured to predicted tokens per ms
+of the plain stretches, and of the cycles, that ran (each timed whole, with a device sync at its end on CUDA; a
+kind not measured yet borrows the other's ratio) scales plain decoding's rate and every tree's rate
+respectively. When plain wins the runtime decodes plainly and probes one speculative cycle after ``probe_every``
+plain steps to keep the acceptance estimate current (the gap doubles while probes keep confirming plain
+decoding, up to ``backoff`` or, far from paying, ``far_backoff`` times ``probe_every``); the plain steps between
+probes run as one stretch. Decisions are re-taken every ``decide_every`` speculative steps and after every probe.
+Every number named here is a field of :class:`~eagle_runtime.auto_config.AutoConfig`, with its default and why.
+
+On CUDA each pick replays its own graph (:mod:`eagle_runtime.graphs`), captured the first time it is picked.
 
 Everything stays exact: any tree, changed between any two cycles, and plain steps in between give the same
 greedy tokens as plain decoding, and sampled tokens from the target's distribution.
