@@ -1,4 +1,5 @@
-"""Shared helpers of the kernel benchmarks: timing, copy-bandwidth roofline, result files keyed by device.
+"""Shared helpers of the benchmarks: timing, copy-bandwidth roofline, result files keyed by device, and
+:func:`save_json` (timestamped, atomic) for the end-to-end CPU benchmarks.
 
 On CUDA: ``triton.testing.do_bench`` medians, or CUDA-graph replay timing for microsecond kernels (launch
 overhead dominates those otherwise). On CPU (``--quick``) kernels run once under ``TRITON_INTERPRET=1`` to check
@@ -15,6 +16,7 @@ import platform
 import re
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ def setup(description: str) -> argparse.Namespace:
         args.quick = True
         print("note: no CUDA device; running tiny shapes under the Triton interpreter. CPU timings are meaningless.")
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "python"))  # eagle_runtime (the atomic writer) from a checkout, no install needed
     return args
 
 
@@ -112,13 +115,31 @@ def report(name: str, rows: list[dict]) -> None:
         print(" | ".join(str(r.get(c, "")) for c in cols))
     if not SAVE:
         return
+    from eagle_runtime.atomic import atomic_write, atomic_write_text  # after setup(): TRITON_INTERPRET is set
+
     RESULTS.mkdir(exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"{key['device']}__torch{key['torch']}__triton{key['triton']}")
     stem = RESULTS / f"{name}__{tag}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": key, "copy_GBps": copy_bandwidth_gbs(), "rows": rows},
-                                                    indent=1, default=str))
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(stem.with_suffix(".csv"), write_csv)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps({"meta": key, "copy_GBps": copy_bandwidth_gbs(),
+                                                             "rows": rows}, indent=1, default=str))
     print(f"saved {stem}.csv/.json")
+
+
+def save_json(out: str | Path, stem: str, res: dict) -> Path:
+    """``res`` as ``<out>/<stem>_<UTC time>.json``, written atomically (``out`` is created); prints and returns it."""
+    from eagle_runtime.atomic import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    atomic_write_text(path, json.dumps(res, indent=1))
+    print(f"wrote {path}")
+    return path

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target  # noqa: E402
 from eagle_runtime.draft3 import Eagle3Head  # noqa: E402
 from eagle_runtime.text import load_tokenizer  # noqa: E402
-from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, save_json  # noqa: E402
+from _bench_utils import save_json  # noqa: E402
+from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt  # noqa: E402
 
 SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 STORY_WORDS = 12
@@ -60,7 +61,7 @@ def heldout_prompts(files: list[str], tokenizer, seed: int, fraction: float, pro
 
 
 def story_prompts(n: int) -> list[str]:
-    from eagle_runtime.train_target import read_stories
+    from eagle_runtime.train.target import read_stories
 
     path = SHARED / "corpus" / "tinystories_extra.txt"
     if not path.is_file():

@@ -215,11 +215,11 @@ def main(argv=None) -> int:
                 ops = r.get(f"{mode}_per_layer_ops", {})
                 print(f"  {mode}: " + ", ".join(f"{k} {v:g}" for k, v in ops.items()))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-                       "torch": torch.__version__, "results": results}, f, indent=2)
-        os.replace(tmp, args.json)
+        from eagle_runtime.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"device": "cpu" if not torch.cuda.is_available() else
+                                                 torch.cuda.get_device_name(), "torch": torch.__version__,
+                                                 "results": results}, indent=2))
     return 0
 
 

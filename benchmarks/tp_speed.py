@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import sys
@@ -28,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
 from eagle_runtime import EagleModel, load_head, load_target  # noqa: E402
+from eagle_runtime.atomic import atomic_write_text  # noqa: E402
 from eagle_runtime.text import load_tokenizer  # noqa: E402
 from eagle_runtime.parallel import (  # noqa: E402
     env_world_size,
@@ -162,9 +162,7 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "tp_speed_" + re.sub(r"[^A-Za-z0-9]+", "_", res["device"]).strip("_").lower() + f"_tp{world}.json"
-    tmp = out / (name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, out / name)
+    atomic_write_text(out / name, json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: res[k] for k in ("device", "tensor_parallel", "vocab", "speedup_eagle_over_plain")}
                      | {"plain_tokens_per_s": rows["plain"]["tokens_per_s"], "eagle_tokens_per_s": rows["eagle"]["tokens_per_s"],
                         "all_reduce_bytes_per_cycle": rows["eagle"]["all_reduce_bytes_per_step"],

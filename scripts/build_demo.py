@@ -45,9 +45,10 @@ sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without th
 sys.path.insert(0, str(REPO / "benchmarks"))  # compare_heads: the held-out story openings and the plain baseline
 
 from eagle_runtime import DynamicTree, EagleModel, load_head, save_head  # noqa: E402
+from eagle_runtime.atomic import atomic_write_text  # noqa: E402
 from eagle_runtime.demo import DEMO_DIR  # noqa: E402
 from eagle_runtime.train import TrainConfig, train_head  # noqa: E402
-from eagle_runtime.train_target import DEFAULT_TOKENIZER, TargetConfig, train_target  # noqa: E402
+from eagle_runtime.train.target import DEFAULT_TOKENIZER, TargetConfig, train_target  # noqa: E402
 
 SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data"))
 HEAD_CORPUS = SHARED / "corpus" / "tinystories_val.txt"
@@ -189,7 +190,7 @@ def build_head3(args) -> dict:
                 raise SystemExit(f"the {name} comparison run failed (exit {procs[name].returncode}); see "
                                  f"{work}/compare_{name}.log")
             res = json.loads(stdout[stdout.index("{"):])
-            (work / f"compare_{name}.json").write_text(json.dumps(res, indent=1))
+            atomic_write_text(work / f"compare_{name}.json", json.dumps(res, indent=1))
         else:  # --compare-reuse: the finished runs' records
             res = json.loads((work / f"compare_{name}.json").read_text())
         cfg = json.loads((out / "train_config.json").read_text())
@@ -232,16 +233,15 @@ def build_head3(args) -> dict:
 
 def build_distill(args) -> dict:
     """The self-distillation corpus ``WORK/self_distill.jsonl``: the demo target's own answers (plain decoding) to
-    prompts from ``--distill-prompts`` (see :mod:`eagle_runtime.distill`)."""
-    from eagle_runtime.distill import distill
-    from eagle_runtime.loading import atomic_write
+    prompts from ``--distill-prompts`` (see :mod:`eagle_runtime.train.distill`)."""
+    from eagle_runtime.train.distill import distill
 
     model = EagleModel.from_pretrained(DEMO_DIR / "target", None, tree="dynamic")
     rows, summary = distill(model, args.distill_prompts, max_prompts=args.distill_max_prompts,
                             max_new_tokens=args.distill_max_new_tokens, temperatures=args.distill_temperatures,
                             batch_size=64, prompt_tokens=192, second_turns=args.distill_second_turns, seed=args.seed)
     out = Path(args.work) / "self_distill.jsonl"
-    atomic_write(out, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"distill: {summary['rows']} rows, {summary['new_tokens']} answer tokens -> {out}", flush=True)
     return {**summary, "file": "WORK/self_distill.jsonl", "max_new_tokens": args.distill_max_new_tokens,
             "temperatures": args.distill_temperatures, "second_turns": args.distill_second_turns,
@@ -378,7 +378,7 @@ def main(argv=None) -> None:
     sizes = {d: sum(f.stat().st_size for f in (DEMO_DIR / d).iterdir())
              for d in ("target", "head", "head3") if (DEMO_DIR / d).is_dir()}
     info["sizes_bytes"] = sizes
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     print(json.dumps({k: info[k] for k in info if k not in ("measure",)}, indent=2, default=str))
 
 

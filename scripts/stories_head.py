@@ -61,6 +61,7 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     from eagle_runtime import DynamicTree, EagleModel, StaticTree
+    from eagle_runtime.atomic import atomic_write_text
 
     model = EagleModel.from_pretrained(BASE, out, backend="torch", max_len=512)
     prompts = held_out_prompts(a.prompts)
@@ -78,7 +79,7 @@ def main() -> None:
         report["trees"][name] = {"tau": sum(lens) / len(lens), "accept_histogram": dict(sorted(hist.items())),
                                  "identical_to_greedy": identical, "cycles": len(lens)}
         print(f"{name}: tau {sum(lens) / len(lens):.2f}, identical to greedy: {identical}, histogram {dict(sorted(hist.items()))}")
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "eval.json", json.dumps(report, indent=2))
     print(f"training took {train_s / 60:.1f} min; report in {out / 'eval.json'}")
 
 

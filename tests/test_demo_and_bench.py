@@ -72,7 +72,7 @@ def test_demo_speculation_is_exact_at_temperature_0():
 # The target trainer
 # ----------------------------------------------------------------------------------------------------------------
 def test_train_target_writes_a_checkpoint_transformers_loads(tmp_path):
-    from eagle_runtime.train_target import TargetConfig, train_target
+    from eagle_runtime.train.target import TargetConfig, train_target
 
     require(STORIES)
     val, extra = require(CORPUS / "tinystories_val.txt"), require(CORPUS / "tinystories_extra.txt")

@@ -9,11 +9,11 @@ import torch
 
 from eagle_runtime import EagleModel, load_head, load_target, save_head
 from eagle_runtime.chat import encode_prompt, make_prompt
-from eagle_runtime.distill import distill, main as distill_main, read_prompts
-from eagle_runtime.draft import EagleHead, head_config, init_head_
+from eagle_runtime.train.distill import distill, main as distill_main, read_prompts
+from eagle_runtime.draft import EagleHead
+from eagle_runtime.drafter import head_config, init_head_
 from eagle_runtime.draft3 import new_eagle3_head, random_head3
-from eagle_runtime.train import TrainConfig, load_corpus, load_init, train_head
-from eagle_runtime.train_eagle3 import Eagle3TrainConfig, train_head3
+from eagle_runtime.train import Eagle3TrainConfig, TrainConfig, load_corpus, load_init, train_head, train_head3
 
 from conftest import CORPUS, require
 

@@ -323,7 +323,7 @@ def test_sampling_matches_target_distribution_demo_eagle3(demo3):
 # ---------------------------------------------------------------------------------------------------------------
 def test_training_time_test_equals_drafting(target):
     """Step j of the training-time test at index q equals the head drafting a chain after true position q."""
-    from eagle_runtime.train_eagle3 import ttt_forward
+    from eagle_runtime.train import ttt_forward
 
     head = random_head3(target, 90, TAPS, seed=2, std=0.2)
     tok = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -344,8 +344,7 @@ def test_training_time_test_equals_drafting(target):
 
 
 def test_trainer_learns_and_saves_the_official_layout(tmp_path, target, tokenizer):
-    from eagle_runtime.train import load_corpus, pack
-    from eagle_runtime.train_eagle3 import Eagle3TrainConfig, draft_vocabulary, train_head3
+    from eagle_runtime.train import Eagle3TrainConfig, draft_vocabulary, load_corpus, pack, train_head3
 
     corpus = require(CORPUS / "tinystories_val.txt")
     cfg = Eagle3TrainConfig(steps=24, batch_size=4, seq_len=64, lr=3e-3, warmup=4, eval_every=24, eval_batches=1,
@@ -368,7 +367,7 @@ def test_trainer_learns_and_saves_the_official_layout(tmp_path, target, tokenize
 
 
 def test_train_cli_head_flag_errors(tmp_path, stories_dir, capsys):
-    from eagle_runtime.train import main
+    from eagle_runtime.train.command import main
 
     base = ["--head", "eagle3", "--base", str(stories_dir), "--corpus", str(tmp_path / "c.txt"), "--out", str(tmp_path)]
     for bad in (["--ttt-decay", "0"], ["--draft-vocab", "0"], ["--taps", "a,b"]):

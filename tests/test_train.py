@@ -70,6 +70,6 @@ def test_chat_loss_mask_covers_assistant_turns_only(stories_dir):
 
 
 def test_train_cli_errors(tmp_path, stories_dir):
-    from eagle_runtime.train import main
+    from eagle_runtime.train.command import main
 
     assert main(["--base", str(stories_dir), "--corpus", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2

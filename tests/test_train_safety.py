@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from eagle_runtime import load_head, load_target
-from eagle_runtime.draft import EagleHead, head_config
+from eagle_runtime.draft import EagleHead
+from eagle_runtime.drafter import head_config
 from eagle_runtime.text import load_tokenizer
 from eagle_runtime.loading import CheckpointError
-from eagle_runtime.train import TrainConfig, _load_state, _save, lr_factor, main, train_head
-from eagle_runtime.train_eagle3 import Eagle3TrainConfig, train_head3
+from eagle_runtime.train import Eagle3TrainConfig, TrainConfig, lr_factor, train_head, train_head3
+from eagle_runtime.train.command import main
+from eagle_runtime.train.loop import _load_state, _save
 
 from conftest import CORPUS, ROOT, require
 
@@ -251,7 +253,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, stories_dir, bad_row, cap
 @pytest.mark.parametrize("flag,value", [("--steps", 0), ("--warmup", -1), ("--eval-every", -1), ("--seq-len", 1),
                                         ("--lr", "inf"), ("--store-dtype", "int8")])
 def test_target_trainer_flags_rejected_in_one_line(tmp_path, flag, value, capsys):
-    from eagle_runtime.train_target import main as target_main
+    from eagle_runtime.train.target import main as target_main
 
     with pytest.raises(SystemExit) as e:
         target_main(["--out", str(tmp_path / "t"), flag, str(value)])
@@ -291,7 +293,7 @@ def test_cached_target_outputs_train_the_same_head(tmp_path, stories, small_corp
 
 @pytest.mark.parametrize("kind", HEADS)
 def test_cache_target_refused_when_it_would_not_fit(tmp_path, stories_dir, small_corpus, capsys, monkeypatch, kind):
-    import eagle_runtime.train as train_mod
+    import eagle_runtime.train.loop as train_mod
 
     monkeypatch.setattr(train_mod, "_available_memory", lambda: 1 << 10)  # 1 KiB free: less than any row needs
     rc, err = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", tmp_path / "o", "--steps", 1,

@@ -14,37 +14,16 @@ import warnings
 
 import torch
 
-from eagle_kernels import BackendUnavailable
-
-from .config import ConfigError
-from .loading import CheckpointError, check_device
+from .checks import check_seed
+from .errors import USER_ERRORS, OneLineParser, fail
+from .loading import check_device
 from .tree import DynamicTree, StaticTree
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# The errors the library raises for bad input; each becomes one line and exit status 2.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ConfigError, CheckpointError, BackendUnavailable, ValueError)
-INT64 = (-(2**63), 2**63 - 1)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (``PROG: error: ...``) with exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def _one_line_warning(message, *args, **kwargs) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def check_seed(seed: int) -> None:
-    if not INT64[0] <= seed <= INT64[1]:
-        raise ValueError(f"--seed {seed} does not fit in a signed 64-bit integer")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,7 +73,7 @@ def generate(a) -> int:
     if a.max_len is not None and a.max_len <= 0:
         return fail(f"--max-len must be a positive integer, got {a.max_len}")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_seed(a.seed)
+    check_seed(a.seed, "--seed")
     check_device(device)
     sizes = (a.total_tokens, a.depth, a.top_k_draft)
     if a.tree == "static" and any(v is not None for v in sizes):

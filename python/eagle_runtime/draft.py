@@ -8,7 +8,8 @@ input_layernorm and there is no final norm; logits come from the target's ``lm_h
 
 At draft position ``i`` the head reads ``(feature f_i, token t_{i+1})`` and predicts ``f_{i+1}``.
 
-:func:`load_head` also reads EAGLE-3 heads (auto-detected, :mod:`eagle_runtime.draft3`); both kinds answer the
+:func:`load_head` and :func:`save_head` also read and write EAGLE-3 heads (auto-detected,
+:mod:`eagle_runtime.draft3`, which does not import this module); both kinds answer the
 :class:`~eagle_runtime.drafter.Drafter` interface the decode cycle calls.
 """
 
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_write, atomic_write_text
 from .config import ModelConfig
-from .drafter import Drafter
+from .draft3 import Eagle3Head, is_eagle3, load_eagle3, save_eagle3
+from .drafter import Drafter, head_config, init_head_, load_checked
 from .loading import CheckpointError, load_state_dict, resolve_dir
 from .model import DecoderLayer, Rotary, Transformer, per_forward
 
@@ -42,7 +45,7 @@ class EagleHead(Drafter):
         self.rotary = Rotary(cfg, max_len)
         self.max_len = max_len
 
-    def new_cache(self, batch: int, max_len: int | None = None, like: torch.Tensor | None = None) -> torch.Tensor:
+    def new_cache(self, batch: int, max_len: int | None = None) -> torch.Tensor:
         cfg, w = self.cfg, self.fc.weight
         s = max_len or self.max_len
         return torch.zeros(2, batch, cfg.num_kv_heads, s, cfg.head_dim, dtype=w.dtype, device=w.device)
@@ -70,15 +73,6 @@ class EagleHead(Drafter):
         return self.layers[0].forward_causal(x, rope)
 
 
-def head_config(target_cfg: ModelConfig, **overrides) -> ModelConfig:
-    """A head config matching a target (same widths, heads, vocab, rope), dense MLP."""
-    d = dict(target_cfg.raw, model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=1)
-    d.update(overrides)
-    for key in ("num_local_experts", "num_experts_per_tok"):
-        d.pop(key, None)
-    return ModelConfig.from_dict(d)
-
-
 def check_compatible(head_cfg: ModelConfig, target_cfg: ModelConfig, where: str) -> None:
     if head_cfg.hidden_size != target_cfg.hidden_size:
         raise CheckpointError(
@@ -88,29 +82,12 @@ def check_compatible(head_cfg: ModelConfig, target_cfg: ModelConfig, where: str)
         raise CheckpointError(f"draft head {where} has vocab_size {head_cfg.vocab_size}, the target has {target_cfg.vocab_size}")
 
 
-def load_checked(head: nn.Module, state: dict, where: str) -> None:
-    """Load ``state`` into ``head`` after checking it has exactly the head's keys and shapes (one-line errors)."""
-    expected = head.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"draft head {where}: missing {missing}, unexpected {unexpected}")
-    for k, v in expected.items():
-        if v.shape != state[k].shape:
-            raise CheckpointError(f"draft head {where}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
-    head.load_state_dict(state)
-
-
 def load_head(name_or_path: str | Path, target: Transformer, dtype=None, device=None, taps=None) -> Drafter:
     """Load a published EAGLE-1 head or an EAGLE-3 head (official or ``speculators`` layout, auto-detected) and
     check it fits ``target``. ``taps`` overrides an EAGLE-3 head's tap layers (default: its config's, else
     2, L//2, L-3)."""
-    from .draft3 import is_eagle3, load_eagle3
-
     d = resolve_dir(name_or_path, allow_patterns=["*.json", "*.bin", "*.safetensors"])
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json at {d / 'config.json'}")
-    raw = json.loads((d / "config.json").read_text())
+    raw = ModelConfig.read_json(d / "config.json")
     state = load_state_dict(d)
     w = target.embed_tokens.weight
     if is_eagle3(raw, state):
@@ -130,39 +107,21 @@ def load_head(name_or_path: str | Path, target: Transformer, dtype=None, device=
 
 def save_head(head: Drafter, directory: str | Path, safetensors: bool = False) -> Path:
     """Write ``head`` in its published format (config.json + pytorch_model.bin or model.safetensors): EAGLE-1,
-    or for an EAGLE-3 head the official EAGLE-3 layout."""
-    from .draft3 import Eagle3Head, save_eagle3
-
+    or for an EAGLE-3 head the official EAGLE-3 layout. Each file is written atomically (:mod:`.atomic`)."""
     if isinstance(head, Eagle3Head):
         return save_eagle3(head, directory, safetensors)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cfg = dict(head.cfg.raw, num_hidden_layers=1, architectures=["LlamaForCausalLM"], model_type="llama")
-    with open(d / "config.json", "w") as f:
-        json.dump(cfg, f, indent=2)
+    atomic_write_text(d / "config.json", json.dumps(cfg, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     if safetensors:
         from safetensors.torch import save_file
 
-        save_file(state, str(d / "model.safetensors"))
+        atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
     else:
-        torch.save(state, d / EAGLE1_WEIGHTS)
+        atomic_write(d / EAGLE1_WEIGHTS, lambda p: torch.save(state, p))
     return d
-
-
-def init_head_(head: nn.Module, seed: int = 0, std: float | None = None) -> EagleHead:
-    """Initialise in place: norms 1, biases 0, weights N(0, std) (default std ``1 / sqrt(fan_in)``)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in head.named_parameters():
-            if name.endswith("norm.weight"):  # input/post_attention layernorms, EAGLE-3's hidden_norm and norm
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                s = std if std is not None else p.shape[-1] ** -0.5
-                p.copy_(torch.randn(p.shape, generator=g).to(p.device) * s)
-    return head
 
 
 def random_head(target: Transformer, seed: int = 0, std: float = 0.02) -> EagleHead:

@@ -26,16 +26,14 @@ output ``h`` back (no fc).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_write, atomic_write_text
 from .config import ModelConfig
-from .draft import load_checked
-from .drafter import Drafter
+from .drafter import Drafter, head_config, init_head_, load_checked
 from .loading import CheckpointError
 from .model import MLP, Attention, RMSNorm, Rotary, Transformer, bad_taps, per_forward
 
@@ -272,40 +270,24 @@ def eagle3_config(head: Eagle3Head) -> dict:
     )
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_eagle3(head: Eagle3Head, directory: str | Path, safetensors: bool = False) -> Path:
     """Write ``head`` in the official EAGLE-3 layout (config.json + pytorch_model.bin or model.safetensors)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     text = json.dumps(eagle3_config(head), indent=2)
-    _atomic(d / "config.json", lambda p: Path(p).write_text(text))
+    atomic_write_text(d / "config.json", text)
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     if safetensors:
         from safetensors.torch import save_file
 
-        _atomic(d / "model.safetensors", lambda p: save_file(state, p))
+        atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
     else:
-        _atomic(d / EAGLE3_WEIGHTS, lambda p: torch.save(state, p))
+        atomic_write(d / EAGLE3_WEIGHTS, lambda p: torch.save(state, p))
     return d
 
 
 def eagle3_head_config(target_cfg: ModelConfig, draft_vocab_size: int, **overrides) -> ModelConfig:
     """A head config matching a target's widths, heads, vocabulary and rope, with a draft vocabulary size."""
-    from .draft import head_config
-
     return head_config(target_cfg, draft_vocab_size=draft_vocab_size, **overrides)
 
 
@@ -314,8 +296,6 @@ def new_eagle3_head(target: Transformer, draft_vocab_size: int, taps=None, seed:
     """A freshly initialised head for ``target``; the draft vocabulary ``vocab_ids`` (default: a random subset
     of ``draft_vocab_size`` ids, seeded). ``from_target``: start ``lm_head`` and ``norm`` from the target's rows of
     the draft vocabulary and final norm (training starts from the target's own read-out)."""
-    from .draft import init_head_
-
     cfg = eagle3_head_config(target.cfg, draft_vocab_size)
     taps = taps or default_taps(target.cfg.num_layers)
     head = init_head_(Eagle3Head(cfg, target.max_len, taps, draft_vocab_size), seed, std)

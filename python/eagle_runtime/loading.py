@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -212,19 +209,3 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
         if tuple(state[k].shape) != tuple(shape):
             raise CheckpointError(f"{k} in {where} has shape {tuple(state[k].shape)}, the config implies {tuple(shape)}")
     model.load_state_dict(state, assign=True, strict=not skip)
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX):
-    a kill at any moment leaves the old file or the new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -414,10 +414,7 @@ def load_target_parallel(
     if tensor_parallel is not None and tensor_parallel != tp.world:
         raise ValueError(f"tensor_parallel={tensor_parallel} but the process group has {tp.world} ranks")
     d = resolve_dir(name_or_path)
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json at {d / 'config.json'}")
-    with open(d / "config.json") as f:
-        config = json.load(f)
+    config = ModelConfig.read_json(d / "config.json")  # the checked reader: one-line errors for a bad file
     cfg = ModelConfig.from_dict(config)
     plan = ShardPlan.make(cfg, tp.world, tp.rank, vocab == "parallel")
     state, nbytes = read_shards(d, plan)

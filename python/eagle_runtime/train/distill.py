@@ -1,6 +1,6 @@
 """A self-distillation corpus: the target's own answers to prompts, for training draft heads.
 
-    python -m eagle_runtime.distill --base TARGET_DIR --prompts FILE [FILE ...] --out CORPUS.jsonl
+    python -m eagle_runtime.train.distill --base TARGET_DIR --prompts FILE [FILE ...] --out CORPUS.jsonl
 
 A draft head is scored on what the *target* writes, not on what a corpus' authors wrote. This runs the target
 (plain decoding in this runtime, batched) on prompts taken from the given files and writes what it answered:
@@ -32,7 +32,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .chat import encode_prompt, make_prompt
+from ..atomic import atomic_write_text
+from ..chat import encode_prompt, make_prompt
+from ..errors import USER_ERRORS, OneLineParser
+from ..generate import EagleModel
 
 
 def _first_user_turn(row: dict) -> str | None:
@@ -172,11 +175,7 @@ def distill(model, prompt_files: list[str | Path], *, max_prompts: int | None = 
 
 
 def main(argv=None) -> int:
-    from .cli import USER_ERRORS, OneLineParser
-    from .generate import EagleModel
-    from .loading import atomic_write
-
-    p = OneLineParser(prog="python -m eagle_runtime.distill",
+    p = OneLineParser(prog="python -m eagle_runtime.train.distill",
                       description="Write a self-distillation corpus: the target's answers to prompts (jsonl of "
                       "token ids that the head trainers read).")
     p.add_argument("--base", required=True, help="target model: HF directory or hub id")
@@ -214,7 +213,7 @@ def main(argv=None) -> int:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda path: path.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     print(json.dumps({"out": str(out), **summary}, indent=2))
     return 0
 

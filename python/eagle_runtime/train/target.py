@@ -1,6 +1,6 @@
 """Train a small LLaMA target from scratch (the embedded demo model) and save it as a HF checkpoint.
 
-    python -m eagle_runtime.train_target --out DIR [--layers 16 --dim 128 ... --steps N --max-minutes M]
+    python -m eagle_runtime.train.target --out DIR [--layers 16 --dim 128 ... --steps N --max-minutes M]
 
 The model is this package's own :class:`~eagle_runtime.model.Transformer` (built from a HF llama config dict with
 :meth:`ModelConfig.from_dict`), trained with :meth:`Transformer.forward_causal`, AdamW, linear warm-up and cosine
@@ -30,13 +30,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import ModelConfig
-from .loading import atomic_write, load_target
-from .model import Transformer
+from ..atomic import atomic_write, atomic_write_text
+from ..checks import check_seed
+from ..config import ModelConfig
+from ..errors import USER_ERRORS, OneLineParser
+from ..loading import load_target
+from ..model import Transformer
 
 # The repository's sibling ``shared/data`` holds the read-only data (corpora, the stories260k tokenizer);
 # EAGLE_SHARED_DATA points elsewhere (as in tests/conftest.py).
-_SHARED_DATA = Path(os.environ.get("EAGLE_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+_SHARED_DATA = Path(os.environ.get("EAGLE_SHARED_DATA", Path(__file__).resolve().parents[4] / "shared" / "data"))
 DEFAULT_TOKENIZER = _SHARED_DATA / "models" / "stories260k-hf"
 DEFAULT_TRAIN = [_SHARED_DATA / "corpus" / "tinystories_val.txt", _SHARED_DATA / "corpus" / "tinystories_extra.txt"]
 DEFAULT_HELDOUT = _SHARED_DATA / "corpus" / "tinystories_extra.txt"
@@ -79,10 +82,11 @@ class TargetConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        for name in ("warmup", "eval_every", "seed"):
+        for name in ("warmup", "eval_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {v!r}")
+        check_seed(self.seed, "--seed", lo=0)
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be >= 2, got {self.seq_len}")
         for name in ("lr", "grad_clip"):
@@ -216,15 +220,15 @@ def save_hf(model: Transformer, hf_cfg: dict, tokenizer, out: str | Path, dtype:
     out.mkdir(parents=True, exist_ok=True)
     gen_cfg = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"]}
     # Every file is written to a temporary name in ``out`` and renamed: a kill never leaves a partial file.
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2)))
-    atomic_write(out / "generation_config.json", lambda p: p.write_text(json.dumps(gen_cfg, indent=2)))
+    atomic_write_text(out / "config.json", json.dumps(hf_cfg, indent=2))
+    atomic_write_text(out / "generation_config.json", json.dumps(gen_cfg, indent=2))
     state = hf_state_dict(model, dtype)
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
     try:
         tokenizer.save_pretrained(str(tmp))
         for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
+            atomic_write(out / f.name, lambda p, f=f: shutil.copyfile(f, p))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -320,12 +324,12 @@ def train_target(cfg: TargetConfig, out: str | Path, tokenizer_dir: str | Path =
         "hf_max_abs_logit_diff": check_hf_agreement(out, held[: 2 * 64].view(2, 64)),
         "config": asdict(cfg),
     }
-    atomic_write(Path(out) / "train_metrics.json", lambda p: p.write_text(json.dumps({**metrics, "history": history}, indent=1)))
+    atomic_write_text(Path(out) / "train_metrics.json", json.dumps({**metrics, "history": history}, indent=1))
     return metrics
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m eagle_runtime.train_target", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m eagle_runtime.train.target", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (HF checkpoint)")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="HF directory with the tokenizer (vocab 512)")
     d = TargetConfig()
@@ -340,12 +344,9 @@ def main(argv=None) -> dict:
         else:
             p.add_argument(flag, type=type(val), default=val)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage block
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from .cli import USER_ERRORS
-
     try:
         cfg = TargetConfig(**{k: getattr(a, k) for k in asdict(d)})
         m = train_target(cfg, a.out, a.tokenizer)

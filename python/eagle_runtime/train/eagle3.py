@@ -4,7 +4,8 @@
 
 Data preparation, the loop (schedule, evaluation, ``--max-minutes``), the refusal to replace a head without
 ``--overwrite``, weights-only ``--resume``, atomic saves, SIGINT/SIGTERM save-and-exit and the command line's
-one-line errors (exit status 2) are :mod:`eagle_runtime.train`'s (``prepare_training``, ``fit``, ``run_cli``).
+one-line errors (exit status 2) are shared with EAGLE-1 (:func:`.common.prepare_training`, :func:`.loop.fit`,
+:func:`.command.run_cli`).
 What differs:
 
 - The draft vocabulary: the ``--draft-vocab`` most frequent target tokens of the training rows (loss-masked
@@ -25,15 +26,15 @@ Saves the official EAGLE-3 layout (``config.json`` + ``pytorch_model.bin``) and 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .draft3 import Eagle3Head, new_eagle3_head
-from .model import Transformer, apply_rope, bad_taps
-from .train import TrainConfig, fit, load_init, prepare_training, run_cli, start_from
+from ..draft3 import Eagle3Head, new_eagle3_head
+from ..model import Transformer, apply_rope, bad_taps
+from .common import TrainConfig, load_init, prepare_training, start_from
+from .loop import fit
 
 
 @dataclass
@@ -203,13 +204,3 @@ def evaluate3(head: Eagle3Head, target: Transformer, tokens, mask, cfg: Eagle3Tr
         losses.append(loss.item())
         accs.append(acc.item())
     return {"eval_loss": sum(losses) / len(losses), "eval_acc": sum(accs) / len(accs)}
-
-
-def main(argv=None) -> int:
-    return run_cli(argv, prog="python -m eagle_runtime.train --head eagle3", cfg_type=Eagle3TrainConfig,
-                   train=train_head3, description="Train an EAGLE-3 draft head (official EAGLE-3 layout).",
-                   layout="official EAGLE-3 layout")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
