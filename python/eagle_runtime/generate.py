@@ -304,7 +304,7 @@ class EagleModel:
         return self._pool.get(key, make)
 
     def set_backend(self, backend: str) -> None:
-        self.ops = get_ops(backend)
+        self.ops = get_ops(backend, device=self.target.embed_tokens.weight.device)
         if getattr(self.target, "tp", None) is not None:  # tensor parallel: EAGLE_TP_DEBUG checks rank agreement
             self.ops = self.target.tp.wrap_ops(self.ops)
         self.target.ops = self.ops
