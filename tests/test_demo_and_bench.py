@@ -126,7 +126,9 @@ def test_agreement_counts_identical_outputs_and_the_common_prefix():
 
 def test_benchmark_json_holds_every_printed_field(tmp_path):
     out = tmp_path / "res"
-    cmd = [sys.executable, str(BENCH), "--num-questions", "2", "--max-new-tokens", "16", "--out", str(out)]
+    # --threads 1: on a shared 2-core machine the default (one per core) ran past the 300 s limit; 1 thread: 50 s
+    cmd = [sys.executable, str(BENCH), "--num-questions", "2", "--max-new-tokens", "16", "--threads", "1",
+           "--out", str(out)]
     env = dict(os.environ, EAGLE_RUNTIME_CACHE=str(tmp_path / "cache"))  # tree="auto" caches its cost model
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
