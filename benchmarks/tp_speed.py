@@ -70,7 +70,8 @@ def main(argv=None) -> dict:
     p.add_argument("--vocab", default="replicated", choices=["replicated", "parallel"],
                    help="embedding / lm_head: whole on every rank, or split by vocabulary rows")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: the API's (bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
     p.add_argument("--out", default=str(REPO / "results"))
@@ -89,7 +90,7 @@ def main(argv=None) -> dict:
     if tree is None:
         m = re.fullmatch(r"(\d+),(\d+),(\d+)", a.tree)
         tree = DynamicTree(*map(int, m.groups())) if m else DynamicTree()
-    dtype = getattr(torch, a.dtype)
+    dtype = getattr(torch, a.dtype) if a.dtype else torch.bfloat16 if torch.device(a.device).type == "cuda" else torch.float32
     world = env_world_size()
     if world > 1:
         target = load_target_parallel(base, dtype=dtype, device=a.device, vocab=a.vocab)
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"cpu ({platform.machine()})",
         "tensor_parallel": world,
         "vocab": a.vocab if world > 1 else "whole",
-        "target": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "dtype": a.dtype},
+        "target": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "dtype": str(dtype).removeprefix("torch.")},
         "tree": {"total_tokens": getattr(tree, "total_tokens", None), "depth": tree.max_depth, "verify_tokens": tree_tokens},
         "threads_per_rank": torch.get_num_threads(),
         "plain": rows["plain"],
@@ -145,7 +146,7 @@ def main(argv=None) -> dict:
     shutdown_distributed()
     if not main_rank:
         return res
-    print(f"device {res['device']}, TP{world} (vocab {res['vocab']}), tree {res['tree']}")
+    print(f"device {res['device']}, TP{world} (vocab {res['vocab']}), dtype {res['target']['dtype']}, tree {res['tree']}")
     print(f"{'mode':6} {'tokens':>6} {'tok/s':>8} {'steps':>6} {'AR bytes/step':>14} {'AR calls/step':>13} {'AG bytes/step':>13}")
     for m in ("plain", "eagle"):
         r = rows[m]

@@ -7,7 +7,10 @@
 ``cpu``    the fast CPU paths of :mod:`eagle_kernels.cpu_fast` (token-identical to the references, several times
            faster at small sizes: no softmax/sort/RNG when greedy, a vectorised tree walk, SDPA over the existing
            slots only, ``torch.topk`` under the reference's tie rule); tree buffers as for ``torch``.
-``auto``   ``triton`` where CUDA is available, else ``cpu``; the fallback is reported once.
+``auto``   by the device of the tensors the ops will see (``get_ops("auto", device=...)``): ``triton`` for a CUDA
+           device, ``cpu`` for any other. Without a device, the machine's default one: ``triton`` where CUDA is
+           available, else ``cpu`` (that fallback is reported once). A CPU model on a GPU host must pass its
+           device: Triton cannot read CPU pointers outside the interpreter.
 
 An explicitly requested backend that cannot run raises :class:`BackendUnavailable`. Nothing here touches a GPU
 at import time.
@@ -137,21 +140,33 @@ def _triton_ops() -> Ops:
     )
 
 
-def get_ops(backend: str = "auto") -> Ops:
-    """The op table for ``backend`` in ``{"auto", "cpu", "torch", "triton"}``."""
+def get_ops(backend: str = "auto", device: str | "torch.device" | None = None) -> Ops:
+    """The op table for ``backend`` in ``{"auto", "cpu", "torch", "triton"}``, for tensors on ``device``.
+
+    ``device`` (``None``, a name such as ``"cuda:0"`` or a ``torch.device``) decides ``auto``: ``triton`` for CUDA,
+    ``cpu`` otherwise; ``None`` means the machine's default device. ``triton`` on a CPU device needs
+    ``TRITON_INTERPRET=1`` and raises :class:`BackendUnavailable` without it, even where CUDA is present.
+
+    Example: on a GPU host ``get_ops("auto", device="cpu").name == "cpu"`` and ``get_ops("auto").name == "triton"``.
+    """
     global _warned_fallback
+    import torch
+
+    dev = None if device is None else torch.device(device)
     if backend == "torch":
         return _torch_ops()
     if backend == "cpu":
         return _cpu_ops()
     if backend == "triton":
         ok, why = triton_available()
+        if ok and dev is not None and dev.type != "cuda" and not interpreter_enabled():
+            ok, why = False, f"CPU tensors ({dev}) need TRITON_INTERPRET=1; use backend 'cpu' or 'torch'"
         if not ok:
             raise BackendUnavailable(f"backend 'triton' was requested but cannot run: {why}")
         return _triton_ops()
     if backend == "auto":
-        import torch
-
+        if dev is not None:
+            return _triton_ops() if dev.type == "cuda" else _cpu_ops()
         if torch.cuda.is_available():
             return _triton_ops()
         if not _warned_fallback:

@@ -102,9 +102,33 @@ def test_builtin_questions_cover_every_category():
     assert all(len(q["turns"]) == 2 for q in qs)
 
 
+@pytest.mark.parametrize("device,want", [("cpu", torch.float32), ("cuda", torch.bfloat16),
+                                          ("cuda:1", torch.bfloat16), (torch.device("cpu"), torch.float32)],
+                         ids=["cpu", "gpu", "gpu1", "cpu_device"])  # no "cuda" in ids: conftest would skip them
+def test_dtype_defaults_to_the_apis_choice_per_device(device, want):
+    """Issue 24 item 2: no --dtype is bf16 on CUDA and fp32 on CPU, as EagleModel.from_pretrained(dtype=None)."""
+    bench = _bench_module()
+    assert bench.resolve_dtype(None, device) is want
+    assert bench.resolve_dtype("float16", device) is torch.float16  # an explicit --dtype wins
+
+
+def test_agreement_counts_identical_outputs_and_the_common_prefix():
+    """Issue 24 item 11: bf16 equality is a fraction and a prefix length, not one boolean."""
+    bench = _bench_module()
+    a = bench.agreement([([1, 2, 3], [1, 2, 3]), ([1, 5], [1, 2, 4]), ([7], [8, 9])])
+    assert a == {"identical": 1, "total": 3, "all": False, "fraction": 1 / 3, "mean_common_prefix": 4 / 3}
+    assert bench.agreement([([1, 2], [1, 2, 3])])["mean_common_prefix"] == 2  # a prefix of the other: its length
+    assert bench.agreement([])["fraction"] is None
+    line = bench.agreement_line(a, "bfloat16")
+    assert "1/3" in line and "0.333" in line and "token identity is claimed in float32 only" in line
+    assert "float32 only" not in bench.agreement_line(a, "float32")
+
+
 def test_benchmark_json_holds_every_printed_field(tmp_path):
     out = tmp_path / "res"
-    cmd = [sys.executable, str(BENCH), "--num-questions", "2", "--max-new-tokens", "16", "--out", str(out)]
+    # --threads 1: on a shared 2-core machine the default (one per core) ran past the 300 s limit; 1 thread: 50 s
+    cmd = [sys.executable, str(BENCH), "--num-questions", "2", "--max-new-tokens", "16", "--threads", "1",
+           "--out", str(out)]
     env = dict(os.environ, EAGLE_RUNTIME_CACHE=str(tmp_path / "cache"))  # tree="auto" caches its cost model
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,6 +149,10 @@ def test_benchmark_json_holds_every_printed_field(tmp_path):
         assert entry["summary"]["eagle"]["accept_histogram"]
     zero = res["results"]["0"]
     assert zero["eagle_identical_to_plain"]["all"], zero["eagle_identical_to_plain"]
+    assert zero["eagle_identical_to_plain"]["fraction"] == 1.0 and zero["eagle_identical_to_plain"]["token_identity_expected"]
+    assert zero["eagle_identical_to_plain"]["mean_common_prefix"] > 0
+    assert res["config"]["dtype"] == "float32" and res["config"]["dtype_source"] == "default for cpu"
+    assert any(line.startswith("device:") and "dtype: float32 (default for cpu)" in line for line in lines)
     assert zero["eagle_identical_to_plain"]["total"] == 4  # 2 questions x 2 turns
     for key in ("device", "benchmark_wall_s"):
         assert key in res

@@ -170,7 +170,7 @@ class EagleModel:
 
     def set_backend(self, backend: str) -> None:
         """Switch the op table (``"auto"``, ``"cpu"``, ``"torch"``, ``"triton"``); re-resolves ``cuda_graphs``."""
-        ops = get_ops(backend)
+        ops = get_ops(backend, device=self.target.embed_tokens.weight.device)
         if getattr(self.target, "tp", None) is not None:  # tensor parallel: EAGLE_TP_DEBUG checks rank agreement
             ops = self.target.tp.wrap_ops(ops)
         self.ops = ops
