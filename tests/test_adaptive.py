@@ -145,8 +145,8 @@ def _costs(target_ms, draft_ms):
 
 def _choice(costs, p, greedy=True):
     stats = AcceptStats(AutoConfig(prior_weight=1e-9))
-    stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
-    stats.tries = [1000.0] * stats.max_rank
+    stats.hits = [v * 1000 for v in p] + [0.0] * (stats.config.max_rank - len(p))
+    stats.tries = [1000.0] * stats.config.max_rank
     ctrl = adaptive.AutoController(AutoTree(), costs, stats, 1, greedy)
     return ctrl.choice
 
@@ -181,8 +181,8 @@ def test_costs_follow_the_cache_length():
     assert cm.cycle_ms(tree, True, 448) - cm.cycle_ms(tree, True, 64) > long[32] - short[32] - 1e-9
     p = [0.6, 0.2, 0.1, 0.05]
     stats = AcceptStats(AutoConfig(prior_weight=1e-9))
-    stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
-    stats.tries = [1000.0] * stats.max_rank
+    stats.hits = [v * 1000 for v in p] + [0.0] * (stats.config.max_rank - len(p))
+    stats.tries = [1000.0] * stats.config.max_rank
     at_short = adaptive.AutoController(AutoTree(), cm, stats, 1, True, prefix=64).choice
     at_long = adaptive.AutoController(AutoTree(), cm, stats, 1, True, prefix=448).choice
     assert at_short is not None and at_long is not None
@@ -200,8 +200,8 @@ def test_measured_steps_correct_the_model():
 
     def ctrl(plain_measured: bool):
         stats = AcceptStats(AutoConfig(prior_weight=1e-9))
-        stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
-        stats.tries = [1000.0] * stats.max_rank
+        stats.hits = [v * 1000 for v in p] + [0.0] * (stats.config.max_rank - len(p))
+        stats.tries = [1000.0] * stats.config.max_rank
         if plain_measured:
             for _ in range(20):
                 stats.add_step("plain", 1.0, 1.0)  # plain steps ran as fast as predicted
@@ -395,8 +395,8 @@ def _plain_winning_controller(far: bool):
     """A controller on synthetic costs where plain decoding wins (by far, or narrowly)."""
     stats = AcceptStats(AutoConfig(prior_weight=1e-9))
     p = [0.05, 0.01] if far else [0.5, 0.1]
-    stats.hits = [v * 1000 for v in p] + [0.0] * (stats.max_rank - len(p))
-    stats.tries = [1000.0] * stats.max_rank
+    stats.hits = [v * 1000 for v in p] + [0.0] * (stats.config.max_rank - len(p))
+    stats.tries = [1000.0] * stats.config.max_rank
     ctrl = adaptive.AutoController(AutoTree(), _costs(10.0, 3.0 if not far else 5.0), stats, 1, True, prefix=64)
     assert ctrl.choice is None
     return ctrl
