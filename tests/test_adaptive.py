@@ -425,7 +425,7 @@ def test_probes_back_off_further_when_speculation_is_far_from_paying():
     predicted below 0.8x plain decoding."""
     for far, cap in ((True, 32), (False, 8)):
         ctrl = _plain_winning_controller(far)
-        base = ctrl.auto.probe_every
+        base = ctrl.auto.config.probe_every
         for _ in range(8):  # probes that keep confirming plain decoding
             assert ctrl.next_tree() is None
             ctrl.stats.plain_run = ctrl.plain_steps_ahead() + ctrl.stats.plain_run
