@@ -91,7 +91,8 @@ def test_draft_attention_follows_the_tree(stories_dir, trained_head_dir):
         recorded.append((h_in.clone(), tokens.clone(), positions.clone(), mask.clone(), out[0].clone()))
         return out
 
-    model.tree.draft(spy, state.d_hidden, state.d_logits, state.next_tok, L, ops)
+    with torch.inference_mode():  # the decode state is made of inference tensors (the Decoder runs under it)
+        model.tree.draft(spy, state.d_hidden, state.d_logits, state.next_tok, L, ops)
     # Replay every node of the last step: a chain over its ancestors' slots only must give the same output.
     h_in, tokens, positions, mask, out = recorded[-1]
     k = model.tree.top_k
@@ -100,10 +101,11 @@ def test_draft_attention_follows_the_tree(stories_dir, trained_head_dir):
     all_p = torch.cat([r[2] for r in recorded], 1)
     for i in range(k):
         anc = mask[0, i].nonzero().flatten()
-        cache = head.new_cache(1, tgt.max_len)
-        cache[:, :, :, : int(L)] = state.d_cache[:, :, :, : int(L)]
-        chain = torch.tril(torch.ones(len(anc), len(anc), dtype=torch.bool))[None]
-        ref = head(all_h[:, anc], all_t[:, anc], tgt, all_p[:, anc], cache, L, L, chain)
+        with torch.inference_mode():
+            cache = head.new_cache(1, tgt.max_len)
+            cache[:, :, :, : int(L)] = state.d_cache[:, :, :, : int(L)]
+            chain = torch.tril(torch.ones(len(anc), len(anc), dtype=torch.bool))[None]
+            ref = head(all_h[:, anc], all_t[:, anc], tgt, all_p[:, anc], cache, L, L, chain)
         torch.testing.assert_close(ref[0, -1], out[0, i], rtol=1e-4, atol=1e-5)
 
 
