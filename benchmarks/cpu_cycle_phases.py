@@ -123,7 +123,7 @@ def _layer_pieces(model: EagleModel, layer_idx: int, prompt: list[int], reps: in
         model.generate([prompt], 8, stop_on_eos=False, speculative=False)
     finally:
         del layer.step
-    ops, attn, mlp = model.ops, layer.self_attn, layer.mlp
+    attn, mlp = layer.self_attn, layer.mlp
     n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
 
     def us(fn) -> float:
@@ -138,6 +138,7 @@ def _layer_pieces(model: EagleModel, layer_idx: int, prompt: list[int], reps: in
     with torch.inference_mode():
         for T in sorted(t for t in seen if t in (1, model.tree.num_nodes)):
             (x, residual, rope, kc, vc, plen, widx, mask, lops), kw = seen[T]
+            ops = lops  # that forward's table: its per-forward memos hit as in every layer after the first
             B = x.shape[0]
             h, r = ops.add_rms_norm(x, residual, n1.weight, n1.eps)
             qkv = attn._project(h)

@@ -119,7 +119,7 @@ def measure(model: EagleModel, hf, prefix: int, dev, reps: int) -> dict:
         ops, tree, L, head = model.ops, model.tree, state.L, model.head
 
         def step(h_in, tokens, positions, write_pos, mask):
-            return head.step(h_in, tokens, tgt, positions, state.d_cache, L, write_pos, mask)
+            return head.step(h_in, tokens, tgt, positions, state.d_cache, L, write_pos, mask, ops)
 
         draft = lambda: tree.draft(step, state.d_hidden, state.d_logits, state.next_tok, L, ops)  # noqa: E731
         row["draft_ms"] = timer(draft, reps)
@@ -127,7 +127,7 @@ def measure(model: EagleModel, hf, prefix: int, dev, reps: int) -> dict:
 
         def verify():
             bufs = ops.build_tree_buffers(parents, tree.max_depth)
-            return tgt(tokens, L[:, None] + bufs.depth, state.cache, L, L, bufs.mask)
+            return tgt(tokens, L[:, None] + bufs.depth, state.cache, L, L, bufs.mask, ops)
 
         row["verify_ms"] = timer(verify, reps)
         row["cycle_eager_ms"] = timer(lambda: dec.cycle(state, sp, tree), reps)

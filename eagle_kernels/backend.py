@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from . import reference
+from . import cpu_fast, reference
 from .errors import BackendUnavailable
 
 __all__ = ["Ops", "BackendUnavailable", "get_ops", "triton_available", "native_available"]
@@ -51,6 +51,17 @@ class Ops:
     # references' PyTorch code, the cpu one with its bit-identical logit processing
     sample_draft: Callable = reference.sample_draft
     accept_chain: Callable = reference.accept_chain
+    # Mixtral's routed experts (:func:`reference.moe_experts`' contract); the default loops over experts as HF's
+    # MixtralSparseMoeBlock does (same bits as transformers), the triton table runs the grouped GEMM on CUDA
+    moe_experts: Callable = cpu_fast.moe_experts_by_expert
+    # ``bind(ops)``: the table one forward uses (see :meth:`for_forward`); None: the table itself
+    bind: Callable | None = None
+
+    def for_forward(self) -> "Ops":
+        """The table for one model forward. Ops may share work across the layers of a forward (the ``cpu`` table
+        gathers the rotary tables and builds the attention mask once, :func:`cpu_fast.bind_forward`); a table
+        bound per forward scopes that memo to it, so nothing outlives the forward or crosses threads."""
+        return self if self.bind is None else self.bind(self)
 
 
 def interpreter_enabled() -> bool:
@@ -103,8 +114,6 @@ def _torch_ops() -> Ops:
 
 
 def _cpu_ops() -> Ops:
-    from . import cpu_fast
-
     return Ops(
         "cpu",
         cpu_fast.tree_attention,
@@ -119,6 +128,7 @@ def _cpu_ops() -> Ops:
         reference.silu_mul,
         functools.partial(reference.sample_draft, process=cpu_fast.process_logits),
         functools.partial(reference.accept_chain, process=cpu_fast.process_logits),
+        bind=cpu_fast.bind_forward,
     )
 
 
@@ -136,8 +146,19 @@ def _triton_ops() -> Ops:
 
     return Ops(
         "triton", tree_attention, topk_expand, accept_tree, sample_tokens, kv_compact, _native_tree_buffers(),
-        rms_norm, add_rms_norm, rope_kv_write, silu_mul,
+        rms_norm, add_rms_norm, rope_kv_write, silu_mul, moe_experts=_moe_experts_triton,
     )
+
+
+def _moe_experts_triton(x, top_w, top_i, w1, w3, w2):
+    """The grouped Triton GEMMs on CUDA (static shapes: graph-safe); CPU tensors (interpreter runs of the
+    triton table) take the per-expert loop: the interpreted grouped GEMM is minutes per forward, and
+    tests/test_moe.py checks the kernel against the reference on its own."""
+    if x.is_cuda:
+        from .moe import moe_experts
+
+        return moe_experts(x, top_w, top_i, w1, w3, w2)
+    return cpu_fast.moe_experts_by_expert(x, top_w, top_i, w1, w3, w2)
 
 
 def get_ops(backend: str = "auto", device: str | "torch.device" | None = None) -> Ops:

@@ -24,6 +24,7 @@ Host reads (``int(...)`` of a CPU tensor) are free on CPU and used for shapes; t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -73,8 +74,8 @@ def topk_expand(
 class _Memo:
     """One entry remembered across the layers of a forward, keyed on the identity of its argument tensors (the
     memo holds them, so their ids cannot be reused while it does) and, for tensors that track one, their in-place
-    version. Inference-mode tensors track no version: for them the caller must not refill a tensor it passes again
-    (the runtime hands each forward fresh view objects, ``eagle_runtime.model.per_forward``)."""
+    version. A memo lives for one forward (:func:`bind_forward`): inference-mode tensors track no version, and a
+    caller may refill the same tensors between forwards (graph buffers, the decode state)."""
 
     __slots__ = ("key", "versions", "value")
 
@@ -96,7 +97,29 @@ class _Memo:
         return value
 
 
-_rope_memo, _mask_memo = _Memo(), _Memo()
+def bind_forward(ops):
+    """``ops`` with ``rope_kv_write`` and ``tree_attention`` sharing fresh memos: the table of one forward
+    (``Ops.for_forward``). The memos save a gather per layer (rotary) and a mask build per layer (attention)."""
+    import dataclasses
+
+    rope_memo, mask_memo = _Memo(), _Memo()
+    return dataclasses.replace(ops, bind=None,
+                               rope_kv_write=functools.partial(rope_kv_write, memo=rope_memo),
+                               tree_attention=functools.partial(tree_attention, memo=mask_memo))
+
+
+def moe_experts_by_expert(x, top_w, top_i, w1, w3, w2):
+    """:func:`reference.moe_experts` computed expert by expert in ``x.dtype``, the expression of HF's
+    ``MixtralSparseMoeBlock`` (same bits as transformers; the reference gathers ``[N, I, H]`` weights per token)."""
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        tok, slot = torch.where(top_i == e)
+        if tok.numel() == 0:
+            continue
+        h = x[tok]
+        y = (F.silu(h @ w1[e].T) * (h @ w3[e].T)) @ w2[e].T
+        out.index_add_(0, tok, y * top_w[tok, slot, None])
+    return out
 
 
 def rms_norm(x, weight, eps):
@@ -112,14 +135,15 @@ def add_rms_norm(x, residual, weight, eps):
     return rms_norm(r, weight, eps), r
 
 
-def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, write_idx, num_heads, num_kv_heads):
+def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, write_idx, num_heads, num_kv_heads, memo=None):
     """:func:`reference.rope_kv_write` (same bits): the position's cos/sin gathered once per forward (memo) and
     q and k rotated together (they are adjacent in the merged projection)."""
     B, T, _ = qkv.shape
     D = k_cache.shape[-1]
-    tables = _rope_memo.get(positions, cos, sin, qkv.dtype)
+    memo = memo if memo is not None else _Memo()
+    tables = memo.get(positions, cos, sin, qkv.dtype)
     if tables is None:
-        tables = _rope_memo.put((cos[positions].to(qkv.dtype).unsqueeze(2), sin[positions].to(qkv.dtype).unsqueeze(2)),
+        tables = memo.put((cos[positions].to(qkv.dtype).unsqueeze(2), sin[positions].to(qkv.dtype).unsqueeze(2)),
                                 positions, cos, sin, qkv.dtype)
     c, s = tables
     x = qkv.view(B, T, -1, D)
@@ -136,11 +160,11 @@ def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, write_idx, num_hea
 # --------------------------------------------------------------------------------------------------------------
 # Tree attention
 # --------------------------------------------------------------------------------------------------------------
-def _attention_plan(q, prefix_len, tree_mask):
+def _attention_plan(q, prefix_len, tree_mask, memo):
     """``(slots, mask or None, rows that see nothing or None)`` for one forward, shared by its layers (memo)."""
     B, T = q.shape[0], q.shape[1]
     M = tree_mask.shape[-1]
-    plan = _mask_memo.get(prefix_len, tree_mask)
+    plan = memo.get(prefix_len, tree_mask)
     if plan is not None:
         return plan
     lo, hi = int(prefix_len.min()), int(prefix_len.max())
@@ -158,10 +182,10 @@ def _attention_plan(q, prefix_len, tree_mask):
         sees = (tree_mask.any(-1) | (prefix_len > 0).view(B, 1)).view(B, 1, T, 1)
     if mask is not None:  # additive form once per forward (SDPA converts a boolean mask the same way per call)
         mask = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))  # float32: the math
-    return _mask_memo.put((n, mask, sees), prefix_len, tree_mask)
+    return memo.put((n, mask, sees), prefix_len, tree_mask)
 
 
-def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=None):
+def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=None, memo=None):
     """:func:`reference.tree_attention` over the ``max(prefix_len) + M`` existing slots with SDPA.
 
     Plain decoding (``T == M == 1``, every prefix equal) runs without a mask. Queries that see no slot get
@@ -170,7 +194,7 @@ def tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, sm_scale=None):
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    n, mask, sees = _attention_plan(q, prefix_len, tree_mask)
+    n, mask, sees = _attention_plan(q, prefix_len, tree_mask, memo if memo is not None else _Memo())
     k, v = k_cache[:, :, :n], v_cache[:, :, :n]
     qh = q.transpose(1, 2)
     if q.dtype != torch.float32:

@@ -22,6 +22,15 @@ SETTINGS = [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.8, 0), (1.3, 1.0, 5), (0.9, 0.
             (0.8, 0.9, 40), (1e-37, 0.9, 40)]
 
 
+def _kernel_or_reference():
+    """``(accept_tree, sample_tokens)`` for the distribution tests: the kernels on a GPU; on CPU the references, which
+    the kernels equal draw for draw (the ``*_identical_to_reference`` tests): hundreds of interpreted rows cost
+    ~170 s on 2 cores and would test that identity again."""
+    if DEV == "cuda":
+        return accept_tree, sample_tokens
+    return reference.accept_tree, reference.sample_tokens
+
+
 def _params(B, settings=SETTINGS):
     rows = [settings[i % len(settings)] for i in range(B)]
     t, p, k = zip(*rows)
@@ -211,10 +220,10 @@ def test_sample_distribution_matches_target():
     top_p = torch.ones(B, device=DEV)
     top_k = torch.zeros(B, dtype=torch.int64, device=DEV)
     p = reference.process_logits(logits[:1], temperature[:1], top_p[:1], top_k[:1])[0].double().cpu()
+    _, sample = _kernel_or_reference()
     counts = torch.zeros(V, dtype=torch.float64)
     for rep in range(n_rep):
-        draws = sample_tokens(logits, temperature, top_p, top_k, torch.tensor(99, device=DEV),
-                              torch.tensor(rep, device=DEV))
+        draws = sample(logits, temperature, top_p, top_k, torch.tensor(99, device=DEV), torch.tensor(rep, device=DEV))
         counts += torch.bincount(draws.cpu(), minlength=V).double()
     assert counts[p == 0].sum() == 0, "a filtered-out token was sampled"
     scipy_stats = pytest.importorskip("scipy.stats")
@@ -226,14 +235,14 @@ def test_sample_distribution_matches_target():
 def test_accept_emits_target_distribution():
     # star tree with 3 drafted children; the first emitted token must follow p(root) whatever the drafts are
     B, V = 400, 8
+    accept, _ = _kernel_or_reference()
     row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], device=DEV)
     logits = row.expand(B, 4, V).contiguous()
     parents = torch.tensor([[-1, 0, 0, 0]] * B, device=DEV)
     tokens = torch.tensor([[0, 0, 1, 7]] * B, device=DEV)
     temperature = torch.ones(B, device=DEV)
-    out = accept_tree(logits, tokens, parents, temperature, torch.ones(B, device=DEV),
-                      torch.zeros(B, dtype=torch.int64, device=DEV), torch.tensor(5, device=DEV),
-                      torch.tensor(1, device=DEV))
+    out = accept(logits, tokens, parents, temperature, torch.ones(B, device=DEV),
+                 torch.zeros(B, dtype=torch.int64, device=DEV), torch.tensor(5, device=DEV), torch.tensor(1, device=DEV))
     first = torch.where(out.accept_len > 0, tokens.gather(1, out.accept_path[:, 1:2].clamp(min=0)).squeeze(1),
                         out.next_token)
     counts = torch.bincount(first.cpu(), minlength=V).double()

@@ -84,7 +84,7 @@ def test_demo_model_on_cpu_gets_cpu_ops_with_cuda_present(cuda_reported, no_trit
 
     target, head = demo_paths()
     model = EagleModel.from_pretrained(target, head, tree=demo_tree())  # device defaults to "cpu"
-    assert model.ops.name == "cpu" and model.target.ops.name == "cpu"
+    assert model.ops.name == "cpu" and model.decoder.ops is model.ops
     assert not model.cuda_graphs
     plain = model.generate("Once upon a time", 8, speculative=False)
     spec = model.generate("Once upon a time", 8)

@@ -206,9 +206,10 @@ def test_layer_pieces_bit_identical(dtype):
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     positions = torch.randint(0, S, (B, T), generator=g)
     write = torch.stack([torch.randperm(S, generator=g)[:T] for _ in range(B)])
+    memo = cpu_fast._Memo()  # one forward's memo (cpu_fast.bind_forward)
     for _ in range(2):  # the second round reuses the memo, then the positions change in place
         caches = [torch.zeros(B, nkv, S, D, dtype=dtype) for _ in range(4)]
-        q1 = cpu_fast.rope_kv_write(qkv, cos, sin, positions, caches[0], caches[1], write, nh, nkv)
+        q1 = cpu_fast.rope_kv_write(qkv, cos, sin, positions, caches[0], caches[1], write, nh, nkv, memo=memo)
         q2 = reference.rope_kv_write(qkv, cos, sin, positions, caches[2], caches[3], write, nh, nkv)
         assert torch.equal(q1, q2) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
         positions.add_(1).clamp_(max=S - 1)
@@ -222,8 +223,9 @@ def test_attention_plan_memo_follows_in_place_changes():
     q = torch.randn(B, T, H, D, generator=g)
     mask = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T).clone()
     prefix = torch.tensor([4, 9])
+    memo = cpu_fast._Memo()
     for _ in range(3):
-        out = cpu_fast.tree_attention(q, kc, vc, prefix, mask)
+        out = cpu_fast.tree_attention(q, kc, vc, prefix, mask, memo=memo)
         ref = reference.tree_attention(q, kc, vc, prefix, mask)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         prefix.add_(3)  # same object, new contents

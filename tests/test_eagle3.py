@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from eagle_kernels import reference
+from eagle_kernels import get_ops, reference
 from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_target, save_head
 from eagle_runtime.draft3 import Eagle3Head, default_taps, random_head3
 from eagle_runtime.generate import causal_mask
@@ -19,6 +19,7 @@ from conftest import CORPUS, require
 from spec_helpers import chi2_pvalue, exact_joint, spec_counts
 from test_generate import PROMPTS
 
+TORCH_OPS = get_ops("torch")  # the references: what the model-level tests compare against
 TAPS = (0, 2, 4)  # stories260k has 5 layers: the defaults (2, 2, 2) would tap one layer thrice
 
 
@@ -67,7 +68,8 @@ def _draft_outputs(head, target, seed=0):
     _, taps = target.forward_causal(tok, taps=head.target_taps)
     z = torch.zeros(2, dtype=torch.long)
     pos = torch.arange(8).expand(2, 8)
-    out = head(head.first_input(taps[:, :8]), tok[:, 1:], target, pos, head.new_cache(2, 32), z, z, causal_mask(2, 8, "cpu"))
+    out = head(head.first_input(taps[:, :8]), tok[:, 1:], target, pos, head.new_cache(2, 32), z, z, causal_mask(2, 8, "cpu"),
+               TORCH_OPS)
     return out, head.draft_logits(out, target)
 
 
@@ -86,7 +88,7 @@ def test_target_taps_are_the_inputs_of_the_tapped_layers(stories_dir, target):
         T = tok.shape[1]
         z = torch.zeros(1, dtype=torch.long)
         feats2, taps2 = target(tok, torch.arange(T)[None], target.new_cache(1, 16), z, z, causal_mask(1, T, "cpu"),
-                               taps=(4, 0, 2))
+                               TORCH_OPS, taps=(4, 0, 2))
     want = torch.cat([hs[4], hs[0], hs[2]], -1)
     torch.testing.assert_close(taps, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(taps2, want, rtol=1e-5, atol=1e-5)
@@ -98,7 +100,7 @@ def test_target_taps_are_the_inputs_of_the_tapped_layers(stories_dir, target):
     with torch.no_grad():
         _, last = target.forward_causal(tok, taps=(L, 1))
         _, last2 = target(tok, torch.arange(T)[None], target.new_cache(1, 16), z, z, causal_mask(1, T, "cpu"),
-                          taps=(L, 1))
+                          TORCH_OPS, taps=(L, 1))
     torch.testing.assert_close(last[..., H:], hs[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last2, last, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(target.norm(last[..., :H]), hs[L], rtol=1e-5, atol=1e-5)
@@ -334,14 +336,14 @@ def test_training_time_test_equals_drafting(target):
     cache = head.new_cache(1, 64)
     z = torch.zeros(1, dtype=torch.long)
     h = head(head.first_input(taps[:, :n]), tok[:, 1 : n + 1], target, torch.arange(n)[None], cache, z, z,
-             causal_mask(1, n, "cpu"))[:, q:]
+             causal_mask(1, n, "cpu"), TORCH_OPS)[:, q:]
     # fp32 rounding grows with the hidden state's size (|h| reaches ~25 by step 2, errors ~1.2e-5): the absolute
     # tolerance is relative to it; a wrong position, mask or input shows as differences of order |h|.
     torch.testing.assert_close(h[0, 0], steps[0][0, q], rtol=1e-5, atol=2e-6 * float(steps[0][0, q].abs().max()))
     L = torch.tensor([n])
     for j in (1, 2):
         h = head(h, tok[:, q + 1 + j : q + 2 + j], target, torch.tensor([[q + j]]), cache, L, L + j - 1,
-                 torch.ones(1, 1, j, dtype=torch.bool))
+                 torch.ones(1, 1, j, dtype=torch.bool), TORCH_OPS)
         torch.testing.assert_close(h[0, 0], steps[j][0, q], rtol=1e-5, atol=2e-6 * float(steps[j][0, q].abs().max()))
 
 

@@ -14,12 +14,11 @@ from eagle_runtime.model import MLP, Transformer
 
 
 def _features(model, tokens, ops):
-    model.ops = ops
     B, T = tokens.shape
     cache = model.new_cache(B, 32)
     zero = torch.zeros(B, dtype=torch.long)
     pos = torch.arange(T)[None].expand(B, T)
-    return model(tokens, pos, cache, zero, zero, causal_mask(B, T, "cpu")), cache
+    return model(tokens, pos, cache, zero, zero, causal_mask(B, T, "cpu"), ops), cache
 
 
 def test_loaded_target_is_fused_and_keeps_the_hf_layout(stories_dir):
@@ -70,7 +69,7 @@ def test_fused_head_saves_in_the_published_layout(tmp_path, stories_dir):
     pos = torch.arange(T)[None]
     zero = torch.zeros(B, dtype=torch.long)
     with torch.inference_mode():
-        outs = [h(feats, tokens, target, pos, h.new_cache(B, 16), zero, zero, causal_mask(B, T, "cpu"))
+        outs = [h(feats, tokens, target, pos, h.new_cache(B, 16), zero, zero, causal_mask(B, T, "cpu"), get_ops("torch"))
                 for h in (head, again)]
         assert torch.equal(outs[0], outs[1])
         torch.testing.assert_close(head.forward_causal(feats, tokens, target), outs[0], rtol=1e-5, atol=1e-5)

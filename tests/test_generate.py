@@ -87,7 +87,7 @@ def test_draft_attention_follows_the_tree(stories_dir, trained_head_dir):
     L = state.L
 
     def spy(h_in, tokens, positions, write_pos, mask):
-        out = head.step(h_in, tokens, tgt, positions, state.d_cache, L, write_pos, mask)
+        out = head.step(h_in, tokens, tgt, positions, state.d_cache, L, write_pos, mask, ops)
         recorded.append((h_in.clone(), tokens.clone(), positions.clone(), mask.clone(), out[0].clone()))
         return out
 
@@ -105,7 +105,7 @@ def test_draft_attention_follows_the_tree(stories_dir, trained_head_dir):
             cache = head.new_cache(1, tgt.max_len)
             cache[:, :, :, : int(L)] = state.d_cache[:, :, :, : int(L)]
             chain = torch.tril(torch.ones(len(anc), len(anc), dtype=torch.bool))[None]
-            ref = head(all_h[:, anc], all_t[:, anc], tgt, all_p[:, anc], cache, L, L, chain)
+            ref = head(all_h[:, anc], all_t[:, anc], tgt, all_p[:, anc], cache, L, L, chain, ops)
         torch.testing.assert_close(ref[0, -1], out[0, i], rtol=1e-4, atol=1e-5)
 
 
@@ -185,15 +185,15 @@ def test_head_refused_when_it_does_not_fit(tmp_path, stories_dir, trained_head_d
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("tree", ["small", "static"])
-def test_greedy_exact_triton_backend(stories_dir, trained_head_dir, tree):
-    """The runtime on the Triton kernels (the interpreter on CPU, compiled on a GPU) stays exact."""
+def test_greedy_exact_triton_backend(stories_dir, trained_head_dir):
+    """The runtime on the Triton kernels (the interpreter on CPU, compiled on a GPU) stays exact. On CPU one tree
+    (each interpreted run is ~100 s on 2 cores); the kernel tests cover the static tree's shapes."""
     from eagle_kernels import triton_available
 
     ok, why = triton_available()
     if not ok:
         pytest.skip(why)
-    model = _model(stories_dir, trained_head_dir, tree=tree)
+    model = _model(stories_dir, trained_head_dir, tree="small")
     prompts = PROMPTS[:3]
     plain = model.generate(prompts, 20, speculative=False)
     model.set_backend("triton")

@@ -13,6 +13,7 @@ from eagle_runtime import load_target
 from eagle_runtime.config import ConfigError
 from eagle_runtime.generate import EagleModel, causal_mask
 from eagle_runtime.loading import CheckpointError
+from eagle_kernels import get_ops
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,7 +22,8 @@ def _ours_full(model, tokens):
     """Logits of whole sequences through the cached forward path (prefill with a causal tree mask)."""
     B, T = tokens.shape
     zero = torch.zeros(B, dtype=torch.long)
-    feats = model(tokens, torch.arange(T).expand(B, T), model.new_cache(B, T + 4), zero, zero, causal_mask(B, T, "cpu"))
+    feats = model(tokens, torch.arange(T).expand(B, T), model.new_cache(B, T + 4), zero, zero, causal_mask(B, T, "cpu"),
+                  get_ops("torch"))
     return model.logits(feats)
 
 

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():  # must precede the first `import triton`
 import pytest  # noqa: E402
 
 from eagle_kernels import reference  # noqa: E402
+from eagle_kernels.cpu_fast import moe_experts_by_expert  # noqa: E402
 from eagle_kernels.moe import moe_align, moe_experts, moe_plan  # noqa: E402
 from eagle_runtime.config import ModelConfig  # noqa: E402
 from eagle_runtime.model import SparseMoE  # noqa: E402
@@ -54,14 +55,8 @@ def _ref64(x, top_w, top_i, moe):
 
 
 def _torch_same_precision(x, top_w, top_i, moe):
-    """The runtime's index-select path (SparseMoE on CPU) at x's dtype."""
-    out = torch.zeros_like(x)
-    for e in range(moe.w1.shape[0]):
-        tok, slot = torch.where(top_i == e)
-        h = x[tok]
-        y = (torch.nn.functional.silu(h @ moe.w1[e].T) * (h @ moe.w3[e].T)) @ moe.w2[e].T
-        out.index_add_(0, tok, y * top_w[tok, slot, None])
-    return out
+    """The per-expert PyTorch path (the cpu and torch tables' ``moe_experts``) at x's dtype."""
+    return moe_experts_by_expert(x, top_w, top_i, moe.w1, moe.w3, moe.w2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

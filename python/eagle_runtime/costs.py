@@ -230,7 +230,7 @@ def measure_costs(decoder, batch: int, sampled_drafts: bool, reps: int = 5) -> C
         tok = torch.randint(0, V, (B, n), generator=g).to(dev)
         mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(B, n, n)
         pos = at[:, None] + torch.arange(n, device=dev)
-        return lambda: tgt.logits(tgt(tok, pos, cache, at, at, mask))
+        return lambda: tgt.logits(tgt(tok, pos, cache, at, at, mask, ops))
 
     def draft_fn(k):
         if head is None:
@@ -243,7 +243,7 @@ def measure_costs(decoder, batch: int, sampled_drafts: bool, reps: int = 5) -> C
         zeros = torch.zeros(B, k, device=dev)
 
         def run():
-            lg = tgt.logits(head(h, tok, tgt, pos, d_cache, L, L, mask))
+            lg = tgt.logits(head(h, tok, tgt, pos, d_cache, L, L, mask, ops))
             ops.topk_expand(lg, zeros, min(4, V), out_k=min(4, V))
 
         return run

@@ -77,7 +77,7 @@ class Decoder:
         mask = causal_mask(B, P, dev)
         cache = self.pool.cache("cache", B)
         head = self.head if speculative else None
-        feats, states = target_states(tgt, tokens, pos, cache, zero, zero, mask, head)
+        feats, states = target_states(tgt, tokens, pos, cache, zero, zero, mask, head, self.ops)
         last = feats.gather(1, (n - 1)[:, None, None].expand(B, 1, feats.shape[-1]))[:, 0]
         first = self.ops.sample_tokens(tgt.logits(last), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         sp.offset += 1
@@ -97,7 +97,7 @@ class Decoder:
             state.pending.append((states, shifted))
             d_last = feats.new_zeros(B, head.cfg.hidden_size)
         else:
-            d_out = head(head.first_input(states), shifted, tgt, pos, state.d_cache, zero, zero, mask)
+            d_out = head(head.first_input(states), shifted, tgt, pos, state.d_cache, zero, zero, mask, self.ops)
             d_last = d_out.gather(1, (n - 1)[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
         d_logits = head.draft_logits(d_last, tgt)
         fixed = self.pool.get(("draft", B), lambda: (d_last.clone(), d_logits.clone()))
@@ -114,7 +114,8 @@ class Decoder:
         B = L.shape[0]
         ones = torch.ones(B, 1, 1, dtype=torch.bool, device=L.device)
         head = self.head if keep_features else None
-        feats, states = target_states(tgt, state.next_tok[:, None], L[:, None], state.cache, L, L, ones, head)
+        feats, states = target_states(tgt, state.next_tok[:, None], L[:, None], state.cache, L, L, ones, head,
+                                      self.ops)
         nxt = self.ops.sample_tokens(tgt.logits(feats[:, 0]), sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.offset)
         n_emit = torch.ones_like(L)
         update = StepUpdate(state.advanced(n_emit), nxt, sp.offset + 1)
@@ -133,7 +134,8 @@ class Decoder:
         B, m, dev = L.shape[0], states.shape[1], L.device
         start = (L - m).clamp(min=0)
         pos = start[:, None] + torch.arange(m, device=dev)
-        d_out = head(head.first_input(states), toks, tgt, pos, state.d_cache, start, start, causal_mask(B, m, dev))
+        d_out = head(head.first_input(states), toks, tgt, pos, state.d_cache, start, start, causal_mask(B, m, dev),
+                     self.ops)
         d_last = d_out[:, -1]
         state.d_hidden.copy_(d_last)
         state.d_logits.copy_(head.draft_logits(d_last, tgt))
@@ -153,7 +155,7 @@ class Decoder:
         head_L = state.L
 
         def step(h_in, tokens, positions, write_pos, mask):
-            return head.step(h_in, tokens, tgt, positions, state.d_cache, head_L, write_pos, mask)
+            return head.step(h_in, tokens, tgt, positions, state.d_cache, head_L, write_pos, mask, ops)
 
         if sampled:
             V = tgt.cfg.vocab_size
@@ -166,7 +168,7 @@ class Decoder:
         else:
             tokens, parents = tree.draft(step, state.d_hidden, state.d_logits, root, L, ops, token_map=head.token_map)
         bufs = ops.build_tree_buffers(parents, tree.max_depth)
-        feats, states = target_states(tgt, tokens, L[:, None] + bufs.depth, state.cache, L, L, bufs.mask, head)
+        feats, states = target_states(tgt, tokens, L[:, None] + bufs.depth, state.cache, L, L, bufs.mask, head, ops)
         if sampled:
             acc = ops.accept_chain(tgt.logits(feats), tokens, q, sp.temperature, sp.top_p, sp.top_k, sp.seed,
                                    sp.offset)
@@ -183,7 +185,7 @@ class Decoder:
         emitted = torch.where(j[None] == acc.accept_len[:, None], acc.next_token[:, None], shifted)
         path_states = states.gather(1, path[..., None].expand(B, W, states.shape[-1]))
         d_out = head(head.first_input(path_states), emitted, tgt, L[:, None] + j, state.d_cache, L, L,
-                     causal_mask(B, W, dev))
+                     causal_mask(B, W, dev), ops)
         d_last = d_out.gather(1, acc.accept_len[:, None, None].expand(B, 1, d_out.shape[-1]))[:, 0]
         n_emit = acc.accept_len + 1
         update = StepUpdate(state.advanced(n_emit), acc.next_token, sp.offset + 1, d_last,

@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eagle_kernels import Ops
+
 from .atomic import atomic_write, atomic_write_text
 from .config import ModelConfig
 from .draft3 import Eagle3Head, is_eagle3, load_eagle3, save_eagle3
 from .drafter import Drafter, head_config, init_head_, load_checked
 from .loading import CheckpointError, load_state_dict, resolve_dir
-from .model import DecoderLayer, Rotary, Transformer, per_forward
+from .model import DecoderLayer, Rotary, Transformer
 
 EAGLE1_WEIGHTS = "pytorch_model.bin"
 
@@ -56,14 +58,13 @@ class EagleHead(Drafter):
     def draft_logits(self, hidden: torch.Tensor, target: Transformer) -> torch.Tensor:
         return target.logits(hidden)
 
-    def forward(self, features, tokens, target: Transformer, positions, cache, prefix_len, write_pos, mask):
-        """Predicted next features ``[B, T, H]`` from target features and the tokens one step ahead."""
+    def forward(self, features, tokens, target: Transformer, positions, cache, prefix_len, write_pos, mask, ops: Ops):
+        """Predicted next features ``[B, T, H]`` from target features and the tokens one step ahead, on ``ops``."""
         embed = self.embed_tokens if self.embed_tokens is not None else target.embed_tokens
         x = self.fc(torch.cat([embed(tokens), features.to(self.fc.weight.dtype)], dim=-1))
         rope = self.rotary(positions, x.dtype)
         write_idx = write_pos[:, None] + torch.arange(x.shape[1], device=x.device)
-        prefix_len, mask = per_forward(prefix_len, mask)
-        return self.layers[0](x, rope, cache[0], cache[1], prefix_len, write_idx, mask, target.ops)
+        return self.layers[0](x, rope, cache[0], cache[1], prefix_len, write_idx, mask, ops.for_forward())
 
     def forward_causal(self, features, tokens, target: Transformer):
         """Training forward over whole sequences: position ``i`` reads ``(features[:, i], tokens[:, i])``."""

@@ -31,11 +31,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eagle_kernels import Ops
+
 from .atomic import atomic_write, atomic_write_text
 from .config import ModelConfig
 from .drafter import Drafter, head_config, init_head_, load_checked
 from .loading import CheckpointError
-from .model import MLP, Attention, RMSNorm, Rotary, Transformer, bad_taps, per_forward
+from .model import MLP, Attention, RMSNorm, Rotary, Transformer, bad_taps
 
 EAGLE3_WEIGHTS = "pytorch_model.bin"
 # Variants of the speculators format this runtime does not implement (config flag -> what it changes).
@@ -149,13 +151,12 @@ class Eagle3Head(Drafter):
         embed = self.embed_tokens if self.embed_tokens is not None else target.embed_tokens
         return embed(tokens).to(self.fc.weight.dtype)
 
-    def forward(self, hidden, tokens, target: Transformer, positions, cache, prefix_len, write_pos, mask):
+    def forward(self, hidden, tokens, target: Transformer, positions, cache, prefix_len, write_pos, mask, ops: Ops):
         """The layer's output ``[B, T, H]`` (fed to deeper steps) from hidden inputs and the tokens one ahead."""
         rope = self.rotary(positions, hidden.dtype)
         write_idx = write_pos[:, None] + torch.arange(hidden.shape[1], device=hidden.device)
         emb = self.embed(tokens, target)
-        prefix_len, mask = per_forward(prefix_len, mask)
-        return self.midlayer(hidden, emb, rope, cache[0], cache[1], prefix_len, write_idx, mask, target.ops)
+        return self.midlayer(hidden, emb, rope, cache[0], cache[1], prefix_len, write_idx, mask, ops.for_forward())
 
     def draft_logits(self, hidden: torch.Tensor, target=None) -> torch.Tensor:
         """Logits ``[.., V_draft]``: only ``draft_vocab_size`` rows of the head's own lm_head are read."""

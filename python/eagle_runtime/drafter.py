@@ -9,7 +9,7 @@ and later drafters (parallel drafting, MTP heads), plug in without head-specific
   ``[B, T, len(taps) * H]`` (EAGLE-3's low | mid | high).
 - ``first_input(states)``: those states -> the head's hidden input ``[B, T, H_head]`` at true (verified)
   positions (EAGLE-1: the features themselves; EAGLE-3: ``fc`` over the concatenation).
-- ``forward(hidden, tokens, target, positions, cache, prefix_len, write_pos, mask)``: one pass of the head over
+- ``forward(hidden, tokens, target, positions, cache, prefix_len, write_pos, mask, ops)``: one pass of the head over
   ``T`` nodes, position ``i`` reading ``(hidden_i, token_{i+1})``; writes its K/V into ``cache`` like
   :meth:`eagle_runtime.model.Transformer.forward`; returns the hidden state fed to the next draft step.
 - ``draft_logits(hidden, target)``: logits ``[..., V_draft]`` over the head's draft vocabulary.
@@ -48,20 +48,20 @@ class Drafter(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def step(self, hidden, tokens, target, positions, cache, prefix_len, write_pos, mask):
-        """One draft step over tree nodes: ``(hidden_out, draft_logits)``."""
-        out = self(hidden, tokens, target, positions, cache, prefix_len, write_pos, mask)
+    def step(self, hidden, tokens, target, positions, cache, prefix_len, write_pos, mask, ops):
+        """One draft step over tree nodes on the op table ``ops``: ``(hidden_out, draft_logits)``."""
+        out = self(hidden, tokens, target, positions, cache, prefix_len, write_pos, mask, ops)
         return out, self.draft_logits(out, target)
 
 
-def target_states(target, tokens, positions, cache, prefix_len, write_pos, mask, drafter: Drafter | None):
+def target_states(target, tokens, positions, cache, prefix_len, write_pos, mask, drafter: Drafter | None, ops):
     """Run the target and return ``(features, states)``: ``states`` what ``drafter`` reads (its taps, or the
     features themselves when it reads the final features or there is no drafter)."""
     taps = drafter.target_taps if drafter is not None else None
     if taps is None:
-        feats = target(tokens, positions, cache, prefix_len, write_pos, mask)
+        feats = target(tokens, positions, cache, prefix_len, write_pos, mask, ops)
         return feats, feats
-    return target(tokens, positions, cache, prefix_len, write_pos, mask, taps=taps)
+    return target(tokens, positions, cache, prefix_len, write_pos, mask, ops, taps=taps)
 
 
 # Shared by both head kinds (draft.py: EAGLE-1, draft3.py: EAGLE-3) and the trainers.

@@ -183,7 +183,6 @@ class EagleModel:
     @ops.setter
     def ops(self, ops) -> None:
         self._ops = ops
-        self.target.ops = ops
         self.decoder = Decoder(self.target, self.head, ops, self.pool)
         self.cuda_graphs = self._graphs_request
 

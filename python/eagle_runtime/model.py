@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eagle_kernels import Ops, get_ops, reference
+from eagle_kernels import Ops, reference
+from eagle_kernels.cpu_fast import moe_experts_by_expert
 
 from .config import ModelConfig, rope_inv_freq
 
@@ -58,14 +59,6 @@ class RopeAt:
     def __iter__(self):
         yield self.cos[self.positions].to(self.dtype).unsqueeze(2)
         yield self.sin[self.positions].to(self.dtype).unsqueeze(2)
-
-
-def per_forward(*tensors: torch.Tensor) -> tuple:
-    """Fresh view objects of ``tensors`` (same data) for one forward. Ops may remember work across the layers of a
-    forward by the identity of their arguments (the ``cpu`` backend gathers the rotary tables and builds the
-    attention mask once per forward, see :mod:`eagle_kernels.cpu_fast`); fresh objects per forward keep such a
-    memo from outliving the forward even when a caller reuses and refills the same tensors."""
-    return tuple(t.view(t.shape) for t in tensors)
 
 
 class Rotary(nn.Module):
@@ -240,25 +233,15 @@ class SparseMoE(nn.Module):
         top_w, top_i = torch.topk(weights, self.top_k, dim=-1)
         return (top_w / top_w.sum(-1, keepdim=True)).to(flat.dtype), top_i
 
-    def forward(self, x):
+    def forward(self, x, ops: Ops | None = None):
+        """``ops.moe_experts`` over the routed tokens; without ``ops`` (training) the per-expert HF expression.
+        The triton table's grouped GEMMs (eagle_kernels.moe) have static shapes, so the same path runs eagerly and
+        inside CUDA graphs, at about top_k/E of the dense all-experts work."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         top_w, top_i = self.route(flat)
-        if flat.is_cuda:
-            # Grouped Triton GEMMs over expert-sorted padded blocks (eagle_kernels.moe): static shapes, so the
-            # same path runs eagerly and inside CUDA graphs; about top_k/E of the dense all-experts work.
-            from eagle_kernels.moe import moe_experts
-
-            return moe_experts(flat, top_w, top_i, self.w1, self.w3, self.w2).view(shape)
-        out = torch.zeros_like(flat)
-        for e in range(self.w1.shape[0]):
-            tok, slot = torch.where(top_i == e)
-            if tok.numel() == 0:
-                continue
-            h = flat[tok]
-            y = (F.silu(h @ self.w1[e].T) * (h @ self.w3[e].T)) @ self.w2[e].T
-            out.index_add_(0, tok, y * top_w[tok, slot, None])
-        return out.view(shape)
+        experts = ops.moe_experts if ops is not None else moe_experts_by_expert
+        return experts(flat, top_w, top_i, self.w1, self.w3, self.w2).view(shape)
 
 
 class DecoderLayer(nn.Module):
@@ -294,7 +277,7 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(h, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops)
         post = self.post_attention_layernorm
         h, residual = ops.add_rms_norm(a, residual, post.weight, post.eps)
-        return (self.mlp(h, ops) if isinstance(self.mlp, MLP) else self.mlp(h)), residual
+        return self.mlp(h, ops), residual
 
     def forward(self, x, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops):
         out, residual = self.step(x, None, rope, k_cache, v_cache, prefix_len, write_idx, mask, ops)
@@ -320,7 +303,6 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg, self.max_len)
-        self.ops: Ops = get_ops("torch")
 
     def new_cache(self, batch: int, max_len: int | None = None) -> torch.Tensor:
         """A zeroed KV cache ``[2 * num_layers, batch, H_kv, max_len, D]`` in the model's dtype and device."""
@@ -328,37 +310,39 @@ class Transformer(nn.Module):
         s = max_len or self.max_len
         return torch.zeros(2 * cfg.num_layers, batch, cfg.num_kv_heads, s, cfg.head_dim, dtype=w.dtype, device=w.device)
 
-    def forward(self, tokens, positions, cache, prefix_len, write_pos, mask, taps=None):
+    def forward(self, tokens, positions, cache, prefix_len, write_pos, mask, ops: Ops, taps=None):
         """Features (final-norm hidden states) ``[B, T, H]`` of ``tokens [B, T]``; writes K/V into ``cache``.
 
         ``positions [B, T]`` are rotary positions, ``write_pos [B]`` the first cache slot written, ``mask
-        [B, T, M]`` the tree mask relative to ``prefix_len [B]``. With ``taps`` (layer ids) it returns
+        [B, T, M]`` the tree mask relative to ``prefix_len [B]``; ``ops`` the op table every layer runs on (one
+        backend per call, :func:`eagle_kernels.get_ops`). With ``taps`` (layer ids) it returns
         ``(features, tapped)``: ``tapped [B, T, len(taps) * H]`` the un-normed hidden states at the *input* of
         those layers (HF ``hidden_states[i]``; id ``num_layers``: the last layer's output before the final
         norm), concatenated in the order given (EAGLE-3 heads read them).
         """
         x = self.embed_tokens(tokens)
         got: list | None = None if taps is None else []
-        x, residual = self.run_layers(x, positions, cache, prefix_len, write_pos, mask, taps, got)
-        feats, last = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        ops = ops.for_forward()
+        x, residual = self.run_layers(x, positions, cache, prefix_len, write_pos, mask, ops, taps, got)
+        feats, last = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         if got is None:
             return feats
         if len(self.layers) in taps:
             got.append((len(self.layers), last))
         return feats, _gather_taps(taps, got, len(self.layers))
 
-    def run_layers(self, x, positions, cache, prefix_len, write_pos, mask, taps=None, got=None):
+    def run_layers(self, x, positions, cache, prefix_len, write_pos, mask, ops: Ops, taps=None, got=None):
         """``(last_mlp_out, residual)``: the final hidden state is their sum (the final norm fuses the add).
+        ``ops``: one forward's table (``Ops.for_forward``).
         With ``taps``, appends ``(i, hidden state at the input of layer i)`` to ``got`` for each tapped layer."""
         rope = self.rotary(positions, x.dtype)
         write_idx = write_pos[:, None] + torch.arange(x.shape[1], device=x.device)
-        prefix_len, mask = per_forward(prefix_len, mask)
         residual = None
         for i, layer in enumerate(self.layers):
             if taps is not None and i in taps:
                 got.append((i, x if residual is None else x + residual))
             x, residual = layer.step(x, residual, rope, cache[2 * i], cache[2 * i + 1], prefix_len, write_idx, mask,
-                                     self.ops)
+                                     ops)
         return x, residual
 
     def fuse_weights_(self) -> "Transformer":
