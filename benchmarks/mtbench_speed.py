@@ -51,7 +51,9 @@ sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without th
 
 from eagle_runtime import DynamicTree, EagleModel, StaticTree  # noqa: E402
 from eagle_runtime.adaptive import AutoTree  # noqa: E402
+from eagle_runtime.atomic import atomic_write, atomic_write_json  # noqa: E402
 from eagle_runtime.chat import encode_prompt as encode, make_prompt  # noqa: E402,F401  (cpu_cycle_phases imports both from here)
+from eagle_runtime.errors import USER_ERRORS  # noqa: E402
 from eagle_runtime.parallel import is_main_process, shutdown_distributed, tensor_parallel_size  # noqa: E402
 
 DEFAULT_QUESTIONS = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data")) / "bench" / "mt_bench.jsonl"
@@ -532,24 +534,12 @@ def result_name(res: dict, when: datetime | None = None) -> str:
     return f"mtbench_{slug(res['device'])}_{slug(model)}{f'_tp{tp}' if tp > 1 else ''}_{stamp}"
 
 
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_json(out: str | Path, stem: str, res: dict) -> Path:
     """``res`` as ``<out>/<stem>_<UTC time>.json``, written atomically (``out`` is created); prints and returns it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stem}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(res, indent=1)))
+    atomic_write_json(path, res, indent=1)
     print(f"wrote {path}")
     return path
 
@@ -589,7 +579,6 @@ def main(argv=None) -> dict:
         questions = check_args(args)
     except ValueError as e:
         p.error(str(e).splitlines()[0])
-    from eagle_runtime.cli import USER_ERRORS
 
     try:
         res = run(args, questions)
@@ -603,8 +592,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     name = result_name(res)
     json_path, png_path = out / f"{name}.json", out / f"{name}.png"
-    write_atomic(json_path, lambda t: t.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n"))
-    write_atomic(png_path, lambda t: plot(res, t))
+    atomic_write_json(json_path, res, indent=1)
+    atomic_write(png_path, lambda t: plot(res, t))
     print(f"wrote {json_path.resolve()} and {png_path.name}")
     return res
 

@@ -188,7 +188,7 @@ def test_cpu_cycle_phases_accounts_for_the_cycle(tmp_path):
         assert lay["layer_us"] > 0 and all(v > 0 for v in lay["pieces_us"].values())
     files = list(tmp_path.glob("cpu_cycle_phases_*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["cycles"] == res["cycles"]
-    import eagle_runtime.generate as G
+    import eagle_runtime.decoder as G
     from eagle_runtime.drafter import target_states
 
     assert G.target_states is target_states  # the wrapped module function is put back

@@ -284,7 +284,19 @@ def test_bench_writes_atomically(bench, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        bench.write_atomic(target, dies)
+        bench.atomic_write(target, dies)
     assert target.read_text() == "old" and [f.name for f in tmp_path.iterdir()] == ["r.json"]
-    bench.write_atomic(target, lambda p: p.write_text("new"))
+    bench.atomic_write(target, lambda p: p.write_text("new"))
     assert target.read_text() == "new" and [f.name for f in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_generate_help_states_what_a_seed_reproduces(capsys):
+    """Issue 23, item 6: --help says a seed fixes sampled output for a fixed tree, and why tree=auto may not."""
+    from eagle_runtime import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "reproduces sampled output for a fixed tree" in out and "tensor-parallel degree" in out
+    assert "Under --tree auto the sequence of trees depends on measured time" in out

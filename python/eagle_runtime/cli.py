@@ -26,10 +26,17 @@ def _one_line_warning(message, *args, **kwargs) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+REPRODUCIBILITY = (
+    "Reproducibility: greedy output (temperature 0) is the target's plain greedy output. A --seed reproduces sampled "
+    "output for a fixed tree (--tree dynamic or static) on any machine, batch layout and tensor-parallel degree. "
+    "Under --tree auto the sequence of trees depends on measured time, so seeded sampled output can differ between "
+    "machines, runs, and runs with and without torchrun; it still follows the target's distribution.")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m eagle_runtime", description="EAGLE speculative decoding.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    g = sub.add_parser("generate", help="generate text from a prompt")
+    g = sub.add_parser("generate", help="generate text from a prompt", epilog=REPRODUCIBILITY)
     g.add_argument("--base", required=True, help="target model: HF directory or hub id")
     g.add_argument("--draft", help="EAGLE-1 head: directory or hub id (omit for plain decoding)")
     g.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
@@ -37,9 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="sampling seed: the same output for a fixed --tree on any machine (see below)")
     g.add_argument("--tree", choices=["auto", "dynamic", "static"], default="auto",
-                   help="auto: the tree (or plain decoding) a measured cost model finds fastest here")
+                   help="auto: the tree (or plain decoding) a measured cost model finds fastest here; its choices "
+                        "follow measured time, so seeded sampled output may differ between runs")
     g.add_argument("--total-tokens", type=int, default=None,
                    help="dynamic tree size without the root (default 60; any of these three picks --tree dynamic)")
     g.add_argument("--depth", type=int, default=None, help="dynamic tree draft passes (default 6)")

@@ -216,8 +216,9 @@ class AllReduceOutput(nn.Module):
         self.inner = inner
         self.tp = tp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.inner(x).contiguous())
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        """``args``: what the inner module takes after ``x`` (the op table, for the MoE block)."""
+        return self.tp.all_reduce(self.inner(x, *args).contiguous())
 
 
 class VocabParallelEmbedding(nn.Module):
