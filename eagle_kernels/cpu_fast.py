@@ -24,6 +24,7 @@ Host reads (``int(...)`` of a CPU tensor) are free on CPU and used for shapes; t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -100,8 +101,6 @@ class _Memo:
 def bind_forward(ops):
     """``ops`` with ``rope_kv_write`` and ``tree_attention`` sharing fresh memos: the table of one forward
     (``Ops.for_forward``). The memos save a gather per layer (rotary) and a mask build per layer (attention)."""
-    import dataclasses
-
     rope_memo, mask_memo = _Memo(), _Memo()
     return dataclasses.replace(ops, bind=None,
                                rope_kv_write=functools.partial(rope_kv_write, memo=rope_memo),
@@ -144,7 +143,7 @@ def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, write_idx, num_hea
     tables = memo.get(positions, cos, sin, qkv.dtype)
     if tables is None:
         tables = memo.put((cos[positions].to(qkv.dtype).unsqueeze(2), sin[positions].to(qkv.dtype).unsqueeze(2)),
-                                positions, cos, sin, qkv.dtype)
+                          positions, cos, sin, qkv.dtype)
     c, s = tables
     x = qkv.view(B, T, -1, D)
     nqk = num_heads + num_kv_heads
