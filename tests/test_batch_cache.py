@@ -124,3 +124,27 @@ def test_cache_len_needed_matches_the_error():
     with pytest.raises(ValueError, match=f"max_len >= {need}"):
         small.generate(prompts, 10)
     assert len(model.generate(prompts, 10, stop_on_eos=False).tokens[1]) == 10
+
+
+@pytest.mark.parametrize("tree,temperature", [("5,4,1", 1.0), ("5,4,1", 0.0), ("8,3,2", 1.0)])
+def test_draft_cache_at_the_exact_bound_with_finished_rows(tree, temperature):
+    """Batches of 12 mixed prompts with EOS stops at exactly ``cache_len_needed``: the head drafts finished rows
+    at the live length (0), not their committed one. Seed 6's sampled chain overran the draft cache by one
+    ("tensor a (106) must match ... b (105)") when the head was handed the committed length."""
+    target_dir, head_dir = demo_paths()
+    tr = DynamicTree(*map(int, tree.split(",")))
+    roomy = EagleModel.from_pretrained(target_dir, head_dir, tree=tr, backend="torch", max_len=256)
+    stories = [LILY, "The little dog", "Tom and Sue went to the park", "One day, a bird", "Lily had a big"]
+    finished_early = 0
+    for s in (6, 0):
+        rng = random.Random(s)
+        rows = [rng.choice(stories) if rng.random() < 0.5 else _random_ids(rng, rng.randrange(1, 40), 512)
+                for _ in range(12)]
+        exact, _ = _exact_model(target_dir, head_dir, tr, "torch", rows, 64)
+        kw = dict(temperature=temperature, seed=5)
+        out = exact.generate(rows, 64, **kw)
+        assert out.tokens == roomy.generate(rows, 64, **kw).tokens
+        finished_early += sum(len(t) < 64 for t in out.tokens)
+        if temperature == 0:
+            assert out.tokens == roomy.generate(rows, 64, speculative=False).tokens
+    assert finished_early >= 2, "rows must stop at EOS before the others for the bound to be tested"

@@ -152,10 +152,11 @@ class Decoder:
         L, root = state.live_len(), state.next_tok
         B, dev = L.shape[0], L.device
         sampled = sampled_drafts and fit_kind(tree) == "chain"
-        head_L = state.L
 
+        # The head runs at the live length too: a finished row at its committed length would read and write past
+        # the draft cache that cache_len_needed reserves (a sampled chain in a batch of 12 overran it by one).
         def step(h_in, tokens, positions, write_pos, mask):
-            return head.step(h_in, tokens, tgt, positions, state.d_cache, head_L, write_pos, mask, ops)
+            return head.step(h_in, tokens, tgt, positions, state.d_cache, L, write_pos, mask, ops)
 
         if sampled:
             V = tgt.cfg.vocab_size
