@@ -136,7 +136,7 @@ def test_draft_cache_at_the_exact_bound_with_finished_rows(tree, temperature):
     roomy = EagleModel.from_pretrained(target_dir, head_dir, tree=tr, backend="torch", max_len=256)
     stories = [LILY, "The little dog", "Tom and Sue went to the park", "One day, a bird", "Lily had a big"]
     finished_early = 0
-    for s in (6, 0):
+    for s in (6,):
         rng = random.Random(s)
         rows = [rng.choice(stories) if rng.random() < 0.5 else _random_ids(rng, rng.randrange(1, 40), 512)
                 for _ in range(12)]
