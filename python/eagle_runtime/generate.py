@@ -29,7 +29,7 @@ from .graphs import BufferPool, GraphsUnavailable, StepGraphs, bucket, graphs_re
 from .loading import load_target
 from .model import Transformer
 from .state import DecodeState, Sampling
-from .text import continuation_text, load_tokenizer
+from .text import check_utf8_prompts, continuation_text, load_tokenizer
 from .tree import DynamicTree, StaticTree, fit_kind, shape_key, tree_key
 
 
@@ -234,6 +234,7 @@ class EagleModel:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of either")
+        check_utf8_prompts(prompts)
         vocab = self.target.cfg.vocab_size
         k = getattr(self.tree, "top_k", getattr(self.tree, "max_rank", 0))
         if self.head is not None and k > vocab:
