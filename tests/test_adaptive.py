@@ -123,6 +123,71 @@ def test_cost_model_cache_round_trip(stories_dir, tmp_path, monkeypatch):
     assert calls == [1, 2] and costs.load_costs(costs.cost_key(dec, 2, True)) is not None
 
 
+def _set(field, value):
+    return lambda e: e.update({field: value})
+
+
+def _set_in(field, size, value):
+    return lambda e: e[field].update({size: value})
+
+
+# Entries that parse as JSON but must not be trusted: each broke every tree="auto" run (IndexError in _interp,
+# "min() arg is an empty sequence" in _decide) or steered it on nonsense, and nothing ever replaced them.
+POISONED = {
+    "empty target": _set("target", {}),
+    "empty draft": _set("draft", {}),
+    "empty accept": _set("accept_greedy", {}),
+    "one size only": _set("target", {"1": 1.0}),
+    "missing size": lambda e: e["accept_sampled"].pop("64") and None,
+    "extra size": _set_in("draft", "3", 0.5),
+    "nan": _set_in("target", "4", float("nan")),
+    "inf": _set_in("draft", "2", float("inf")),
+    "huge": _set_in("accept_sampled", "8", 1e300),
+    "negative": _set_in("target", "16", -1.0),
+    "zero target": lambda e: e.update(target={k: 0.0 for k in e["target"]}),
+    "string time": _set_in("target", "1", "fast"),
+    "bool time": _set_in("target", "1", True),
+    "table as list": _set("target", [1.0, 2.0]),
+    "nan overhead": _set("plain_overhead", float("nan")),
+    "negative prefix": _set("prefix", -64),
+    "float prefix": _set("prefix", 64.5),
+    "nan cycle": lambda e: e["cycles"].update({next(iter(e["cycles"])): float("nan")}),
+    "bad cycle key": lambda e: e["cycles"].update({"bushy": 1.0}),
+    "nan fit": lambda e: e["residual_fit"].update({"chain|greedy": [float("nan"), 0.0]}),
+    "fit as string": lambda e: e["residual_fit"].update({"chain|greedy": "abc"}),
+    "entry a list": lambda e: [1.0],
+}
+
+
+@pytest.fixture(scope="module")
+def auto_model_and_costs(stories_dir):
+    model = _model(stories_dir, None, "auto")
+    good = costs.measure_costs(model.decoder, 1, model.sampled_drafts, reps=1)
+    return model, good.to_json(), model.generate(PROMPTS[0], 24, speculative=False).tokens
+
+
+@pytest.mark.parametrize("poison", list(POISONED))
+def test_a_poisoned_cost_entry_is_measured_again_and_replaced(auto_model_and_costs, tmp_path, monkeypatch, poison):
+    """Issue 31, item 2: an entry that parses but holds empty or wrongly shaped tables, or NaN / infinite / huge /
+    negative / non-numeric times, is distrusted on load like an unreadable file: measured again, the new entry
+    written over the bad one, and the tree="auto" run after it is exact."""
+    model, good, plain = auto_model_and_costs
+    key = costs.cost_key(model.decoder, 1, model.sampled_drafts)
+    assert good["key"] == key
+    entry = json.loads(json.dumps(good))
+    entry = POISONED[poison](entry) or entry
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "costs.json").write_text(json.dumps({key: entry}))
+    calls = []
+    monkeypatch.setattr(costs, "measure_costs", lambda d, b, s: calls.append(b) or CostModel.from_json(good))
+    model.tree = AutoTree()  # a fresh one reads the file (an AutoTree keeps its costs and acceptance statistics)
+    spec = model.generate(PROMPTS[0], 24)
+    assert calls == [1], f"{poison}: not measured again"
+    assert spec.tokens == plain
+    assert json.loads((folder / "costs.json").read_text())[key] == good  # the bad entry replaced on disk
+
+
 def test_auto_costs_follow_the_drafting_mode(stories_dir, monkeypatch):
     """Toggling ``sampled_drafts`` between calls must not reuse the cost model timed in the other mode (its sampled
     chains' cycles differ, and ``cost_key`` names the mode)."""

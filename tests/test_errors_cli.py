@@ -177,6 +177,81 @@ def test_max_new_tokens_zero(stories_dir, capsys):
     _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--max-new-tokens", 0], capsys, "max-new-tokens")
 
 
+# Out-of-range and mistyped arguments (issue 31, item 5): one line that names the argument, never a raw TypeError
+# from deep inside torch or a value silently truncated (top_k=2.5 ran as 2). bool is not an integer here.
+BAD_SAMPLING = [
+    (dict(top_k=2**63), ValueError, "top_k"), (dict(top_k=2.5), ValueError, "top_k"),
+    (dict(top_k=True), ValueError, "top_k"), (dict(top_k=-1), ValueError, "top_k"),
+    (dict(seed=None), TypeError, "seed"), (dict(seed=2.5), TypeError, "seed"), (dict(seed=2**63), ValueError, "seed"),
+    (dict(temperature=None), ValueError, "temperature"), (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature=True), ValueError, "temperature"), (dict(top_p="x"), ValueError, "top_p"),
+    (dict(top_p=0), ValueError, "top_p"), (dict(top_p=True), ValueError, "top_p"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plain_model(stories_dir):
+    return EagleModel(load_target(stories_dir, max_len=64), None, backend="torch")
+
+
+def _one_line(excinfo, name):
+    msg = str(excinfo.value)
+    assert name in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("kwargs,exc,name", BAD_SAMPLING, ids=[repr(k) for k, _, _ in BAD_SAMPLING])
+def test_sampling_arguments_are_checked_in_generate_and_the_step_api(plain_model, kwargs, exc, name):
+    """``generate`` and the step-level ``Decoder.sampling`` share the one check (``checks.check_sampling``)."""
+    with pytest.raises(exc) as e:
+        plain_model.generate([1, 400], 2, speculative=False, **kwargs)
+    _one_line(e, name)
+    with pytest.raises(exc) as e:
+        plain_model.decoder.sampling(1, **kwargs)
+    _one_line(e, name)
+
+
+@pytest.mark.parametrize("n", [2.0, 2.5, None, True, 0])
+def test_max_new_tokens_must_be_a_positive_integer(plain_model, n):
+    with pytest.raises(ValueError) as e:
+        plain_model.generate([1, 400], n, speculative=False)
+    _one_line(e, "max_new_tokens")
+    with pytest.raises(ValueError) as e:
+        plain_model.cache_len_needed([1, 400], n)
+    _one_line(e, "max_new_tokens")
+
+
+def test_top_k_beyond_64_bits_on_the_command_line(stories_dir, capsys):
+    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--temperature", 1, "--top-k", 2**63],
+                    capsys, "top_k")
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(base=None), TypeError, "base"), (dict(base=5), TypeError, "base"), (dict(draft=5), TypeError, "draft"),
+    (dict(dtype=torch.int8), ValueError, "dtype"), (dict(dtype=torch.bool), ValueError, "dtype"),
+    (dict(dtype=torch.float8_e4m3fn), ValueError, "dtype"), (dict(dtype="int8"), ValueError, "dtype"),
+    (dict(dtype="half-ish"), ValueError, "dtype"), (dict(dtype=16), TypeError, "dtype"),
+])  # fmt: skip
+def test_from_pretrained_names_a_bad_argument(stories_dir, kwargs, exc, name):
+    kwargs = {"base": stories_dir, **kwargs}
+    with pytest.raises(exc) as e:
+        EagleModel.from_pretrained(kwargs.pop("base"), **kwargs)
+    _one_line(e, name)
+    if "dtype" in kwargs:
+        with pytest.raises(exc) as e:
+            load_target(stories_dir, dtype=kwargs["dtype"])
+        _one_line(e, name)
+
+
+@pytest.mark.parametrize("name,dtype", [
+    ("float32", torch.float32), ("fp32", torch.float32), ("float16", torch.float16), ("fp16", torch.float16),
+    ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
+])  # fmt: skip
+def test_dtype_by_name(stories_dir, name, dtype):
+    model = EagleModel.from_pretrained(stories_dir, dtype=name)
+    assert model.target.embed_tokens.weight.dtype is dtype
+    assert load_target(stories_dir, dtype=name, max_len=64).embed_tokens.weight.dtype is dtype
+
+
 def test_entry_point_exit_status_and_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "eagle_runtime", "generate", "--base", "", "--prompt", "x"],
                           capture_output=True, text=True, timeout=120,

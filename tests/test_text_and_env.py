@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -61,6 +62,38 @@ def test_json_output_is_strict_json(stories_dir, tmp_path, capsys):
     assert rc == 0
     res = _strict_json(out)
     assert res["tau"] is None and len(res["tokens"][0]) == 1 and res["text"][0]
+
+
+# Prompts that are not UTF-8 (issue 31, item 4): undecodable bytes reach Python as surrogate escapes (sys.argv,
+# os.fsdecode), which the tokenizer refused with a TypeError traceback. They are a one-line error naming the offset
+# of the first bad byte: ValueError from the API, exit status 2 from the command line.
+@pytest.mark.parametrize("argv,message", [
+    ([b"Once upon \xff\xfe a time"], "prompt is not valid UTF-8: byte 0xff at offset 10"),
+    ([b"\xc3\x28"], "prompt is not valid UTF-8: byte 0xc3 at offset 0"),  # a lead byte without its continuation
+    # a latin-1 file's text passed on (``--prompt "$(cat story.txt)"``): generate has no prompt-file option
+    (["Once upon a caf\u00e9".encode("latin-1")], "prompt is not valid UTF-8: byte 0xe9 at offset 15"),
+    (["Hi", b"caf\xe9"], "prompt [1] is not valid UTF-8: byte 0xe9 at offset 3"),  # the second prompt of a batch
+])  # fmt: skip
+def test_cli_rejects_a_prompt_that_is_not_utf8(stories_dir, argv, message):
+    cmd = [sys.executable, "-m", "eagle_runtime", "generate", "--base", str(stories_dir), "--device", "cpu",
+           "--max-new-tokens", "2"]
+    for prompt in argv:
+        cmd += ["--prompt", prompt]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'python'}:{ROOT}", "PYTHONUTF8": "1"}  # argv decoded as UTF-8
+    proc = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2 and err == f"error: {message}\n", (proc.returncode, err)
+
+
+def test_api_rejects_a_prompt_that_is_not_utf8(stories_dir):
+    model = EagleModel(load_target(stories_dir, max_len=64), None, load_tokenizer(stories_dir), backend="torch")
+    with pytest.raises(ValueError, match=r"^prompt is not valid UTF-8: byte 0xff at offset 5$"):
+        model.generate(os.fsdecode(b"Once \xff upon"), 2, speculative=False)
+    with pytest.raises(ValueError, match=r"^prompt \[2\] is not valid UTF-8: byte 0xc3 at offset 3$"):
+        model.encode(["Once", "upon", os.fsdecode(b"caf\xc3 time")])
+    with pytest.raises(ValueError, match=r"^prompt is not valid UTF-8: lone surrogate U\+D800 at offset 6$"):
+        model.generate("caf\u00e9 \ud800", 2, speculative=False)  # not from bytes: no byte to name
+    assert model.encode("caf\u00e9 \u00fcber")[0] == load_tokenizer(stories_dir)("caf\u00e9 \u00fcber")["input_ids"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -73,6 +73,27 @@ def test_static_tree_is_mc_sim_7b_63():
         StaticTree([[0, 1]])
 
 
+@pytest.mark.parametrize("choices,exc", [
+    ([[-1]], ValueError), ([[0], [-1]], ValueError), ([[0], [0, -2]], ValueError), ([[]], ValueError),
+    ("abc", TypeError), ([0, 1], TypeError), ([["a"]], TypeError), ([[0.0]], TypeError), ([[True]], TypeError),
+    (None, TypeError), ([[0], "0"], TypeError),
+])  # fmt: skip
+def test_static_tree_rejects_bad_rank_paths(choices, exc):
+    """Issue 31, item 5: a rank path is a non-empty list of ranks >= 0 (0 the draft's top token). Negative ranks
+    indexed from the end of the top-k (or failed with an IndexError), other types failed deep inside sorting."""
+    with pytest.raises(exc, match="StaticTree choices") as e:
+        StaticTree(choices)
+    assert "\n" not in str(e.value)
+
+
+def test_static_tree_takes_tuples_and_numpy_ranks():
+    import numpy as np
+
+    t = StaticTree(((0,), (1,), (np.int64(0), 0)))
+    assert t.choices == [[0], [1], [0, 0]] and all(type(r) is int for c in t.choices for r in c)
+    assert t.parents == StaticTree([[0], [1], [0, 0]]).parents
+
+
 class _FakeStep:
     """A draft 'head' whose logits depend on the hidden state, to check the drafted tree's structure."""
 

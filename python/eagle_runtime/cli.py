@@ -17,6 +17,7 @@ import torch
 from .checks import check_seed
 from .errors import USER_ERRORS, OneLineParser, fail
 from .loading import check_device
+from .text import check_utf8_prompts
 from .tree import DynamicTree, StaticTree
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,6 +82,7 @@ def generate(a) -> int:
         return fail(f"--temperature must be finite, got {a.temperature}")
     if a.max_len is not None and a.max_len <= 0:
         return fail(f"--max-len must be a positive integer, got {a.max_len}")
+    check_utf8_prompts(a.prompt)  # before the model loads (minutes for a large one)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_seed(a.seed, "--seed")
     check_device(device)

@@ -23,6 +23,9 @@ from .tree import DynamicTree, default_candidates, fit_kind, tree_from_key, tree
 COST_VERSION = 6
 TARGET_SIZES = [1, 2, 4, 8, 16, 32, 64]
 DRAFT_SIZES = [1, 2, 4, 8, 16]
+# No timed piece takes 1000 s (a 7B target's forward over 64 tokens is about 1 TFLOP: seconds on a CPU): a cached
+# time beyond this is a corrupt entry, not a slow machine.
+MAX_MS = 1e6
 
 
 def cache_dir() -> Path:
@@ -152,15 +155,78 @@ class CostModel:
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
-        if d.get("version") != COST_VERSION:
+        """The inverse of :meth:`to_json`. An entry that is stale or not what :func:`measure_costs` writes is a
+        ``ValueError``: tables over other sizes than ``TARGET_SIZES`` / ``DRAFT_SIZES``, times that are not
+        numbers in ``[0, MAX_MS]`` (target forwards and whole cycles ``> 0``: rates divide by them), prefixes that
+        are not non-negative integers, fit coefficients that are not finite. Each of those would break or steer
+        every ``tree="auto"`` run (an empty table is an IndexError in the interpolation, a NaN time leaves no
+        candidate to pick) for as long as the entry stays in the file."""
+        if not isinstance(d, dict) or d.get("version") != COST_VERSION:
             raise ValueError("stale cost-model entry")
-        dec = lambda t: {int(k): float(v) for k, v in t.items()}  # noqa: E731
-        keyed = lambda t: {str(k): float(v) for k, v in t.items()}  # noqa: E731
-        return cls(dec(d["target"]), dec(d["draft"]), dec(d["accept_greedy"]), dec(d["accept_sampled"]),
-                   str(d.get("key", "")), float(d.get("measured_s", 0.0)), float(d["plain_overhead"]),
-                   int(d["prefix"]), dec(d["target_long"]), int(d["long_prefix"]), keyed(d["cycles"]),
-                   keyed(d["cycles_sampled"]),
-                   {str(k): [float(c) for c in v] for k, v in d["residual_fit"].items()})
+        prefix, long_prefix = _count(d["prefix"], "prefix"), _count(d["long_prefix"], "long_prefix")
+        if long_prefix and long_prefix <= prefix:
+            raise ValueError(f"long_prefix {long_prefix} is not beyond prefix {prefix}")
+        return cls(_table(d["target"], TARGET_SIZES, "target", positive=True),
+                   _table(d["draft"], DRAFT_SIZES, "draft"),
+                   _table(d["accept_greedy"], TARGET_SIZES, "accept_greedy"),
+                   _table(d["accept_sampled"], TARGET_SIZES, "accept_sampled"),
+                   str(d.get("key", "")), _time(d.get("measured_s", 0.0), "measured_s"),
+                   _time(d["plain_overhead"], "plain_overhead"), prefix,
+                   _table(d["target_long"], TARGET_SIZES if long_prefix else [], "target_long", positive=True),
+                   long_prefix, _cycles(d["cycles"], "cycles"), _cycles(d["cycles_sampled"], "cycles_sampled"),
+                   _fits(d["residual_fit"]))
+
+
+def _time(v, what: str, positive: bool = False) -> float:
+    """A cached time: a number (not bool) in ``[0, MAX_MS]`` (``(0, MAX_MS]`` where ``positive``), else ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{what} is not a number: {v!r}")
+    v = float(v)
+    if not ((v > 0 if positive else v >= 0) and v <= MAX_MS):  # NaN fails every comparison
+        raise ValueError(f"{what} {v} is not a time in {'(' if positive else '['}0, {MAX_MS}] ms")
+    return v
+
+
+def _count(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
+        raise ValueError(f"{what} is not a cache length: {v!r}")
+    return v
+
+
+def _table(t, sizes: list, what: str, positive: bool = False) -> dict:
+    """``{size: ms}`` from the JSON ``{"size": ms}`` that :meth:`CostModel.to_json` writes, over exactly ``sizes``
+    (the interpolation needs at least two sizes and the sizes timed are fixed for a ``COST_VERSION``)."""
+    if not isinstance(t, dict) or sorted(t) != sorted(str(n) for n in sizes):
+        raise ValueError(f"{what} is not a table over sizes {sizes}")
+    return {n: _time(t[str(n)], f"{what}[{n}]", positive) for n in sizes}
+
+
+def _cycles(t, what: str) -> dict:
+    if not isinstance(t, dict):
+        raise ValueError(f"{what} is not a table of trees")
+    for key in t:
+        if tree_key(tree_from_key(key)) != key:  # tree_from_key raises ValueError for a key it cannot read
+            raise ValueError(f"{what}: {key!r} names no tree")
+    return {key: _time(ms, f"{what}[{key}]", positive=True) for key, ms in t.items()}
+
+
+def _fits(t) -> dict:
+    """:attr:`CostModel.residual_fit`: one coefficient per feature of its kind, each finite and within MAX_MS."""
+    n_features = {"chain": 2, "tree": 3}
+    if not isinstance(t, dict):
+        raise ValueError("residual_fit is not a table")
+    out = {}
+    for key, coef in t.items():
+        kind, _, mode = str(key).partition("|")
+        if kind not in n_features or mode not in ("greedy", "sampled"):
+            raise ValueError(f"residual_fit: unknown kind {key!r}")
+        if not isinstance(coef, list) or len(coef) != n_features[kind]:
+            raise ValueError(f"residual_fit[{key}] is not {n_features[kind]} coefficients")
+        for c in coef:
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not abs(c) <= MAX_MS:
+                raise ValueError(f"residual_fit[{key}] holds {c!r}")
+        out[key] = [float(c) for c in coef]
+    return out
 
 
 def cost_key(decoder, batch: int, sampled_drafts: bool) -> str:
@@ -177,12 +243,15 @@ def cost_key(decoder, batch: int, sampled_drafts: bool) -> str:
 
 
 def load_costs(key: str, directory: Path | None = None) -> CostModel | None:
+    """The cached entry for ``key``, or ``None`` when it is absent, unreadable or invalid (see
+    :meth:`CostModel.from_json`): the caller measures again and :func:`save_costs` replaces it."""
     path = (directory or cache_dir()) / "costs.json"
     try:
         entry = json.loads(path.read_text()).get(key)
-        return CostModel.from_json(entry) if entry else None
+        cm = CostModel.from_json(entry) if entry else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # absent or unreadable: measure again
+    return cm if cm is not None and cm.key == key else None  # an entry filed under another machine's key
 
 
 def save_costs(cm: CostModel, directory: Path | None = None) -> None:

@@ -21,15 +21,15 @@ from eagle_kernels import get_ops
 from eagle_kernels.reference import GREEDY_TEMPERATURE
 
 from .adaptive import AutoTree, make_tree, path_observations
-from .checks import check_sampling
+from .checks import check_max_new_tokens, check_sampling
 from .decoder import Decoder, causal_mask
 from .draft import load_head
 from .drafter import Drafter
 from .graphs import BufferPool, GraphsUnavailable, StepGraphs, bucket, graphs_ready, resolve_graphs
-from .loading import load_target
+from .loading import check_dtype, check_model_path, load_target
 from .model import Transformer
 from .state import DecodeState, Sampling
-from .text import continuation_text, load_tokenizer
+from .text import check_utf8_prompts, continuation_text, load_tokenizer
 from .tree import DynamicTree, StaticTree, fit_kind, shape_key, tree_key
 
 
@@ -198,7 +198,7 @@ class EagleModel:
         base: str | Path,
         draft: str | Path | None = None,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
         tree="auto",
         backend: str = "auto",
@@ -208,14 +208,20 @@ class EagleModel:
     ) -> "EagleModel":
         """Load a HF target (local directory or hub id) and an EAGLE-1 or EAGLE-3 head (format auto-detected).
 
-        ``dtype=None`` is bfloat16 on CUDA and float32 elsewhere; ``cuda_graphs`` is the constructor's. Inside a
-        torchrun process the target is sharded over the process group (``tensor_parallel``, when given, must
-        equal its size; see :mod:`eagle_runtime.parallel`); the head is replicated on every rank."""
+        ``dtype=None`` is bfloat16 on CUDA and float32 elsewhere; a name (``"float32"``, ``"float16"``,
+        ``"bfloat16"`` or ``"fp32"``, ``"fp16"``, ``"bf16"``) or a floating-point ``torch.dtype`` otherwise.
+        ``cuda_graphs`` is the constructor's. Inside a torchrun process the target is sharded over the process
+        group (``tensor_parallel``, when given, must equal its size; see :mod:`eagle_runtime.parallel`); the head
+        is replicated on every rank."""
         from .parallel import load_target_parallel, resolve_tensor_parallel
 
+        check_model_path(base, "base")
+        if draft is not None:
+            check_model_path(draft, "draft")
         dev = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        dtype = check_dtype(dtype)
         if resolve_tensor_parallel(tensor_parallel) > 1:
             target = load_target_parallel(base, dtype=dtype, device=dev, max_len=max_len,
                                           tensor_parallel=tensor_parallel)
@@ -234,6 +240,7 @@ class EagleModel:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of either")
+        check_utf8_prompts(prompts)
         vocab = self.target.cfg.vocab_size
         k = getattr(self.tree, "top_k", getattr(self.tree, "max_rank", 0))
         if self.head is not None and k > vocab:
@@ -260,6 +267,7 @@ class EagleModel:
     def cache_len_needed(self, prompts, max_new_tokens: int, speculative: bool = True) -> int:
         """KV-cache positions :meth:`generate` needs for ``prompts`` (text or ids): the longest prompt, the new
         tokens, one tree (or one token when plain) and one spare slot. Load with ``max_len`` at least this."""
+        check_max_new_tokens(max_new_tokens)
         ids = self.encode(prompts)
         extra = max(self.tree.num_nodes, self.tree.draft_slots()) if speculative else 1
         return max(len(p) for p in ids) + max_new_tokens + extra + 1

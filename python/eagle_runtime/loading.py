@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -19,8 +20,36 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit the model it is loaded into."""
 
 
+# dtypes by name, as ``--dtype`` spells them and their short forms
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def check_dtype(dtype, name: str = "dtype") -> torch.dtype:
+    """A weight dtype: a name of :data:`DTYPES` or a floating-point ``torch.dtype`` of 16 bits or more (float8 has
+    no matmul here; integer and bool weights are no model), else a one-line ValueError / TypeError."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"{name} {dtype!r} is not one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch dtype or one of {', '.join(DTYPES)}, got {type(dtype).__name__}")
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"{name} {dtype} is not a floating-point dtype of 16 bits or more (use float32, float16 "
+                         "or bfloat16)")
+    return dtype
+
+
+def check_model_path(path, name: str = "model path") -> None:
+    """A one-line TypeError unless ``path`` is a ``str`` or ``os.PathLike`` (``Path(None)`` says neither which
+    argument nor what it should be)."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a model directory or hub id (a str or path), got {type(path).__name__}")
+
+
 def resolve_dir(name_or_path: str | Path, allow_patterns: list[str] | None = None) -> Path:
     """A local directory as is; otherwise a hub id resolved through the Hugging Face cache (offline works)."""
+    check_model_path(name_or_path)
     if not str(name_or_path).strip():
         raise FileNotFoundError("empty model path: give a model directory or a hub id like 'org/name'")
     p = Path(name_or_path).expanduser()
@@ -168,7 +197,9 @@ def load_target(
     device: str | torch.device = "cpu",
     max_len: int | None = None,
 ) -> Transformer:
-    """Our :class:`Transformer` with the weights of a HF LLaMA-family or Mixtral checkpoint."""
+    """Our :class:`Transformer` with the weights of a HF LLaMA-family or Mixtral checkpoint; ``dtype`` as
+    :func:`check_dtype` takes it (a ``torch.dtype`` or a name such as ``"bf16"``)."""
+    dtype = check_dtype(dtype)
     check_device(device)
     d = resolve_dir(name_or_path)
     config = ModelConfig.read_json(d / "config.json")
@@ -184,6 +215,7 @@ def target_from_state_dict(
     config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype, device, max_len: int | None = None
 ) -> Transformer:
     """Our :class:`Transformer` from a HF config dict and HF-named tensors (e.g. a live transformers model)."""
+    dtype = check_dtype(dtype)
     cfg = ModelConfig.from_dict(config)
     if max_len is None:
         max_len = min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import check_settings
+
 
 @dataclass
 class Sampling:
@@ -30,7 +32,10 @@ class Sampling:
                    torch.empty((), dtype=torch.long, device=dev))
 
     def fill_(self, temperature: float, top_p: float, top_k: int, seed: int) -> "Sampling":
-        """Set every row to these settings and the step offset to 0 (in place: fixed addresses for graphs)."""
+        """Set every row to these settings and the step offset to 0 (in place: fixed addresses for graphs).
+        Checked first (:func:`~eagle_runtime.checks.check_settings`): ``int()`` and ``fill_`` would truncate
+        top_k 2.5 to 2 and fail on 2**63 with an overflow from torch."""
+        check_settings(temperature, top_p, top_k, seed)
         self.temperature.fill_(float(temperature))
         self.top_p.fill_(float(top_p))
         self.top_k.fill_(int(top_k))

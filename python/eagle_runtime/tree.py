@@ -13,6 +13,7 @@ target ids) maps them to target ids inside :func:`eagle_kernels.topk_expand`.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,14 +36,15 @@ DraftStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class StaticTree:
-    """A fixed tree given as rank paths (EAGLE-1). ``choices`` default to ``MC_SIM_7B_63``."""
+    """A fixed tree given as rank paths (EAGLE-1). ``choices`` default to ``MC_SIM_7B_63``: a list (or tuple) of
+    non-empty lists (or tuples) of integer ranks >= 0, 0 being the draft's top token at that step."""
 
     choices: list[list[int]] = field(default_factory=lambda: [list(c) for c in MC_SIM_7B_63])
 
     def __post_init__(self):
+        self.choices = sorted(_rank_paths(self.choices), key=lambda c: (len(c), c))
         if not self.choices:
             raise ValueError("a static tree needs at least one draft node")
-        self.choices = sorted((list(c) for c in self.choices), key=lambda c: (len(c), c))
         index = {(): 0}
         parents = [-1]
         for i, c in enumerate(self.choices, start=1):
@@ -95,6 +97,26 @@ class StaticTree:
             h_out, logits = step(hidden[:, parents[lo:hi]], tokens[:, lo:hi], pos, L + lo - 1, mask)
             hidden[:, lo:hi] = h_out
         return tokens, parents[None].expand(B, T).contiguous()
+
+
+def _rank_paths(choices) -> list[list[int]]:
+    """``StaticTree.choices`` as lists of Python ints, or a one-line TypeError / ValueError: a negative rank would
+    index the top-k from its end, and other types failed inside sorting with no word of the argument."""
+    if not isinstance(choices, (list, tuple)):
+        raise TypeError(f"StaticTree choices must be a list of rank paths, got {type(choices).__name__}")
+    out = []
+    for c in choices:
+        if not isinstance(c, (list, tuple)):
+            raise TypeError(f"StaticTree choices: a rank path is a list of integer ranks, got {c!r}")
+        if not c:
+            raise ValueError("StaticTree choices: an empty rank path (the root is implicit, not a path)")
+        for r in c:
+            if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+                raise TypeError(f"StaticTree choices: path {list(c)!r} holds {r!r}, not an integer rank")
+            if r < 0:
+                raise ValueError(f"StaticTree choices: path {list(c)!r} holds rank {r}; ranks count from 0")
+        out.append([int(r) for r in c])
+    return out
 
 
 @dataclass
