@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,28 @@ def _umask() -> int:
     return mask
 
 
+def _temp_name(path: Path) -> tuple[str, str]:
+    """(prefix, suffix) of the temporary files :func:`atomic_write` makes for ``path``."""
+    return f".{path.name}.", ".tmp"
+
+
+def remove_orphans(path: str | Path) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` of ``path`` left beside it (a SIGKILL or power cut
+    mid-write runs no cleanup); returns what was removed. Only names this writer makes are touched
+    (``.<name>.<8 random characters>.tmp``); call it only while nothing is writing ``path``."""
+    path = Path(path)
+    prefix, suffix = _temp_name(path)
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}" + re.escape(suffix))  # mkstemp's 8 characters
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for f in path.parent.iterdir():
+            if pattern.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    removed.append(f)
+    return removed
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` to fill a temporary file beside ``path``, then make it ``path`` atomically.
 
@@ -30,7 +53,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         atomic_write(out / "model.safetensors", lambda p: safetensors.torch.save_file(state, p))
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temp_name(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -60,4 +84,4 @@ def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "remove_orphans"]
