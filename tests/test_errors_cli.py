@@ -137,6 +137,32 @@ def test_cuda_device_without_cuda(stories_dir, capsys):
     _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--device", dev], capsys, "cuda")
 
 
+def test_a_default_run_on_a_cpu_only_machine_prints_no_backend_warning(stories_dir, head_dir):
+    """The cpu backend is simply the default where there is no GPU: a fresh process (a once-per-process note would
+    show on every run) prints no warning about it. CUDA_VISIBLE_DEVICES="" makes the machine CPU-only even on a GPU
+    host, and the PYTHONPATH leaves out the fake-CUDA site of the CI pass."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EAGLE_FAKE_CUDA_HOST")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "python"),
+                                                                                           str(ROOT)]))
+    for extra in ([], ["--backend", "auto"]):
+        r = subprocess.run([sys.executable, "-m", "eagle_runtime", "generate", "--base", str(stories_dir), "--draft",
+                            str(head_dir), "--prompt", "Hi", "--max-new-tokens", "2", *extra],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "warning" not in r.stderr.lower() and "cuda" not in r.stderr.lower(), (extra, r.stderr)
+
+
+@pytest.mark.parametrize("request_", [["--device", "cuda"], ["--backend", "triton"]], ids=["device", "backend"])
+def test_an_explicit_gpu_request_on_a_cpu_only_machine_is_reported(stories_dir, capsys, monkeypatch, request_):
+    """Asked for a GPU it cannot have, the command says so in one line (it does not quietly run on the CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--max-new-tokens", 1, *request_], capsys,
+                    "cuda")
+
+
 @pytest.mark.parametrize("dev", ["banana", "tpu", "cuda:x"])
 def test_unknown_device(stories_dir, capsys, dev):
     _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--device", dev], capsys, "device")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,67 @@ def test_loader_errors(tmp_path, stories_dir):
     (bad / "model.safetensors").symlink_to(stories_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match="shape"):
         load_target(bad)
+
+
+def _sharded_stories(d, stories_dir):
+    """stories260k as two safetensors shards with an index in ``d``; returns (shard names, weight map)."""
+    from safetensors.torch import load_file
+
+    full = load_file(str(stories_dir / "model.safetensors"))
+    keys = sorted(full)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text((stories_dir / "config.json").read_text())
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    wmap = {}
+    for name, part in zip(names, (keys[::2], keys[1::2])):
+        save_file({k: full[k] for k in part}, str(d / name))
+        wmap.update({k: name for k in part})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    return names, wmap
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_index_shards_outside_the_directory_are_refused(tmp_path, stories_dir, how):
+    """An index naming a shard outside the model directory (``..``, an absolute path, a symlink that leaves it) is a
+    one-line error naming the shard, for the plain and the tensor-parallel loader; the outside file is never read."""
+    from eagle_runtime.config import ModelConfig
+    from eagle_runtime.parallel import ShardPlan, read_shards
+
+    d = tmp_path / "model"
+    names, wmap = _sharded_stories(d, stories_dir)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (d / names[1]).rename(outside / names[1])
+    bad = {"dotdot": f"../elsewhere/{names[1]}", "absolute": str(outside / names[1]), "symlink": names[1]}[how]
+    if how == "symlink":
+        (d / names[1]).symlink_to(outside / names[1])
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: bad if v == names[1] else v for k, v in wmap.items()}}))
+    plan = ShardPlan.make(ModelConfig.from_file(d / "config.json"), 2, 0, True)
+    for load in (lambda: load_target(d, max_len=64), lambda: read_shards(d, plan)):
+        with pytest.raises(ValueError) as e:
+            load()
+        msg = str(e.value)
+        assert "\n" not in msg and bad in msg and "outside" in msg, msg
+
+
+def test_index_shards_in_subfolders_and_the_hub_cache_still_load(tmp_path, stories_dir):
+    """What stays allowed: a shard in a subfolder, and the Hugging Face cache's layout, where a snapshot's files are
+    symlinks into the repository's ``blobs`` folder (``snapshots/<rev>/x -> ../../blobs/<hash>``)."""
+    ref = load_target(stories_dir, max_len=64).state_dict()
+    d = tmp_path / "sub"
+    names, wmap = _sharded_stories(d, stories_dir)
+    (d / "shards").mkdir()
+    (d / names[0]).rename(d / "shards" / names[0])
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f"shards/{v}" if v == names[0] else v for k, v in wmap.items()}}))
+    repo = tmp_path / "hub" / "models--org--stories"
+    snap = repo / "snapshots" / "0123abc"
+    _sharded_stories(snap, stories_dir)
+    (repo / "blobs").mkdir()
+    for f in list(snap.iterdir()):
+        (f.rename(repo / "blobs" / f"blob-{f.name}"))
+        f.symlink_to(Path("..") / ".." / "blobs" / f"blob-{f.name}")
+    for where in (d, snap):
+        got = load_target(where, max_len=64).state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), where

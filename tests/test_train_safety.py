@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,70 @@ def test_saves_are_atomic(tmp_path, stories, monkeypatch):
         assert now["train_state.pt"] == before["train_state.pt"]
         load_head(tmp_path, target)
         assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 1
+
+
+def _killed_save(out: Path, head, opt, step: int, cfg, kill_at: int, mid_write: bool) -> int:
+    """``_save`` of ``step`` into ``out`` in a forked child that dies with ``os._exit`` (what SIGKILL leaves: no
+    handler, no cleanup) at the ``kill_at``-th rename of the atomic writer: before it when ``mid_write`` (the
+    temporary file is complete and left behind), else just after it. Returns the child's exit status (9: killed)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            real, calls = os.replace, []
+
+            def dying_replace(src, dst):
+                calls.append(dst)
+                if len(calls) == kill_at and mid_write:
+                    os._exit(9)
+                real(src, dst)
+                if len(calls) == kill_at:
+                    os._exit(9)
+
+            os.replace = dying_replace
+            _save(head, opt, step, [{"step": s} for s in range(1, step + 1)], out, cfg)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill harness forks")
+def test_a_kill_anywhere_in_a_save_resumes_a_consistent_set(tmp_path, stories, monkeypatch):
+    """Every point a SIGKILL can hit in a save (inside each file's write and between each pair of renames): the
+    resume state and the published head and train_config.json that ``--resume`` leaves are all of one step, and
+    no temporary file is left in the output directory."""
+    target, _ = stories
+    cfg = TrainConfig(steps=5)
+    head = EagleHead(head_config(target.cfg), 64)
+    opt = torch.optim.AdamW(head.parameters())
+    first = tmp_path / "first"
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append(dst), real_replace(src, dst)))
+    with torch.no_grad():
+        head.fc.bias.fill_(1.0)  # the weights tell which step's save they come from
+    _save(head, opt, 1, [{"step": 1}], first, cfg)
+    monkeypatch.setattr(os, "replace", real_replace)
+    files = {f.name for f in first.iterdir()}
+    assert files == {"config.json", "pytorch_model.bin", "train_state.pt", "train_config.json"}, files
+    with torch.no_grad():
+        head.fc.bias.fill_(2.0)
+    resumed = set()
+    for kill_at in range(1, len(renames) + 1):
+        for mid_write in (True, False):
+            out = tmp_path / f"kill{kill_at}{'mid' if mid_write else 'after'}"
+            shutil.copytree(first, out)
+            assert _killed_save(out, head, opt, 2, cfg, kill_at, mid_write) == 9
+            fresh = EagleHead(head_config(target.cfg), 64)
+            step, history = _load_state(out / "train_state.pt", fresh, torch.optim.AdamW(fresh.parameters()), "cpu")
+            where = f"killed at the rename of {renames[kill_at - 1].name} ({'in' if mid_write else 'after'} its write)"
+            published = load_head(out, target).fc.bias
+            assert torch.all(published == step), f"{where}: published head of step {published[0].item()}, state {step}"
+            assert torch.all(fresh.fc.bias == step) and [r["step"] for r in history] == list(range(1, step + 1))
+            assert json.loads((out / "train_config.json").read_text())["steps_done"] == step, where
+            assert {f.name for f in out.iterdir()} == files, f"{where}: left {sorted(f.name for f in out.iterdir())}"
+            resumed.add(step)
+    assert resumed == {1, 2}  # kills before the commit resume step 1, the last one (after it) step 2
 
 
 @pytest.mark.parametrize("kind", HEADS)

@@ -3,7 +3,9 @@
 A kill at any moment leaves the old file or the new one, never a partial one: the data goes to a temporary file
 in the same directory (a rename across file systems is not atomic), is fsynced, renamed over the target and the
 directory entry fsynced. The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask);
-``mkstemp``'s 0600 would make a shared results folder unreadable to the rest of a team.
+``mkstemp``'s 0600 would make a shared results folder unreadable to the rest of a team. The kernel applies the
+umask when the temporary file is created with 0666; the process umask is never read, since the only portable
+read sets it, and a file another thread created in that moment would be world-writable.
 """
 
 from __future__ import annotations
@@ -11,15 +13,50 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import re
+import secrets
 from pathlib import Path
 from typing import Callable
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable read of the umask is to set it and put it back
-    os.umask(mask)
-    return mask
+def _temp_name(path: Path) -> tuple[str, str]:
+    """(prefix, suffix) of the temporary files :func:`atomic_write` makes for ``path``."""
+    return f".{path.name}.", ".tmp"
+
+
+def _create_temp(path: Path) -> tuple[Path, int]:
+    """A new empty file beside ``path`` named as :func:`remove_orphans` expects, and its mode: created with 0666, so
+    the kernel takes off the umask (and applies a default ACL) exactly as for ``open(path, "w")``."""
+    prefix, suffix = _temp_name(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.parent / f"{prefix}{secrets.token_hex(4)}{suffix}"  # 8 characters, as mkstemp's
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, os.fstat(fd).st_mode & 0o7777
+        finally:
+            os.close(fd)
+
+
+def remove_orphans(path: str | Path) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` of ``path`` left beside it (a SIGKILL or power cut
+    mid-write runs no cleanup); returns what was removed. Only names this writer makes are touched
+    (``.<name>.<8 random characters>.tmp``); call it only while nothing is writing ``path``."""
+    path = Path(path)
+    prefix, suffix = _temp_name(path)
+    # 8 characters: hex now, mkstemp's alphabet in files an earlier version of this writer left
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}" + re.escape(suffix))
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for f in path.parent.iterdir():
+            if pattern.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    removed.append(f)
+    return removed
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -30,13 +67,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         atomic_write(out / "model.safetensors", lambda p: safetensors.torch.save_file(state, p))
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp, mode = _create_temp(path)
     try:
-        write(Path(tmp))
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)  # ``write`` may have put its own file there (a temp-and-rename at 0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -60,4 +96,4 @@ def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "remove_orphans"]

@@ -77,11 +77,7 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         if (d / index_name).is_file():
-            try:
-                with open(d / index_name) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{d / index_name} is not a valid index ({_one_line(e)})") from None
+            files = index_shards(d, index_name)
             break
         if (d / single).is_file():
             files = [single]
@@ -97,6 +93,34 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"shard {name} listed in the index is missing from {d}")
         state.update(_read_weights(path))
     return state
+
+
+def index_shards(d: Path, index_name: str) -> list[str]:
+    """The shard files named by the index ``d / index_name`` (its ``weight_map`` values), sorted, each checked to
+    lie inside ``d``: a name that is absolute, climbs out with ``..`` or is a symlink leading out of ``d`` is a
+    one-line :class:`CheckpointError` naming it. The index is data from whoever published the checkpoint, and
+    without the check it could make the loader read any file the user can read. One exception keeps hub downloads
+    working: in the Hugging Face cache a snapshot's files are symlinks into the repository's ``blobs`` folder
+    (``<repo>/snapshots/<rev>/x -> ../../blobs/<hash>``), so there that folder counts as inside too."""
+    try:
+        with open(d / index_name) as f:
+            names = set(json.load(f)["weight_map"].values())
+        if not all(isinstance(n, str) and n for n in names):
+            raise TypeError("shard names must be non-empty strings")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{d / index_name} is not a valid index ({_one_line(e)})") from None
+    root = d.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        roots.append((root.parent.parent / "blobs").resolve())
+    for name in names:
+        rel = Path(name)
+        # Both the name as written and where it resolves to: a symlink with a plain name leads out with no "..".
+        real = (d / rel).resolve()
+        if rel.is_absolute() or ".." in rel.parts or not any(real.is_relative_to(r) for r in roots):
+            raise CheckpointError(f"shard {name!r} listed in {d / index_name} lies outside the model directory "
+                                  "(absolute path, '..' or a symlink leading out): refused")
+    return sorted(names)
 
 
 def _one_line(e: BaseException) -> str:

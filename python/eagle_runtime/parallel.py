@@ -31,7 +31,6 @@ index; ``.bin`` checkpoints are refused since they cannot be sliced without unpi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, ModelConfig
-from .loading import CheckpointError, resolve_dir, target_from_state_dict
+from .loading import CheckpointError, index_shards, resolve_dir, target_from_state_dict
 
 DEBUG_ENV = "EAGLE_TP_DEBUG"
 _owned_group = False  # whether init_distributed created the default group (and shutdown_distributed may end it)
@@ -352,8 +351,7 @@ class ShardPlan:
 
 def _safetensors_files(d: Path) -> list[str]:
     if (d / "model.safetensors.index.json").is_file():
-        with open(d / "model.safetensors.index.json") as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+        return index_shards(d, "model.safetensors.index.json")
     if (d / "model.safetensors").is_file():
         return ["model.safetensors"]
     if (d / "pytorch_model.bin").is_file() or (d / "pytorch_model.bin.index.json").is_file():

@@ -1,13 +1,15 @@
 """The training loop both head trainers share, and its saves.
 
 AdamW with warm-up and cosine decay (following wall time under ``--max-minutes``, see :func:`lr_factor`),
-gradient clipping, held-out evaluation, atomic saves of the published head files, ``train_state.pt`` (for
-``--resume``) and ``train_config.json``, and SIGINT/SIGTERM stopping at a step boundary with a save.
+gradient clipping, held-out evaluation, saves of the published head files, ``train_config.json`` and
+``train_state.pt`` (for ``--resume``; a save's one commit point, see :func:`_save`), and SIGINT/SIGTERM stopping at
+a step boundary with a save.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import signal
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_write, atomic_write_text, remove_orphans
 from ..draft import save_head
 from ..loading import CheckpointError
 from .common import TrainConfig
@@ -44,6 +46,8 @@ def fit(head, target, train_rows, hold_rows, out, cfg: TrainConfig, loss_fn, eva
     step, history = 0, []
     if resume:
         step, history = _load_state(out / "train_state.pt", head, opt, dev)
+    else:
+        _remove_orphans(out)
     (train_t, train_m), (hold_t, hold_m) = train_rows, hold_rows
     gen = torch.Generator().manual_seed(cfg.seed + step)
     t_start = time.time()
@@ -141,9 +145,43 @@ def lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
     return warm * 0.5 * (1 + math.cos(math.pi * min(max(step / cfg.steps, time_fraction), 1.0)))
 
 
+# What a save writes into ``out``: the published files (what a user reads), then the resume state, the commit.
+PUBLISHED = ("config.json", "pytorch_model.bin", "train_config.json")
+STATE = "train_state.pt"
+
+
+def _sha256(path: Path) -> str | None:
+    h = hashlib.sha256()  # by hand: hashlib.file_digest needs Python 3.11, the package supports 3.10
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        return None
+    return h.hexdigest()
+
+
+def _remove_orphans(out: Path) -> None:
+    for name in (*PUBLISHED, STATE):
+        remove_orphans(out / name)
+
+
+def _publish(head, out: Path, summary: dict) -> dict[str, str]:
+    """The published head files and ``train_config.json`` (each atomically); returns their sha256s."""
+    save_head(head, out)  # creates ``out``; the trainers always write the .bin layout (PUBLISHED)
+    atomic_write_text(out / "train_config.json", json.dumps(summary, indent=2))
+    return {name: _sha256(out / name) for name in PUBLISHED}
+
+
 def _load_state(state_path: Path, head, opt, dev) -> tuple[int, list]:
-    """Restore a ``train_state.pt`` written by :func:`_save`: tensors and plain values only (``weights_only``
-    loading never runs code from the file)."""
+    """Restore a ``train_state.pt`` written by :func:`_save` (tensors and plain values only: ``weights_only``
+    loading never runs code from the file) into ``head`` and ``opt``; returns ``(step, history)``.
+
+    The state is the last committed save. A kill after the published files of a later save were written but before
+    its state was leaves them a save ahead: files whose sha256 differs from the state's record are written again
+    from the state, so the directory holds one step's set again. Temporary files of killed writes are removed."""
+    out = state_path.parent
+    _remove_orphans(out)
     if not state_path.is_file():
         raise FileNotFoundError(f"--resume: no {state_path}")
     try:
@@ -151,20 +189,29 @@ def _load_state(state_path: Path, head, opt, dev) -> tuple[int, list]:
         head.load_state_dict(st["head"])
         opt.load_state_dict(st["opt"])
         step, history = int(st["step"]), list(st["history"])
+        published, summary = st.get("published"), st.get("summary")
     except Exception as e:  # unpickling refusals, truncation and foreign files raise many types
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise CheckpointError(f"--resume: cannot restore {state_path} ({type(e).__name__}: "
                               f"{lines[0][:200] if lines else ''})") from None
+    # A state from before the record was kept (no "published") has nothing to check the files against.
+    if isinstance(published, dict) and isinstance(summary, dict):
+        if any(_sha256(out / name) != published.get(name) for name in PUBLISHED):
+            _publish(head, out, summary)
     return step, history
 
 
 def _save(head, opt, step, history, out: Path, cfg: TrainConfig) -> None:
-    """The published head files, the resume state and the config, each written atomically."""
-    save_head(head, out)  # creates ``out``
-    state = {"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}
-    atomic_write(out / "train_state.pt", lambda p: torch.save(state, p))
+    """One save, with one commit point: the published files (head config and weights, ``train_config.json``) are
+    written first, then ``train_state.pt``, which holds everything ``--resume`` needs (head weights included) and
+    the sha256 of each published file. A kill before the state's rename leaves the previous state, the last
+    consistent save, and :func:`_load_state` rewrites published files that do not match it; a kill after it leaves
+    the new save whole. Each file is written atomically, so none is ever partial."""
     summary = {"train": asdict(cfg), "steps_done": step, "last": history[-1] if history else None}
-    atomic_write_text(out / "train_config.json", json.dumps(summary, indent=2))
+    published = _publish(head, out, summary)
+    state = {"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+             "summary": summary, "published": published}
+    atomic_write(out / STATE, lambda p: torch.save(state, p))
 
 
 @contextlib.contextmanager
