@@ -453,7 +453,10 @@ def test_calibration_times_every_default_candidate(stories_dir):
     assert set(cm.cycles_sampled) == {k for k in keys if k.startswith("chain")}
     assert set(cm.residual_fit) == {"chain|greedy", "tree|greedy", "chain|sampled"}
     for key, ms in cm.cycles.items():
-        assert ms > 0 and cm.cycle_ms(tree_from_key(key), True) == pytest.approx(ms)
+        # as measured, unless timing noise made the cycle cheaper than half its separately timed parts: then the
+        # model's floor (seen once on a loaded machine: a 5.3 ms cycle against 24.8 ms of parts)
+        t = tree_from_key(key)
+        assert ms > 0 and cm.cycle_ms(t, True) == pytest.approx(max(ms, 0.5 * cm.parts_ms(t, True)))
 
 
 def _plain_winning_controller(far: bool):
