@@ -106,13 +106,13 @@ def test_mixed_batch_exact_cache_triton_sampled(stories_dir):
 
     rows = ["Once upon a time", _random_ids(random.Random(2), 9, 512)]
     tok = load_tokenizer(stories_dir)
-    need = EagleModel(load_target(stories_dir, max_len=64), None, tok, tree=SMALL_TREE).cache_len_needed(rows, 12)
+    need = EagleModel(load_target(stories_dir, max_len=64), None, tok, tree=SMALL_TREE).cache_len_needed(rows, 8)
     target = load_target(stories_dir, max_len=need)
     model = EagleModel(target, random_head(target, seed=1), tok, tree=SMALL_TREE, backend="triton")
-    out = model.generate(rows, 12, temperature=1.0, seed=4, stop_on_eos=False)
-    assert all(len(t) == 12 for t in out.tokens)
+    out = model.generate(rows, 8, temperature=1.0, seed=4, stop_on_eos=False)
+    assert all(len(t) == 8 for t in out.tokens)
     model.set_backend("torch")
-    assert model.generate(rows, 12, temperature=1.0, seed=4, stop_on_eos=False).tokens == out.tokens
+    assert model.generate(rows, 8, temperature=1.0, seed=4, stop_on_eos=False).tokens == out.tokens
 
 
 def test_cache_len_needed_matches_the_error():
