@@ -13,6 +13,9 @@ The data directory is laid out like the team's shared one (``shared/data/README.
     bench/mt_bench.jsonl                             FastChat's MT-bench question.jsonl (80 questions)
     bench/HumanEval.jsonl.gz, bench/gsm8k_test.jsonl
 
+After the downloads, the two Hugging Face directories are built from the llama2.c files whenever both are present
+(``--no-convert`` skips this); they reproduce the team's shared copies byte for byte.
+
 Where it goes (:func:`data_dir`): ``--out``, else ``$EAGLE_SHARED_DATA``, else ``$XDG_CACHE_HOME/eagle_runtime/data``,
 else ``~/.cache/eagle_runtime/data``. Every download is checked against the sha256 recorded below; a file already
 present with the right checksum is not downloaded again, and converted files are rewritten only when their bytes

@@ -11,8 +11,10 @@ present, on stories260K against the team's stories260k-hf.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
+import io
 import importlib.util
 import math
 import os
@@ -60,20 +62,29 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server(tmp_path):
-    """(base_url, served directory, httpd) for a server on an ephemeral port."""
-    root = tmp_path / "served"
-    root.mkdir()
+@contextlib.contextmanager
+def _http_server(directory: Path):
+    """(base_url, httpd) of a server for ``directory`` on an ephemeral port, in a thread."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                            lambda *a, **k: _Handler(*a, directory=str(root), **k))
+                                            lambda *a, **k: _Handler(*a, directory=str(directory), **k))
     httpd.requests, httpd.truncate = [], set()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root, httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """(base_url, served directory, httpd)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    with _http_server(root) as (base, httpd):
+        yield base, root, httpd
 
 
 def _serve(root: Path, rel: str, data: bytes) -> str:
@@ -120,6 +131,22 @@ def test_present_file_with_wrong_checksum_is_replaced(server, tmp_path):
     (out / "a.bin").write_bytes(b"stale")
     assert fd.fetch(out, base_url=base, table=table, progress=False, log=lambda s: None) == ["a"]
     assert (out / "a.bin").read_bytes() == b"right" and _files(out) == ["a.bin"]
+
+
+def test_progress_bar_on_a_terminal_only(server, tmp_path, monkeypatch):
+    base, root, _ = server
+    table = _table(a=("a.bin", _serve(root, "a.bin", os.urandom(300_000))))
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for tty, out in ((True, tmp_path / "tty"), (False, tmp_path / "log")):
+        err = Tty() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        fd.fetch(out, base_url=base, table=table, log=lambda s: None)
+        monkeypatch.undo()
+        assert ("a.bin:" in err.getvalue() and "B/s" in err.getvalue()) == tty, repr(err.getvalue())
 
 
 def _failure(server, tmp_path, case: str) -> tuple[str, Path]:
@@ -383,3 +410,29 @@ def test_stories260k_conversion_matches_shared(tmp_path):
     for rel in (fd.STORIES_HF, fd.STORIES_MOE):  # the whole directory, byte for byte
         for f in sorted((SHARED / rel).iterdir()):
             assert (tmp_path / rel / f.name).read_bytes() == f.read_bytes(), f"{rel}/{f.name} differs"
+
+
+@pytest.mark.shared_data
+def test_cli_from_a_mirror_of_shared_data(tmp_path):
+    """End to end with the real checksum table: every file from a local mirror of the shared folder (its layout is
+    the data directory's, which --base-url expects), then the conversion, which must reproduce the shared models."""
+    for f in fd.FILES.values():
+        if not (SHARED / f.path).is_file():
+            pytest.skip(f"shared data not found at {SHARED / f.path} (set EAGLE_SHARED_DATA to the shared data folder)")
+    with _http_server(SHARED) as (base, httpd):
+        out = tmp_path / "data"
+        env = dict(os.environ, EAGLE_DATA_BASE_URL=base)
+        r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert len(httpd.requests) == len(fd.FILES)
+        for f in fd.FILES.values():
+            assert (out / f.path).read_bytes() == (SHARED / f.path).read_bytes(), f.path
+        for rel in (fd.STORIES_HF, fd.STORIES_MOE):
+            assert sorted(p.name for p in (out / rel).iterdir()) == sorted(p.name for p in (SHARED / rel).iterdir())
+            for p in (SHARED / rel).iterdir():
+                assert (out / rel / p.name).read_bytes() == p.read_bytes(), f"{rel}/{p.name}"
+        r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0 and len(httpd.requests) == len(fd.FILES), "a rerun downloaded again"
+        assert "up to date models/stories260k-hf" in r.stdout
