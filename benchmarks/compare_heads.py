@@ -39,12 +39,13 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target  # noqa: E402
+from eagle_runtime.datadir import shared_data_dir  # noqa: E402
 from eagle_runtime.draft3 import Eagle3Head  # noqa: E402
 from eagle_runtime.text import load_tokenizer  # noqa: E402
 from _bench_utils import save_json  # noqa: E402
 from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt  # noqa: E402
 
-SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED = shared_data_dir()
 STORY_WORDS = 12
 
 

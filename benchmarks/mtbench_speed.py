@@ -53,10 +53,11 @@ from eagle_runtime import DynamicTree, EagleModel, StaticTree  # noqa: E402
 from eagle_runtime.adaptive import AutoTree  # noqa: E402
 from eagle_runtime.atomic import atomic_write, atomic_write_json  # noqa: E402
 from eagle_runtime.chat import encode_prompt as encode, make_prompt  # noqa: E402,F401  (cpu_cycle_phases imports both from here)
+from eagle_runtime.datadir import shared_data_dir  # noqa: E402
 from eagle_runtime.errors import USER_ERRORS  # noqa: E402
 from eagle_runtime.parallel import is_main_process, shutdown_distributed, tensor_parallel_size  # noqa: E402
 
-DEFAULT_QUESTIONS = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data")) / "bench" / "mt_bench.jsonl"
+DEFAULT_QUESTIONS = shared_data_dir() / "bench" / "mt_bench.jsonl"
 CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
 METHODS = ["plain", "eagle", "hf"]
 # Columns of the printed tables; each is a key of the matching JSON entry (tests/test_demo_and_bench.py checks).

@@ -46,11 +46,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # compare_heads: the held-out stor
 
 from eagle_runtime import DynamicTree, EagleModel, load_head, save_head  # noqa: E402
 from eagle_runtime.atomic import atomic_write_text  # noqa: E402
+from eagle_runtime.datadir import shared_data_dir  # noqa: E402
 from eagle_runtime.demo import DEMO_DIR  # noqa: E402
 from eagle_runtime.train import TrainConfig, train_head  # noqa: E402
 from eagle_runtime.train.target import DEFAULT_TOKENIZER, TargetConfig, train_target  # noqa: E402
 
-SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = shared_data_dir()
 HEAD_CORPUS = SHARED / "corpus" / "tinystories_val.txt"
 # Prompts of the self-distillation corpus: questions (chat-like, as the benchmark asks), verse and story openings.
 # MT-bench itself is never used: it is the benchmark.

@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without the editable install
 
 from eagle_runtime.atomic import atomic_write  # noqa: E402
+from eagle_runtime.datadir import fetched_data_dir  # noqa: E402
 
 BASE_URL_ENV = "EAGLE_DATA_BASE_URL"
 CHUNK = 1 << 16
@@ -100,8 +101,7 @@ def data_dir() -> Path:
     for this script)."""
     if os.environ.get("EAGLE_SHARED_DATA"):
         return Path(os.environ["EAGLE_SHARED_DATA"])
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "eagle_runtime" / "data"
+    return fetched_data_dir()  # where eagle_runtime.datadir looks last
 
 
 def sha256_file(path: Path) -> str:

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from eagle_runtime.datadir import shared_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = shared_data_dir()
 BASE = SHARED / "models" / "stories260k-hf"
 
 

@@ -29,14 +29,35 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (measured: 24 speculative tokens on stories260k took 75 s with 2 threads beside other jobs, 1.1 s with 1).
 torch.set_num_threads(1)
 
+# imported only now: eagle_runtime's package import reaches triton, which reads TRITON_INTERPRET (set above)
+from eagle_runtime.datadir import shared_data_dir  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EAGLE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED = shared_data_dir()  # $EAGLE_SHARED_DATA, ../shared/data, else what scripts/fetch_data.py fetched
 STORIES = SHARED / "models" / "stories260k-hf"
 STORIES_MOE = SHARED / "models" / "stories260k-moe-hf"
 CORPUS = SHARED / "corpus"
 
 
+# Fixtures that hand a test shared data; a test that asks for one must say so with the `shared_data` marker, so
+# `-m shared_data` lists exactly what a bare clone cannot run (checked at collection, and at run time by `require`).
+SHARED_FIXTURES = {"stories_dir", "stories_moe_dir", "tokenizer", "trained_head_dir"}
+_current_test = None
+
+
+@pytest.fixture(autouse=True)
+def _note_current_test(request):
+    global _current_test
+    _current_test = request.node
+    yield
+    _current_test = None
+
+
 def pytest_collection_modifyitems(config, items):
+    unmarked = [it.nodeid for it in items
+                if SHARED_FIXTURES & set(getattr(it, "fixturenames", ())) and not it.get_closest_marker("shared_data")]
+    if unmarked:
+        raise pytest.UsageError("tests that use shared data without the shared_data marker: " + ", ".join(unmarked))
     no_gpu = pytest.mark.skip(reason="fake CUDA host (EAGLE_FAKE_CUDA_HOST=1): needs a real CUDA GPU" if FAKE_CUDA_HOST
                               else "needs a CUDA GPU; none is present on this machine")
     no_interp = pytest.mark.skip(reason="runs Triton kernels on CPU tensors, which needs the Triton interpreter "
@@ -49,7 +70,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def require(path: Path) -> Path:
-    """Skip (with the reason) when a piece of shared data is absent."""
+    """Skip (with the reason) when a piece of shared data is absent; fail when the test is not marked for it."""
+    shared = path == SHARED or SHARED in path.parents  # require() also guards the repo's own demo files
+    if shared and _current_test is not None and not _current_test.get_closest_marker("shared_data"):
+        pytest.fail(f"{_current_test.nodeid} reads shared data ({path.name}) without @pytest.mark.shared_data")
     if not path.exists():
         pytest.skip(f"shared data not found at {path} (set EAGLE_SHARED_DATA to the shared data folder)")
     return path

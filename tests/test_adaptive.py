@@ -33,6 +33,7 @@ def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("EAGLE_RUNTIME_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_exact_when_the_tree_changes_every_step(stories_dir, trained_head_dir, batch):
     auto = AutoTree(candidates=[t for t in SCHEDULE if t is not None and not isinstance(t, StaticTree)]
@@ -48,6 +49,7 @@ def test_greedy_exact_when_the_tree_changes_every_step(stories_dir, trained_head
     assert max(max(a) for a in spec.accept_lengths) >= 3  # drafts got accepted across the changes
 
 
+@pytest.mark.shared_data
 def test_auto_default_is_exact_and_reports_its_choice(stories_dir, trained_head_dir, tmp_path):
     model = _model(stories_dir, trained_head_dir, "auto")
     assert isinstance(model.tree, AutoTree) and isinstance(make_tree("auto"), AutoTree)
@@ -81,6 +83,7 @@ def _sampling_joint(model, ids, n=3):
     return joint
 
 
+@pytest.mark.shared_data
 def test_sampling_with_changing_trees_follows_the_target(stories_dir, trained_head_dir):
     """Plain step, then a tree, then another: the first three tokens' joint law is the target's (chi-square)."""
     from scipy.stats import chisquare
@@ -104,6 +107,7 @@ def test_sampling_with_changing_trees_follows_the_target(stories_dir, trained_he
     assert p > 1e-3
 
 
+@pytest.mark.shared_data
 def test_cost_model_cache_round_trip(stories_dir, tmp_path, monkeypatch):
     model = _model(stories_dir, None, "auto")
     calls = []
@@ -166,6 +170,7 @@ def auto_model_and_costs(stories_dir):
     return model, good.to_json(), model.generate(PROMPTS[0], 24, speculative=False).tokens
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("poison", list(POISONED))
 def test_a_poisoned_cost_entry_is_measured_again_and_replaced(auto_model_and_costs, tmp_path, monkeypatch, poison):
     """Issue 31, item 2: an entry that parses but holds empty or wrongly shaped tables, or NaN / infinite / huge /
@@ -188,6 +193,7 @@ def test_a_poisoned_cost_entry_is_measured_again_and_replaced(auto_model_and_cos
     assert json.loads((folder / "costs.json").read_text())[key] == good  # the bad entry replaced on disk
 
 
+@pytest.mark.shared_data
 def test_auto_costs_follow_the_drafting_mode(stories_dir, monkeypatch):
     """Toggling ``sampled_drafts`` between calls must not reuse the cost model timed in the other mode (its sampled
     chains' cycles differ, and ``cost_key`` names the mode)."""
@@ -314,6 +320,7 @@ def test_expected_tokens_and_observations():
     assert expected_tokens(DynamicTree(2, 1, 1), [[0.5], [0.2]]) == pytest.approx(1 + 0.5 + 0.1)
 
 
+@pytest.mark.shared_data
 def test_head_catches_up_after_plain_steps(stories_dir):
     """After plain steps the head reads what it missed: its prediction equals a fresh prefill's on the same text
     (a stale head would keep greedy output exact but draft badly, so exactness tests cannot see this)."""
@@ -338,6 +345,7 @@ def test_head_catches_up_after_plain_steps(stories_dir):
     torch.testing.assert_close(state.d_logits, fresh.d_logits, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.shared_data
 def test_cli_tree_auto_json(stories_dir, tmp_path, capsys):
     from eagle_runtime import save_head
     from eagle_runtime.cli import main
@@ -352,6 +360,7 @@ def test_cli_tree_auto_json(stories_dir, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.shared_data
 def test_deferred_head_prefill_matches_the_eager_one(stories_dir):
     """tree="auto" starting plain leaves the prompt to the head's catch-up: same head state as the prefill's."""
     model = _model(stories_dir, None, AutoTree(schedule=lambda s: None))
@@ -439,6 +448,7 @@ def test_timed_cycles_set_each_trees_cost():
     assert again.cycle_ms(chains[2], True) == pytest.approx(cm.cycle_ms(chains[2], True))
 
 
+@pytest.mark.shared_data
 def test_calibration_times_every_default_candidate(stories_dir):
     """The measured cost model holds a real cycle of every default candidate, greedy and (chains, which draft by
     sampling then) at temperature 1, and predicts each timed cycle as measured; all of them on one set of caches."""

@@ -76,6 +76,7 @@ def test_json_refuses_nan_before_touching_the_file(tmp_path):
     assert json.loads(path.read_text()) == {"tau": 1.5} and len(list(tmp_path.iterdir())) == 1
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 @pytest.mark.parametrize("safetensors", [False, True])
 def test_save_head_is_atomic_with_the_umask_mode(tmp_path, target, umask, monkeypatch, kind, safetensors):
@@ -132,6 +133,7 @@ def test_a_writer_that_replaces_the_temp_file_still_gets_the_umask_mode(tmp_path
     assert _mode(tmp_path / "f.bin") == 0o644 and (tmp_path / "f.bin").read_bytes() == b"data"
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_every_writer_gets_the_umask_mode(tmp_path, target, tokenizer, umask, mask):
     """What goes through the atomic writer, file by file: a trainer's save (head, ``train_state.pt``,

@@ -94,6 +94,7 @@ def test_finished_rows_do_not_touch_live_rows():
         assert model.generate([LILY] + other, 48, **kw).tokens[0] == alone
 
 
+@pytest.mark.shared_data
 @pytest.mark.interpreter
 def test_mixed_batch_exact_cache_triton_sampled(stories_dir):
     """The Triton backend (interpreter on CPU) at the exact cache size, sampled, rows finishing apart."""

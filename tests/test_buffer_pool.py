@@ -45,6 +45,7 @@ def _counting(model):
     return made
 
 
+@pytest.mark.shared_data
 def test_one_target_cache_for_batches_1_2_3_8(stories_dir):
     eager = _model(stories_dir, static=False)
     model = _model(stories_dir, static=True)
@@ -65,6 +66,7 @@ def test_one_target_cache_for_batches_1_2_3_8(stories_dir):
     assert view.data_ptr() == cache.data_ptr() and view.shape[1] == 3 and view.stride() == cache.stride()
 
 
+@pytest.mark.shared_data
 def test_grows_only_for_a_largerbucket(stories_dir):
     model = _model(stories_dir, static=True)
     made = _counting(model)
@@ -80,6 +82,7 @@ def test_grows_only_for_a_largerbucket(stories_dir):
     assert model.pool.generation == 10  # 5 growths of each cache: graphs keyed by generation are recaptured
 
 
+@pytest.mark.shared_data
 def test_eager_allocates_per_call(stories_dir):
     model = _model(stories_dir, static=False)
     made = _counting(model)
@@ -113,6 +116,7 @@ def testresolve_graphs(monkeypatch):
         assert not resolve_graphs(None, True, False, "why")  # said once
 
 
+@pytest.mark.shared_data
 def test_graphs_ready_names_the_missing_extension(stories_dir, monkeypatch):
     model = _model(stories_dir, static=False)
     ok, why = graphs_ready(model.ops.name)
@@ -123,6 +127,7 @@ def test_graphs_ready_names_the_missing_extension(stories_dir, monkeypatch):
     assert not ok and "native extension" in why and "missing" in why
 
 
+@pytest.mark.shared_data
 def test_from_pretrained_defaults(stories_dir):
     model = EagleModel.from_pretrained(stories_dir, max_len=64)
     assert model.target.embed_tokens.weight.dtype == torch.float32 and not model.cuda_graphs

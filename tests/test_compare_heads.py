@@ -69,6 +69,7 @@ def test_accept_by_depth():
     assert bench.accept_by_depth([1, 1], 2) == [0.0, None]
 
 
+@pytest.mark.shared_data
 def test_compare_heads_writes_every_head_and_tree(tmp_path):
     require(CORPUS / "tinystories_extra.txt")
     bench = _bench()

@@ -71,6 +71,7 @@ def test_demo_speculation_is_exact_at_temperature_0():
 # ----------------------------------------------------------------------------------------------------------------
 # The target trainer
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.shared_data
 def test_train_target_writes_a_checkpoint_transformers_loads(tmp_path):
     from eagle_runtime.train.target import TargetConfig, train_target
 

@@ -47,6 +47,7 @@ def test_prompts_are_first_user_turns_and_block_openings(tmp_path):
         read_prompts(bad)
 
 
+@pytest.mark.shared_data
 def test_rows_are_the_targets_own_greedy_answers(tmp_path, target, tokenizer):
     q, t = _prompt_files(tmp_path)
     model = EagleModel(target, None, tokenizer, tree="dynamic", backend="torch")
@@ -71,6 +72,7 @@ def test_rows_are_the_targets_own_greedy_answers(tmp_path, target, tokenizer):
     assert any(r["input_ids"][: len(want)] == want and r["loss_mask"].index(1) == len(want) for r in first)
 
 
+@pytest.mark.shared_data
 def test_corpus_reads_token_id_rows_exactly(tmp_path, tokenizer):
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps({"input_ids": [1, 5, 9, 7], "loss_mask": [0, 0, 1, 1]}) + "\n"
@@ -84,6 +86,7 @@ def test_corpus_reads_token_id_rows_exactly(tmp_path, tokenizer):
             load_corpus(p, tokenizer)
 
 
+@pytest.mark.shared_data
 def test_distill_cli_writes_a_corpus_the_trainer_reads(tmp_path, stories_dir, tokenizer):
     q, t = _prompt_files(tmp_path)
     out = tmp_path / "d.jsonl"
@@ -98,6 +101,7 @@ def test_distill_cli_writes_a_corpus_the_trainer_reads(tmp_path, stories_dir, to
     assert distill_main(args + ["--overwrite", "--max-new-tokens", "999"]) == 2  # past the target's context
 
 
+@pytest.mark.shared_data
 def test_init_starts_from_the_given_head(tmp_path, target, tokenizer):
     corpus = require(CORPUS / "tinystories_val.txt")
     start = EagleHead(head_config(target.cfg), target.max_len)
@@ -119,6 +123,7 @@ def test_init_starts_from_the_given_head(tmp_path, target, tokenizer):
         load_init(str(tmp_path / "h3"), target, EagleHead)
 
 
+@pytest.mark.shared_data
 def test_init_eagle3_keeps_its_vocabulary_and_taps(tmp_path, target, tokenizer):
     corpus = require(CORPUS / "tinystories_val.txt")
     vocab = torch.arange(3, 512, 5)[:90]

@@ -76,6 +76,7 @@ def _draft_outputs(head, target, seed=0):
 # ---------------------------------------------------------------------------------------------------------------
 # Target taps
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.shared_data
 def test_target_taps_are_the_inputs_of_the_tapped_layers(stories_dir, target):
     """Taps equal HF ``hidden_states[i]`` (the un-normed input of layer i), in the order asked, both forwards."""
     from transformers import AutoModelForCausalLM
@@ -112,6 +113,7 @@ def test_target_taps_are_the_inputs_of_the_tapped_layers(stories_dir, target):
 # ---------------------------------------------------------------------------------------------------------------
 # Loading both layouts, saving the official one, refused variants
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.shared_data
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_official_layout_round_trip(tmp_path, target, fmt):
     head = random_head3(target, 100, TAPS, seed=3, std=0.1)
@@ -159,6 +161,7 @@ def _write_speculators(d, head: Eagle3Head, extra_cfg=None, extra_state=None, re
     return d
 
 
+@pytest.mark.shared_data
 def test_speculators_layout_loads_to_the_same_head(tmp_path, target):
     head = random_head3(target, 120, TAPS, seed=4, std=0.1)
     loaded = load_head(_write_speculators(tmp_path / "s", head), target)
@@ -171,6 +174,7 @@ def test_speculators_layout_loads_to_the_same_head(tmp_path, target):
     assert not torch.allclose(_draft_outputs(nbr, target)[0], _draft_outputs(head, target)[0])
 
 
+@pytest.mark.shared_data
 def test_official_head_defaults_taps_and_sizes_rotary_from_the_target(tmp_path, target, tokenizer):
     head = random_head3(target, 64, default_taps(target.cfg.num_layers), seed=5)
     loaded = load_head(_write_official(tmp_path / "o", head, max_position_embeddings=16), target)
@@ -184,6 +188,7 @@ def test_official_head_defaults_taps_and_sizes_rotary_from_the_target(tmp_path, 
     assert load_head(tmp_path / "o", target, taps=(1, 3, 4)).target_taps == (1, 3, 4)
 
 
+@pytest.mark.shared_data
 def test_unsupported_variants_are_refused(tmp_path, target):
     head = random_head3(target, 50, TAPS)
     for flag in ("norm_before_fc", "fc_norm", "norm_output"):
@@ -234,6 +239,7 @@ def test_topk_expand_maps_draft_ids_through_d2t(impl):
     torch.testing.assert_close(got.child_scores, plain.child_scores)
 
 
+@pytest.mark.shared_data
 def test_draft_reads_only_the_draft_vocabulary(target, tokenizer):
     """Every draft logits row the trees expand has draft_vocab_size entries; the target's lm_head runs only on
     the prefill's last position and the verified trees."""
@@ -276,6 +282,7 @@ def _greedy_equal(model, prompts, batch, n):
     return sum(lens) / len(lens)
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("tree,taps", [("dynamic", TAPS), ("static", TAPS), ("dynamic", (1, 3, 5))])
 def test_greedy_exact_stories260k(target, tokenizer, tree, taps):
     """Also with tap 5 = L, the last layer's output (the verify forward hands it over from the final norm)."""
@@ -323,6 +330,7 @@ def test_sampling_matches_target_distribution_demo_eagle3(demo3):
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.shared_data
 def test_training_time_test_equals_drafting(target):
     """Step j of the training-time test at index q equals the head drafting a chain after true position q."""
     from eagle_runtime.train import ttt_forward
@@ -347,6 +355,7 @@ def test_training_time_test_equals_drafting(target):
         torch.testing.assert_close(h[0, 0], steps[j][0, q], rtol=1e-5, atol=2e-6 * float(steps[j][0, q].abs().max()))
 
 
+@pytest.mark.shared_data
 def test_trainer_learns_and_saves_the_official_layout(tmp_path, target, tokenizer):
     from eagle_runtime.train import Eagle3TrainConfig, draft_vocabulary, load_corpus, pack, train_head3
 
@@ -370,6 +379,7 @@ def test_trainer_learns_and_saves_the_official_layout(tmp_path, target, tokenize
     assert counts[head.token_map].min() >= counts[~head.t2d].max()
 
 
+@pytest.mark.shared_data
 def test_train_cli_head_flag_errors(tmp_path, stories_dir, capsys):
     from eagle_runtime.train.command import main
 
@@ -409,6 +419,7 @@ def test_best_head_is_the_faster_one(monkeypatch):
     assert demo.best_head() == "eagle1"
 
 
+@pytest.mark.shared_data
 def test_benchmark_names_the_head(tmp_path, stories_dir):
     from eagle_runtime.demo import DEMO_DIR, best_head
 

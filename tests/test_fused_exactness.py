@@ -31,6 +31,7 @@ def _needs_triton():
         pytest.skip(why)
 
 
+@pytest.mark.shared_data
 def test_greedy_exact_moe_triton(stories_moe_dir, trained_head_dir):
     target = load_target(stories_moe_dir, max_len=160)
     model = EagleModel(target, load_head(trained_head_dir, target), load_tokenizer(stories_moe_dir), tree=SMALL,
@@ -44,6 +45,7 @@ def test_greedy_exact_moe_triton(stories_moe_dir, trained_head_dir):
     assert spec.tau > 1.3
 
 
+@pytest.mark.shared_data
 def test_sampling_distribution_with_fused_layer_kernels(stories_dir, trained_head_dir):
     """Speculative sampling with the fused Triton layer kernels (tree attention and acceptance from the torch
     backend: the interpreter would take minutes over a batch of 3000) follows the target's exact joint."""

@@ -21,6 +21,7 @@ def _features(model, tokens, ops):
     return model(tokens, pos, cache, zero, zero, causal_mask(B, T, "cpu"), ops), cache
 
 
+@pytest.mark.shared_data
 def test_loaded_target_is_fused_and_keeps_the_hf_layout(stories_dir):
     model = load_target(stories_dir, max_len=32)
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
@@ -35,6 +36,7 @@ def test_loaded_target_is_fused_and_keeps_the_hf_layout(stories_dir):
         assert torch.equal(state[name], hf["model." + name].float()), name
 
 
+@pytest.mark.shared_data
 @pytest.mark.interpreter
 def test_fused_equals_unfused(stories_dir):
     fused = load_target(stories_dir, max_len=32)
@@ -54,6 +56,7 @@ def test_fused_equals_unfused(stories_dir):
         torch.testing.assert_close(_features(fused, tokens, get_ops("torch"))[0], ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.shared_data
 def test_fused_head_saves_in_the_published_layout(tmp_path, stories_dir):
     target = load_target(stories_dir, max_len=32)
     head = random_head(target, seed=3, std=0.1)

@@ -40,6 +40,7 @@ def _check_greedy(model, prompts, batch, n=48):
     return sum(taus) / len(taus)
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_exact_random_head(stories_dir, tree, batch):
@@ -47,6 +48,7 @@ def test_greedy_exact_random_head(stories_dir, tree, batch):
     _check_greedy(model, PROMPTS, batch, n=24)
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_exact_trained_head(stories_dir, trained_head_dir, tree, batch):
@@ -56,6 +58,7 @@ def test_greedy_exact_trained_head(stories_dir, trained_head_dir, tree, batch):
     assert tau > floor, f"the trained head should draft well, tau = {tau:.2f}"
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 def test_greedy_exact_moe(stories_moe_dir, stories_dir, trained_head_dir, tree):
     # the MoE model has the dense model's weights in every expert, so the dense model's head drafts well for it
@@ -66,6 +69,7 @@ def test_greedy_exact_moe(stories_moe_dir, stories_dir, trained_head_dir, tree):
     _check_greedy(model, PROMPTS[:6], 3, n=16)
 
 
+@pytest.mark.shared_data
 def test_batch_rows_equal_their_own_runs(stories_dir, trained_head_dir):
     model = _model(stories_dir, trained_head_dir, tree="small")
     prompts = ["Once upon a time there was a girl", "Hi", "The dog ran to the big tree and"]
@@ -77,6 +81,7 @@ def test_batch_rows_equal_their_own_runs(stories_dir, trained_head_dir):
                 assert model.generate([p], 30).tokens[0] == toks
 
 
+@pytest.mark.shared_data
 def test_draft_attention_follows_the_tree(stories_dir, trained_head_dir):
     """Each drafted node's head output equals running the head along the node's own root path as a chain."""
     model = _model(stories_dir, trained_head_dir, tree="small")
@@ -119,6 +124,7 @@ def sampling_model(stories_dir, trained_head_dir):
     return model, prompt, _exact_joint(model, prompt, 1.0, 4)
 
 
+@pytest.mark.shared_data
 def test_speculative_sampling_matches_target_distribution(sampling_model):
     model, prompt, joint = sampling_model
     counts, out = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
@@ -128,6 +134,7 @@ def test_speculative_sampling_matches_target_distribution(sampling_model):
     assert p > 1e-3, f"speculative sampling deviates from the target distribution: chi-square p = {p:.2e}"
 
 
+@pytest.mark.shared_data
 def test_broken_residual_rule_is_detected(sampling_model, monkeypatch):
     """Control: a rule that forgets to remove rejected draft tokens from the residual must fail the same test."""
     model, prompt, joint = sampling_model
@@ -152,6 +159,7 @@ def test_broken_residual_rule_is_detected(sampling_model, monkeypatch):
     assert p < 1e-3, f"the broken rule passes the test above (p = {p:.2e})"
 
 
+@pytest.mark.shared_data
 def test_bad_input_errors(stories_dir):
     model = _model(stories_dir)
     with pytest.raises(ValueError, match="empty prompt"):
@@ -168,6 +176,7 @@ def test_bad_input_errors(stories_dir):
         model.generate([[1, 99999]], 4)
 
 
+@pytest.mark.shared_data
 def test_head_refused_when_it_does_not_fit(tmp_path, stories_dir, trained_head_dir):
     import json
     import shutil
@@ -184,6 +193,7 @@ def test_head_refused_when_it_does_not_fit(tmp_path, stories_dir, trained_head_d
             load_head(d, load_target(stories_dir, max_len=64))
 
 
+@pytest.mark.shared_data
 @pytest.mark.interpreter
 def test_greedy_exact_triton_backend(stories_dir, trained_head_dir):
     """The runtime on the Triton kernels (the interpreter on CPU, compiled on a GPU) stays exact. On CPU one tree

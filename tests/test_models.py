@@ -34,6 +34,7 @@ def _assert_close(ours, ref, what):
     assert err <= 1e-4 * scale + 1e-5, f"{what}: max abs error {err:.3e} vs logit scale {scale:.3e}"
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("which", ["stories_dir", "stories_moe_dir"])
 def test_shared_checkpoints_match_hf(which, request):
     path = request.getfixturevalue(which)
@@ -97,6 +98,7 @@ def test_random_configs_match_hf(tmp_path, kind, kw, fmt):
     _assert_close(_ours_full(ours, tokens), ref, f"{kind} {kw} {fmt}")
 
 
+@pytest.mark.shared_data
 def test_plain_greedy_equals_hf_generate(stories_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
     model = EagleModel.from_pretrained(stories_dir, None, backend="torch", max_len=256)
@@ -107,6 +109,7 @@ def test_plain_greedy_equals_hf_generate(stories_dir):
         assert ours.tokens[0] == ref[0, len(ids):].tolist(), prompt
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 20), (0.8, 0.8, 50)])
 def test_sampling_distribution_matches_hf(stories_dir, temperature, top_p, top_k):
     """Our processed distribution equals HF's warpers', and our sampler draws from it (chi-square)."""
@@ -138,6 +141,7 @@ def test_sampling_distribution_matches_hf(stories_dir, temperature, top_p, top_k
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
+@pytest.mark.shared_data
 def test_loader_errors(tmp_path, stories_dir):
     with pytest.raises(FileNotFoundError):
         load_target(tmp_path / "missing")
@@ -174,6 +178,7 @@ def _sharded_stories(d, stories_dir):
     return names, wmap
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
 def test_index_shards_outside_the_directory_are_refused(tmp_path, stories_dir, how):
     """An index naming a shard outside the model directory (``..``, an absolute path, a symlink that leaves it) is a
@@ -199,6 +204,7 @@ def test_index_shards_outside_the_directory_are_refused(tmp_path, stories_dir, h
         assert "\n" not in msg and bad in msg and "outside" in msg, msg
 
 
+@pytest.mark.shared_data
 def test_index_shards_in_subfolders_and_the_hub_cache_still_load(tmp_path, stories_dir):
     """What stays allowed: a shard in a subfolder, and the Hugging Face cache's layout, where a snapshot's files are
     symlinks into the repository's ``blobs`` folder (``snapshots/<rev>/x -> ../../blobs/<hash>``)."""

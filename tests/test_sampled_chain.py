@@ -114,6 +114,7 @@ def chain_model(stories_dir, trained_head_dir):
     return model, prompt, exact_joint(model, prompt, 1.0, 4)
 
 
+@pytest.mark.shared_data
 def test_sampled_chains_match_the_target_end_to_end(chain_model):
     model, prompt, joint = chain_model
     counts, out = spec_counts(model, prompt, 3000, 1.0, 4, seed=21)
@@ -137,12 +138,14 @@ def test_sampled_drafts_accept_more_than_deterministic_ones():
     assert taus[True] > taus[False] + 1.0, taus
 
 
+@pytest.mark.shared_data
 def test_greedy_chains_stay_identical_to_plain(chain_model):
     model, prompt, _ = chain_model
     plain = model.generate([prompt], 40, speculative=False).tokens[0]
     assert model.generate([prompt], 40).tokens[0] == plain
 
 
+@pytest.mark.shared_data
 def test_auto_runs_chains_only_when_drafts_are_sampled(chain_model):
     model = chain_model[0]
     auto = AutoTree(schedule=lambda step: None)  # no cost measurement needed for the candidate set

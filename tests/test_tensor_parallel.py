@@ -179,6 +179,7 @@ def test_tensor_parallel_matches_single_process(reference, world, tmp_path):
         assert list(tmp_path.glob("tp_speed_*_tp2.json"))
 
 
+@pytest.mark.shared_data
 def test_shard_plan_rejects_indivisible_sizes_and_bin(tmp_path):
     from eagle_runtime.config import ConfigError, ModelConfig
     from eagle_runtime.loading import CheckpointError
@@ -199,6 +200,7 @@ def test_shard_plan_rejects_indivisible_sizes_and_bin(tmp_path):
         _safetensors_files(tmp_path)
 
 
+@pytest.mark.shared_data
 def test_read_shards_slices_an_index_of_shards(tmp_path):
     """Each rank's slices, read from a checkpoint split into two files with an index, put back together give
     every tensor of the single-file checkpoint; Mixtral's fused transformers-5 expert layout is sliced too."""

@@ -29,6 +29,7 @@ def _strict_json(text: str):
 # ----------------------------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.shared_data
 def test_continuation_keeps_the_space_before_a_new_word(stories_dir):
     tok = load_tokenizer(stories_dir)
     ids = tok("Once upon a time there was a girl")["input_ids"]
@@ -37,6 +38,7 @@ def test_continuation_keeps_the_space_before_a_new_word(stories_dir):
     assert continuation_text(tok, ids[:cut], ids[cut:]) == " there was a girl"
 
 
+@pytest.mark.shared_data
 def test_generated_text_follows_the_prompt(stories_dir):
     """``prompt + out.text`` equals the decoded whole sequence for every prompt (4 of 20 glued words before)."""
     target = load_target(stories_dir, max_len=128)
@@ -53,6 +55,7 @@ def test_generated_text_follows_the_prompt(stories_dir):
     assert spaced >= 1, "no continuation started a new word: the test would not see glued words"
 
 
+@pytest.mark.shared_data
 def test_json_output_is_strict_json(stories_dir, tmp_path, capsys):
     """With one new token no decode cycle runs and tau is undefined: null, not NaN."""
     save_head(random_head(load_target(stories_dir, max_len=128)), tmp_path / "head")
@@ -74,6 +77,7 @@ def test_json_output_is_strict_json(stories_dir, tmp_path, capsys):
     (["Once upon a caf\u00e9".encode("latin-1")], "prompt is not valid UTF-8: byte 0xe9 at offset 15"),
     (["Hi", b"caf\xe9"], "prompt [1] is not valid UTF-8: byte 0xe9 at offset 3"),  # the second prompt of a batch
 ])  # fmt: skip
+@pytest.mark.shared_data
 def test_cli_rejects_a_prompt_that_is_not_utf8(stories_dir, argv, message):
     cmd = [sys.executable, "-m", "eagle_runtime", "generate", "--base", str(stories_dir), "--device", "cpu",
            "--max-new-tokens", "2"]
@@ -85,6 +89,7 @@ def test_cli_rejects_a_prompt_that_is_not_utf8(stories_dir, argv, message):
     assert proc.returncode == 2 and err == f"error: {message}\n", (proc.returncode, err)
 
 
+@pytest.mark.shared_data
 def test_api_rejects_a_prompt_that_is_not_utf8(stories_dir):
     model = EagleModel(load_target(stories_dir, max_len=64), None, load_tokenizer(stories_dir), backend="torch")
     with pytest.raises(ValueError, match=r"^prompt is not valid UTF-8: byte 0xff at offset 5$"):

@@ -27,6 +27,7 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
+@pytest.mark.shared_data
 def test_training_learns_and_saves_published_format(tmp_path, stories_dir, trained_head_dir):
     hist = json.loads((trained_head_dir / "train_config.json").read_text())
     assert hist["steps_done"] == 400
@@ -40,6 +41,7 @@ def test_training_learns_and_saves_published_format(tmp_path, stories_dir, train
     assert cfg["num_hidden_layers"] == 1 and cfg["hidden_size"] == 64 and cfg["vocab_size"] == 512
 
 
+@pytest.mark.shared_data
 def test_saved_head_reloads_to_identical_outputs(tmp_path, stories_dir):
     require(CORPUS / "tinystories_val.txt")
     cfg = TrainConfig(steps=6, batch_size=2, seq_len=64, eval_every=6, eval_batches=1)
@@ -61,6 +63,7 @@ def test_saved_head_reloads_to_identical_outputs(tmp_path, stories_dir):
     assert res["steps"] == 9 and len(res["history"]) == 9
 
 
+@pytest.mark.shared_data
 def test_chat_loss_mask_covers_assistant_turns_only(stories_dir):
     tok = load_tokenizer(stories_dir)
     ids, mask = encode_chat(tok, [("user", "What is two and two?"), ("assistant", "Four."), ("user", "Thanks")])
@@ -69,6 +72,7 @@ def test_chat_loss_mask_covers_assistant_turns_only(stories_dir):
     assert "Four" in text and "two" not in text
 
 
+@pytest.mark.shared_data
 def test_train_cli_errors(tmp_path, stories_dir):
     from eagle_runtime.train.command import main
 

@@ -75,6 +75,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.shared_data
 def test_resume_never_unpickles_code(tmp_path, stories):
     target, _ = stories
     marker = tmp_path / "code_ran"
@@ -86,6 +87,7 @@ def test_resume_never_unpickles_code(tmp_path, stories):
     assert not marker.exists(), "loading train_state.pt ran code from the file"
 
 
+@pytest.mark.shared_data
 def test_saves_are_atomic(tmp_path, stories, monkeypatch):
     """A kill in the middle of any save leaves the previous head and state whole and loadable."""
     target, _ = stories
@@ -147,6 +149,7 @@ def _killed_save(out: Path, head, opt, step: int, cfg, kill_at: int, mid_write: 
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
+@pytest.mark.shared_data
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill harness forks")
 def test_a_kill_anywhere_in_a_save_resumes_a_consistent_set(tmp_path, stories, monkeypatch):
     """Every point a SIGKILL can hit in a save (inside each file's write and between each pair of renames): the
@@ -186,6 +189,7 @@ def test_a_kill_anywhere_in_a_save_resumes_a_consistent_set(tmp_path, stories, m
     assert resumed == {1, 2}  # kills before the commit resume step 1, the last one (after it) step 2
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_sigterm_saves_and_exits_cleanly(tmp_path, stories_dir, small_corpus, kind):
     out = tmp_path / "head"
@@ -206,6 +210,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, stories_dir, small_corpus, ki
     load_head(out, load_target(stories_dir, max_len=64))
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_trained_head_is_not_overwritten_silently(tmp_path, stories_dir, small_corpus, capsys, kind):
     out = tmp_path / "head"
@@ -224,6 +229,7 @@ def test_trained_head_is_not_overwritten_silently(tmp_path, stories_dir, small_c
     assert rc == 0 and (out / "pytorch_model.bin").read_bytes() != b"a trained head"
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_resume_continues_the_saved_run(tmp_path, stories, small_corpus, capsys, kind):
     """Both heads resume from train_state.pt (weights only) with the step count, history and weights it holds."""
@@ -264,6 +270,7 @@ def test_eagle3_train_flags_rejected_in_one_line(tmp_path, flag, value, capsys):
     assert rc == 2 and err.count("\n") == 1 and flag in err, err
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_zero_warmup_eval_and_save_intervals_have_a_meaning(tmp_path, stories, small_corpus, kind):
     target, tok = stories
@@ -279,6 +286,7 @@ def test_zero_warmup_eval_and_save_intervals_have_a_meaning(tmp_path, stories, s
 # ----------------------------------------------------------------------------------------------------------------
 # Corpora
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_chat_corpus_without_assistant_turns_is_an_error(tmp_path, stories, kind):
     target, tok = stories
@@ -292,6 +300,7 @@ def test_chat_corpus_without_assistant_turns_is_an_error(tmp_path, stories, kind
     assert not (tmp_path / "h" / "pytorch_model.bin").exists()
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_too_small_names_the_held_out_split(tmp_path, stories_dir, small_corpus, capsys, kind):
     # the held-out 5% (3 stories, ~300 tokens) cannot fill 400
@@ -305,6 +314,7 @@ def test_too_small_names_the_held_out_split(tmp_path, stories_dir, small_corpus,
     assert not (tmp_path / "h").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("bad_row", ['{"messages": [', '[1, 2]', '{"messages": "hi"}', '{"text": 3}',
                                      '{"question": "q", "answer": null}', '{"other": 1}'])
 def test_malformed_jsonl_names_file_and_line(tmp_path, stories_dir, bad_row, capsys):
@@ -337,6 +347,7 @@ def test_cosine_follows_the_wall_clock_budget_when_it_ends_first():
 # ----------------------------------------------------------------------------------------------------------------
 # --cache-target
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_cached_target_outputs_train_the_same_head(tmp_path, stories, small_corpus, kind):
     """With --cache-target the target runs once over the training rows before the first step; every step then reads
@@ -356,6 +367,7 @@ def test_cached_target_outputs_train_the_same_head(tmp_path, stories, small_corp
         torch.testing.assert_close(w1[k], w0[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_cache_target_refused_when_it_would_not_fit(tmp_path, stories_dir, small_corpus, capsys, monkeypatch, kind):
     import eagle_runtime.train.loop as train_mod

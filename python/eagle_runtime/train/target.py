@@ -33,13 +33,13 @@ from tqdm import tqdm
 from ..atomic import atomic_write, atomic_write_text
 from ..checks import check_seed
 from ..config import ModelConfig
+from ..datadir import shared_data_dir
 from ..errors import USER_ERRORS, OneLineParser
 from ..loading import load_target
 from ..model import Transformer
 
-# The repository's sibling ``shared/data`` holds the read-only data (corpora, the stories260k tokenizer);
-# EAGLE_SHARED_DATA points elsewhere (as in tests/conftest.py).
-_SHARED_DATA = Path(os.environ.get("EAGLE_SHARED_DATA", Path(__file__).resolve().parents[4] / "shared" / "data"))
+# The optional shared data (corpora, the stories260k tokenizer): see eagle_runtime.datadir for where it is read.
+_SHARED_DATA = shared_data_dir()
 DEFAULT_TOKENIZER = _SHARED_DATA / "models" / "stories260k-hf"
 DEFAULT_TRAIN = [_SHARED_DATA / "corpus" / "tinystories_val.txt", _SHARED_DATA / "corpus" / "tinystories_extra.txt"]
 DEFAULT_HELDOUT = _SHARED_DATA / "corpus" / "tinystories_extra.txt"
