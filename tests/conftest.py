@@ -75,8 +75,17 @@ def require(path: Path) -> Path:
     if shared and _current_test is not None and not _current_test.get_closest_marker("shared_data"):
         pytest.fail(f"{_current_test.nodeid} reads shared data ({path.name}) without @pytest.mark.shared_data")
     if not path.exists():
-        pytest.skip(f"shared data not found at {path} (set EAGLE_SHARED_DATA to the shared data folder)")
+        pytest.skip(f"shared data not found at {path} (python scripts/fetch_data.py fetches it; EAGLE_SHARED_DATA "
+                    "names another folder)")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_target_dir() -> Path:
+    """The embedded demo target (a trained 16-layer LLaMA with GQA and its tokenizer): in every clone."""
+    from eagle_runtime.demo import demo_paths
+
+    return demo_paths()[0]
 
 
 @pytest.fixture(scope="session")

@@ -43,37 +43,34 @@ def _one_line_error(argv, capsys, match: str) -> str:
 
 
 @pytest.fixture
-def model_copy(tmp_path, stories_dir):
-    """A writable copy of stories260k to damage."""
+def model_copy(tmp_path, demo_target_dir):
+    """A writable copy of the demo target to damage."""
     d = tmp_path / "model"
-    shutil.copytree(stories_dir, d)
+    shutil.copytree(demo_target_dir, d)
     return d
 
 
 @pytest.fixture(scope="module")
-def head_dir(tmp_path_factory, stories_dir):
+def head_dir(tmp_path_factory, demo_target_dir):
     d = tmp_path_factory.mktemp("head")
-    save_head(random_head(load_target(stories_dir, max_len=128)), d)
+    save_head(random_head(load_target(demo_target_dir, max_len=128)), d)
     return d
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and configs
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.shared_data
 def test_truncated_safetensors(model_copy, capsys):
     f = model_copy / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     _one_line_error(["generate", "--base", model_copy, "--prompt", "Hi"], capsys, "cannot read weights")
 
 
-@pytest.mark.shared_data
 def test_garbage_safetensors_header(model_copy, capsys):
     (model_copy / "model.safetensors").write_bytes(b"\xff" * 64)
     _one_line_error(["generate", "--base", model_copy, "--prompt", "Hi"], capsys, "cannot read weights")
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_bin(model_copy, capsys, damage):
     state = load_file(str(model_copy / "model.safetensors"))
@@ -85,7 +82,6 @@ def test_corrupt_bin(model_copy, capsys, damage):
     _one_line_error(["generate", "--base", model_copy, "--prompt", "Hi"], capsys, "cannot read weights")
 
 
-@pytest.mark.shared_data
 def test_nan_weights(model_copy, capsys):
     state = load_file(str(model_copy / "model.safetensors"))
     key = next(k for k in state if k.endswith("q_proj.weight"))
@@ -96,7 +92,6 @@ def test_nan_weights(model_copy, capsys):
     _one_line_error(["generate", "--base", model_copy, "--prompt", "Hi"], capsys, f"{key} in")
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("key", ["hidden_size", "vocab_size", "num_attention_heads"])
 def test_config_missing_a_required_key(model_copy, capsys, key):
     cfg = json.loads((model_copy / "config.json").read_text())
@@ -105,7 +100,6 @@ def test_config_missing_a_required_key(model_copy, capsys, key):
     _one_line_error(["generate", "--base", model_copy, "--prompt", "Hi"], capsys, key)
 
 
-@pytest.mark.shared_data
 def test_config_not_json(model_copy, capsys):
     (model_copy / "config.json").write_text("{ not json")
     _one_line_error(["generate", "--base", model_copy, "--prompt", "Hi"], capsys, "not valid JSON")
@@ -118,37 +112,32 @@ def test_empty_base_does_not_load_the_current_directory(capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # Generation settings
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.shared_data
 @pytest.mark.parametrize("total,depth", [(3, 3), (2, 5)])
-def test_dynamic_tree_smaller_than_its_depth(stories_dir, head_dir, capsys, total, depth):
+def test_dynamic_tree_smaller_than_its_depth(demo_target_dir, head_dir, capsys, total, depth):
     with pytest.raises(ValueError, match="must exceed depth"):
         DynamicTree(total, depth, 2)
     DynamicTree(depth + 1, depth, 2)  # the smallest valid tree
-    _one_line_error(["generate", "--base", stories_dir, "--draft", head_dir, "--prompt", "Hi", "--total-tokens", total,
+    _one_line_error(["generate", "--base", demo_target_dir, "--draft", head_dir, "--prompt", "Hi", "--total-tokens", total,
                      "--depth", depth, "--top-k-draft", 2], capsys, "must exceed depth")
 
 
-@pytest.mark.shared_data
-def test_smallest_dynamic_tree_generates_exactly(stories_dir):
-    target = load_target(stories_dir, max_len=128)
+def test_smallest_dynamic_tree_generates_exactly(demo_target_dir):
+    target = load_target(demo_target_dir, max_len=128)
     m = EagleModel(target, random_head(target), tree=DynamicTree(4, 3, 2), backend="torch")
     assert m.generate([1, 400, 20], 12).tokens == m.generate([1, 400, 20], 12, speculative=False).tokens
 
 
-@pytest.mark.shared_data
-def test_top_k_draft_above_the_vocabulary(stories_dir, head_dir, capsys):
-    _one_line_error(["generate", "--base", stories_dir, "--draft", head_dir, "--prompt", "Hi", "--top-k-draft", 600,
+def test_top_k_draft_above_the_vocabulary(demo_target_dir, head_dir, capsys):
+    _one_line_error(["generate", "--base", demo_target_dir, "--draft", head_dir, "--prompt", "Hi", "--top-k-draft", 600,
                      "--total-tokens", 601, "--depth", 1], capsys, "exceeds the vocabulary")
 
 
-@pytest.mark.shared_data
-def test_cuda_device_without_cuda(stories_dir, capsys):
+def test_cuda_device_without_cuda(demo_target_dir, capsys):
     dev = "cuda:99" if torch.cuda.is_available() else "cuda"
-    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--device", dev], capsys, "cuda")
+    _one_line_error(["generate", "--base", demo_target_dir, "--prompt", "Hi", "--device", dev], capsys, "cuda")
 
 
-@pytest.mark.shared_data
-def test_a_default_run_on_a_cpu_only_machine_prints_no_backend_warning(stories_dir, head_dir):
+def test_a_default_run_on_a_cpu_only_machine_prints_no_backend_warning(demo_target_dir, head_dir):
     """The cpu backend is simply the default where there is no GPU: a fresh process (a once-per-process note would
     show on every run) prints no warning about it. CUDA_VISIBLE_DEVICES="" makes the machine CPU-only even on a GPU
     host, and the PYTHONPATH leaves out the fake-CUDA site of the CI pass."""
@@ -157,68 +146,60 @@ def test_a_default_run_on_a_cpu_only_machine_prints_no_backend_warning(stories_d
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EAGLE_FAKE_CUDA_HOST")}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "python"),
                                                                                            str(ROOT)]))
-    r = subprocess.run([sys.executable, "-m", "eagle_runtime", "generate", "--base", str(stories_dir), "--draft",
+    r = subprocess.run([sys.executable, "-m", "eagle_runtime", "generate", "--base", str(demo_target_dir), "--draft",
                         str(head_dir), "--prompt", "Hi", "--max-new-tokens", "2"],  # the default backend is "auto"
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "warning" not in r.stderr.lower() and "cuda" not in r.stderr.lower(), r.stderr
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("request_", [["--device", "cuda"], ["--backend", "triton"]], ids=["device", "backend"])
-def test_an_explicit_gpu_request_on_a_cpu_only_machine_is_reported(stories_dir, capsys, monkeypatch, request_):
+def test_an_explicit_gpu_request_on_a_cpu_only_machine_is_reported(demo_target_dir, capsys, monkeypatch, request_):
     """Asked for a GPU it cannot have, the command says so in one line (it does not quietly run on the CPU)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--max-new-tokens", 1, *request_], capsys,
+    _one_line_error(["generate", "--base", demo_target_dir, "--prompt", "Hi", "--max-new-tokens", 1, *request_], capsys,
                     "cuda")
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("dev", ["banana", "tpu", "cuda:x"])
-def test_unknown_device(stories_dir, capsys, dev):
-    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--device", dev], capsys, "device")
+def test_unknown_device(demo_target_dir, capsys, dev):
+    _one_line_error(["generate", "--base", demo_target_dir, "--prompt", "Hi", "--device", dev], capsys, "device")
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("seed", [2**64, 2**63, -(2**63) - 1])
-def test_seed_outside_64_bits(stories_dir, capsys, seed):
-    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--seed", seed], capsys, "64-bit")
+def test_seed_outside_64_bits(demo_target_dir, capsys, seed):
+    _one_line_error(["generate", "--base", demo_target_dir, "--prompt", "Hi", "--seed", seed], capsys, "64-bit")
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("max_len", [0, -5])
-def test_nonpositive_max_len(stories_dir, capsys, max_len):
-    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--max-len", max_len], capsys, "max-len")
+def test_nonpositive_max_len(demo_target_dir, capsys, max_len):
+    _one_line_error(["generate", "--base", demo_target_dir, "--prompt", "Hi", "--max-len", max_len], capsys, "max-len")
     with pytest.raises(ValueError, match="max_len"):
-        load_target(stories_dir, max_len=max_len)
+        load_target(demo_target_dir, max_len=max_len)
 
 
-@pytest.mark.shared_data
-def test_max_len_beyond_the_context_warns_in_one_line(stories_dir, capsys):
-    ctx = json.loads((stories_dir / "config.json").read_text())["max_position_embeddings"]
-    rc, out, err = _cli(["generate", "--base", stories_dir, "--prompt", "Hi", "--max-len", ctx + 64,
+def test_max_len_beyond_the_context_warns_in_one_line(demo_target_dir, capsys):
+    ctx = json.loads((demo_target_dir / "config.json").read_text())["max_position_embeddings"]
+    rc, out, err = _cli(["generate", "--base", demo_target_dir, "--prompt", "Hi", "--max-len", ctx + 64,
                          "--max-new-tokens", 2], capsys)
     assert rc == 0 and "[0] Hi" in out
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and f"exceeds the model's context of {ctx}" in warnings[0], err
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("argv", [["--max-new-tokens", "abc"], ["--tree", "bushy"], ["--nope"]])
-def test_argparse_errors_are_one_line(stories_dir, capsys, argv):
-    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", *argv], capsys, "error")
+def test_argparse_errors_are_one_line(demo_target_dir, capsys, argv):
+    _one_line_error(["generate", "--base", demo_target_dir, "--prompt", "Hi", *argv], capsys, "error")
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("value", ["inf", "nan", "-1"])
-def test_temperature_not_finite_or_negative(stories_dir, capsys, value):
-    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--temperature", value], capsys, "temperature")
+def test_temperature_not_finite_or_negative(demo_target_dir, capsys, value):
+    _one_line_error(["generate", "--base", demo_target_dir, "--prompt", "Hi", "--temperature", value], capsys, "temperature")
 
 
-@pytest.mark.shared_data
-def test_max_new_tokens_zero(stories_dir, capsys):
-    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--max-new-tokens", 0], capsys, "max-new-tokens")
+def test_max_new_tokens_zero(demo_target_dir, capsys):
+    _one_line_error(["generate", "--base", demo_target_dir, "--prompt", "Hi", "--max-new-tokens", 0], capsys, "max-new-tokens")
 
 
 # Out-of-range and mistyped arguments (issue 31, item 5): one line that names the argument, never a raw TypeError
@@ -234,8 +215,8 @@ BAD_SAMPLING = [
 
 
 @pytest.fixture(scope="module")
-def plain_model(stories_dir):
-    return EagleModel(load_target(stories_dir, max_len=64), None, backend="torch")
+def plain_model(demo_target_dir):
+    return EagleModel(load_target(demo_target_dir, max_len=64), None, backend="torch")
 
 
 def _one_line(excinfo, name):
@@ -243,7 +224,6 @@ def _one_line(excinfo, name):
     assert name in msg and "\n" not in msg, msg
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kwargs,exc,name", BAD_SAMPLING, ids=[repr(k) for k, _, _ in BAD_SAMPLING])
 def test_sampling_arguments_are_checked_in_generate_and_the_step_api(plain_model, kwargs, exc, name):
     """``generate`` and the step-level ``Decoder.sampling`` share the one check (``checks.check_sampling``)."""
@@ -255,7 +235,6 @@ def test_sampling_arguments_are_checked_in_generate_and_the_step_api(plain_model
     _one_line(e, name)
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("n", [2.0, 2.5, None, True, 0])
 def test_max_new_tokens_must_be_a_positive_integer(plain_model, n):
     with pytest.raises(ValueError) as e:
@@ -266,9 +245,8 @@ def test_max_new_tokens_must_be_a_positive_integer(plain_model, n):
     _one_line(e, "max_new_tokens")
 
 
-@pytest.mark.shared_data
-def test_top_k_beyond_64_bits_on_the_command_line(stories_dir, capsys):
-    _one_line_error(["generate", "--base", stories_dir, "--prompt", "Hi", "--temperature", 1, "--top-k", 2**63],
+def test_top_k_beyond_64_bits_on_the_command_line(demo_target_dir, capsys):
+    _one_line_error(["generate", "--base", demo_target_dir, "--prompt", "Hi", "--temperature", 1, "--top-k", 2**63],
                     capsys, "top_k")
 
 
@@ -278,15 +256,14 @@ def test_top_k_beyond_64_bits_on_the_command_line(stories_dir, capsys):
     (dict(dtype=torch.float8_e4m3fn), ValueError, "dtype"), (dict(dtype="int8"), ValueError, "dtype"),
     (dict(dtype="half-ish"), ValueError, "dtype"), (dict(dtype=16), TypeError, "dtype"),
 ])  # fmt: skip
-@pytest.mark.shared_data
-def test_from_pretrained_names_a_bad_argument(stories_dir, kwargs, exc, name):
-    kwargs = {"base": stories_dir, **kwargs}
+def test_from_pretrained_names_a_bad_argument(demo_target_dir, kwargs, exc, name):
+    kwargs = {"base": demo_target_dir, **kwargs}
     with pytest.raises(exc) as e:
         EagleModel.from_pretrained(kwargs.pop("base"), **kwargs)
     _one_line(e, name)
     if "dtype" in kwargs:
         with pytest.raises(exc) as e:
-            load_target(stories_dir, dtype=kwargs["dtype"])
+            load_target(demo_target_dir, dtype=kwargs["dtype"])
         _one_line(e, name)
 
 
@@ -294,11 +271,10 @@ def test_from_pretrained_names_a_bad_argument(stories_dir, kwargs, exc, name):
     ("float32", torch.float32), ("fp32", torch.float32), ("float16", torch.float16), ("fp16", torch.float16),
     ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
 ])  # fmt: skip
-@pytest.mark.shared_data
-def test_dtype_by_name(stories_dir, name, dtype):
-    model = EagleModel.from_pretrained(stories_dir, dtype=name)
+def test_dtype_by_name(demo_target_dir, name, dtype):
+    model = EagleModel.from_pretrained(demo_target_dir, dtype=name)
     assert model.target.embed_tokens.weight.dtype is dtype
-    assert load_target(stories_dir, dtype=name, max_len=64).embed_tokens.weight.dtype is dtype
+    assert load_target(demo_target_dir, dtype=name, max_len=64).embed_tokens.weight.dtype is dtype
 
 
 def test_entry_point_exit_status_and_no_traceback():
@@ -311,9 +287,8 @@ def test_entry_point_exit_status_and_no_traceback():
 # ----------------------------------------------------------------------------------------------------------------
 # Token ids in any integer container
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.shared_data
-def test_token_ids_as_tuple_numpy_and_tensor(stories_dir):
-    model = EagleModel(load_target(stories_dir, max_len=64), None, backend="torch")
+def test_token_ids_as_tuple_numpy_and_tensor(demo_target_dir):
+    model = EagleModel(load_target(demo_target_dir, max_len=64), None, backend="torch")
     ids = [1, 400, 20, 35]
     want = model.generate(ids, 4, speculative=False).tokens
     for prompt in (tuple(ids), np.array(ids), np.array(ids, dtype=np.int32), torch.tensor(ids),
