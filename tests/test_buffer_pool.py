@@ -27,9 +27,9 @@ def test_buckets():
         bucket(0)
 
 
-def _model(stories_dir, static: bool):
-    target = load_target(stories_dir, max_len=160)
-    model = EagleModel(target, random_head(target, seed=1), load_tokenizer(stories_dir), backend="torch",
+def _model(demo_target_dir, static: bool):
+    target = load_target(demo_target_dir, max_len=160)
+    model = EagleModel(target, random_head(target, seed=1), load_tokenizer(demo_target_dir), backend="torch",
                        cuda_graphs=True)
     assert not model.cuda_graphs, "graphs requested on CPU are ignored"
     model.pool.static = static  # the switch the CUDA path sets: static buffers as if graphs were captured
@@ -45,10 +45,9 @@ def _counting(model):
     return made
 
 
-@pytest.mark.shared_data
-def test_one_target_cache_for_batches_1_2_3_8(stories_dir):
-    eager = _model(stories_dir, static=False)
-    model = _model(stories_dir, static=True)
+def test_one_target_cache_for_batches_1_2_3_8(demo_target_dir):
+    eager = _model(demo_target_dir, static=False)
+    model = _model(demo_target_dir, static=True)
     made = _counting(model)
     model.reserve(8)
     for B in (1, 2, 3, 8):
@@ -66,9 +65,8 @@ def test_one_target_cache_for_batches_1_2_3_8(stories_dir):
     assert view.data_ptr() == cache.data_ptr() and view.shape[1] == 3 and view.stride() == cache.stride()
 
 
-@pytest.mark.shared_data
-def test_grows_only_for_a_largerbucket(stories_dir):
-    model = _model(stories_dir, static=True)
+def test_grows_only_for_a_largerbucket(demo_target_dir):
+    model = _model(demo_target_dir, static=True)
     made = _counting(model)
     refs = []
     for B in (1, 2, 3, 8, 1, 2, 3, 8, 9):
@@ -82,9 +80,8 @@ def test_grows_only_for_a_largerbucket(stories_dir):
     assert model.pool.generation == 10  # 5 growths of each cache: graphs keyed by generation are recaptured
 
 
-@pytest.mark.shared_data
-def test_eager_allocates_per_call(stories_dir):
-    model = _model(stories_dir, static=False)
+def test_eager_allocates_per_call(demo_target_dir):
+    model = _model(demo_target_dir, static=False)
     made = _counting(model)
     model.generate(PROMPTS[:2], 4)
     model.generate(PROMPTS[:2], 4)
@@ -116,9 +113,8 @@ def testresolve_graphs(monkeypatch):
         assert not resolve_graphs(None, True, False, "why")  # said once
 
 
-@pytest.mark.shared_data
-def test_graphs_ready_names_the_missing_extension(stories_dir, monkeypatch):
-    model = _model(stories_dir, static=False)
+def test_graphs_ready_names_the_missing_extension(demo_target_dir, monkeypatch):
+    model = _model(demo_target_dir, static=False)
     ok, why = graphs_ready(model.ops.name)
     assert not ok and "triton" in why
     model.set_backend("triton")  # CPU tensors under the interpreter
@@ -127,9 +123,8 @@ def test_graphs_ready_names_the_missing_extension(stories_dir, monkeypatch):
     assert not ok and "native extension" in why and "missing" in why
 
 
-@pytest.mark.shared_data
-def test_from_pretrained_defaults(stories_dir):
-    model = EagleModel.from_pretrained(stories_dir, max_len=64)
+def test_from_pretrained_defaults(demo_target_dir):
+    model = EagleModel.from_pretrained(demo_target_dir, max_len=64)
     assert model.target.embed_tokens.weight.dtype == torch.float32 and not model.cuda_graphs
 
 

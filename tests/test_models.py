@@ -34,8 +34,8 @@ def _assert_close(ours, ref, what):
     assert err <= 1e-4 * scale + 1e-5, f"{what}: max abs error {err:.3e} vs logit scale {scale:.3e}"
 
 
-@pytest.mark.shared_data
-@pytest.mark.parametrize("which", ["stories_dir", "stories_moe_dir"])
+@pytest.mark.parametrize("which", ["demo_target_dir", pytest.param("stories_dir", marks=pytest.mark.shared_data),
+                                   pytest.param("stories_moe_dir", marks=pytest.mark.shared_data)])
 def test_shared_checkpoints_match_hf(which, request):
     path = request.getfixturevalue(which)
     ours = load_target(path, max_len=128)
@@ -98,10 +98,9 @@ def test_random_configs_match_hf(tmp_path, kind, kw, fmt):
     _assert_close(_ours_full(ours, tokens), ref, f"{kind} {kw} {fmt}")
 
 
-@pytest.mark.shared_data
-def test_plain_greedy_equals_hf_generate(stories_dir):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
-    model = EagleModel.from_pretrained(stories_dir, None, backend="torch", max_len=256)
+def test_plain_greedy_equals_hf_generate(demo_target_dir):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(demo_target_dir, dtype=torch.float32).eval()
+    model = EagleModel.from_pretrained(demo_target_dir, None, backend="torch", max_len=256)
     for prompt in ["Once upon a time", "The cat sat", "Tom had a red ball and"]:
         ids = model.encode(prompt)[0]
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -109,14 +108,13 @@ def test_plain_greedy_equals_hf_generate(stories_dir):
         assert ours.tokens[0] == ref[0, len(ids):].tolist(), prompt
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 20), (0.8, 0.8, 50)])
-def test_sampling_distribution_matches_hf(stories_dir, temperature, top_p, top_k):
+def test_sampling_distribution_matches_hf(demo_target_dir, temperature, top_p, top_k):
     """Our processed distribution equals HF's warpers', and our sampler draws from it (chi-square)."""
     from scipy.stats import chisquare
     from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    model = EagleModel.from_pretrained(stories_dir, None, backend="torch", max_len=128)
+    model = EagleModel.from_pretrained(demo_target_dir, None, backend="torch", max_len=128)
     ids = torch.tensor([model.encode("Once upon a time, there was a")[0]])
     logits = _ours_full(model.target, ids)[:, -1]
     warp = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
@@ -141,34 +139,33 @@ def test_sampling_distribution_matches_hf(stories_dir, temperature, top_p, top_k
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
-@pytest.mark.shared_data
-def test_loader_errors(tmp_path, stories_dir):
+def test_loader_errors(tmp_path, demo_target_dir):
     with pytest.raises(FileNotFoundError):
         load_target(tmp_path / "missing")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ConfigError, match="unknown architecture"):
         load_target(tmp_path)
-    cfg = json.loads((stories_dir / "config.json").read_text())
+    cfg = json.loads((demo_target_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="no weights"):
         load_target(tmp_path)
-    cfg["hidden_size"] = 128
+    cfg["hidden_size"] *= 2  # a size the weights do not have
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps(cfg))
-    (bad / "model.safetensors").symlink_to(stories_dir / "model.safetensors")
+    (bad / "model.safetensors").symlink_to(demo_target_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match="shape"):
         load_target(bad)
 
 
-def _sharded_stories(d, stories_dir):
-    """stories260k as two safetensors shards with an index in ``d``; returns (shard names, weight map)."""
+def _sharded_target(d, demo_target_dir):
+    """The demo target as two safetensors shards with an index in ``d``; returns (shard names, weight map)."""
     from safetensors.torch import load_file
 
-    full = load_file(str(stories_dir / "model.safetensors"))
+    full = load_file(str(demo_target_dir / "model.safetensors"))
     keys = sorted(full)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text((stories_dir / "config.json").read_text())
+    (d / "config.json").write_text((demo_target_dir / "config.json").read_text())
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     wmap = {}
     for name, part in zip(names, (keys[::2], keys[1::2])):
@@ -178,16 +175,15 @@ def _sharded_stories(d, stories_dir):
     return names, wmap
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
-def test_index_shards_outside_the_directory_are_refused(tmp_path, stories_dir, how):
+def test_index_shards_outside_the_directory_are_refused(tmp_path, demo_target_dir, how):
     """An index naming a shard outside the model directory (``..``, an absolute path, a symlink that leaves it) is a
     one-line error naming the shard, for the plain and the tensor-parallel loader; the outside file is never read."""
     from eagle_runtime.config import ModelConfig
     from eagle_runtime.parallel import ShardPlan, read_shards
 
     d = tmp_path / "model"
-    names, wmap = _sharded_stories(d, stories_dir)
+    names, wmap = _sharded_target(d, demo_target_dir)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (d / names[1]).rename(outside / names[1])
@@ -204,20 +200,19 @@ def test_index_shards_outside_the_directory_are_refused(tmp_path, stories_dir, h
         assert "\n" not in msg and bad in msg and "outside" in msg, msg
 
 
-@pytest.mark.shared_data
-def test_index_shards_in_subfolders_and_the_hub_cache_still_load(tmp_path, stories_dir):
+def test_index_shards_in_subfolders_and_the_hub_cache_still_load(tmp_path, demo_target_dir):
     """What stays allowed: a shard in a subfolder, and the Hugging Face cache's layout, where a snapshot's files are
     symlinks into the repository's ``blobs`` folder (``snapshots/<rev>/x -> ../../blobs/<hash>``)."""
-    ref = load_target(stories_dir, max_len=64).state_dict()
+    ref = load_target(demo_target_dir, max_len=64).state_dict()
     d = tmp_path / "sub"
-    names, wmap = _sharded_stories(d, stories_dir)
+    names, wmap = _sharded_target(d, demo_target_dir)
     (d / "shards").mkdir()
     (d / names[0]).rename(d / "shards" / names[0])
     (d / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {k: f"shards/{v}" if v == names[0] else v for k, v in wmap.items()}}))
     repo = tmp_path / "hub" / "models--org--stories"
     snap = repo / "snapshots" / "0123abc"
-    _sharded_stories(snap, stories_dir)
+    _sharded_target(snap, demo_target_dir)
     (repo / "blobs").mkdir()
     for f in list(snap.iterdir()):
         (f.rename(repo / "blobs" / f"blob-{f.name}"))
