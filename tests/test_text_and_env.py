@@ -29,20 +29,18 @@ def _strict_json(text: str):
 # ----------------------------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.shared_data
-def test_continuation_keeps_the_space_before_a_new_word(stories_dir):
-    tok = load_tokenizer(stories_dir)
+def test_continuation_keeps_the_space_before_a_new_word(demo_target_dir):
+    tok = load_tokenizer(demo_target_dir)
     ids = tok("Once upon a time there was a girl")["input_ids"]
     cut = len(tok("Once upon a time")["input_ids"])
     assert tok.decode(ids[cut:], skip_special_tokens=True) == "there was a girl"  # what the old code printed
     assert continuation_text(tok, ids[:cut], ids[cut:]) == " there was a girl"
 
 
-@pytest.mark.shared_data
-def test_generated_text_follows_the_prompt(stories_dir):
+def test_generated_text_follows_the_prompt(demo_target_dir):
     """``prompt + out.text`` equals the decoded whole sequence for every prompt (4 of 20 glued words before)."""
-    target = load_target(stories_dir, max_len=128)
-    tok = load_tokenizer(stories_dir)
+    target = load_target(demo_target_dir, max_len=128)
+    tok = load_tokenizer(demo_target_dir)
     model = EagleModel(target, random_head(target), tok, tree="static", backend="torch")
     prompts = ["Once upon a time", "Once upon a time there", "The little dog", "Lily and Tom went to the",
                "One day, a"]
@@ -55,11 +53,10 @@ def test_generated_text_follows_the_prompt(stories_dir):
     assert spaced >= 1, "no continuation started a new word: the test would not see glued words"
 
 
-@pytest.mark.shared_data
-def test_json_output_is_strict_json(stories_dir, tmp_path, capsys):
+def test_json_output_is_strict_json(demo_target_dir, tmp_path, capsys):
     """With one new token no decode cycle runs and tau is undefined: null, not NaN."""
-    save_head(random_head(load_target(stories_dir, max_len=128)), tmp_path / "head")
-    rc = main(["generate", "--base", str(stories_dir), "--draft", str(tmp_path / "head"), "--prompt", "Once upon",
+    save_head(random_head(load_target(demo_target_dir, max_len=128)), tmp_path / "head")
+    rc = main(["generate", "--base", str(demo_target_dir), "--draft", str(tmp_path / "head"), "--prompt", "Once upon",
                "--max-new-tokens", "1", "--json", "--backend", "torch"])
     out = capsys.readouterr().out
     assert rc == 0
@@ -77,9 +74,8 @@ def test_json_output_is_strict_json(stories_dir, tmp_path, capsys):
     (["Once upon a caf\u00e9".encode("latin-1")], "prompt is not valid UTF-8: byte 0xe9 at offset 15"),
     (["Hi", b"caf\xe9"], "prompt [1] is not valid UTF-8: byte 0xe9 at offset 3"),  # the second prompt of a batch
 ])  # fmt: skip
-@pytest.mark.shared_data
-def test_cli_rejects_a_prompt_that_is_not_utf8(stories_dir, argv, message):
-    cmd = [sys.executable, "-m", "eagle_runtime", "generate", "--base", str(stories_dir), "--device", "cpu",
+def test_cli_rejects_a_prompt_that_is_not_utf8(demo_target_dir, argv, message):
+    cmd = [sys.executable, "-m", "eagle_runtime", "generate", "--base", str(demo_target_dir), "--device", "cpu",
            "--max-new-tokens", "2"]
     for prompt in argv:
         cmd += ["--prompt", prompt]
@@ -89,16 +85,15 @@ def test_cli_rejects_a_prompt_that_is_not_utf8(stories_dir, argv, message):
     assert proc.returncode == 2 and err == f"error: {message}\n", (proc.returncode, err)
 
 
-@pytest.mark.shared_data
-def test_api_rejects_a_prompt_that_is_not_utf8(stories_dir):
-    model = EagleModel(load_target(stories_dir, max_len=64), None, load_tokenizer(stories_dir), backend="torch")
+def test_api_rejects_a_prompt_that_is_not_utf8(demo_target_dir):
+    model = EagleModel(load_target(demo_target_dir, max_len=64), None, load_tokenizer(demo_target_dir), backend="torch")
     with pytest.raises(ValueError, match=r"^prompt is not valid UTF-8: byte 0xff at offset 5$"):
         model.generate(os.fsdecode(b"Once \xff upon"), 2, speculative=False)
     with pytest.raises(ValueError, match=r"^prompt \[2\] is not valid UTF-8: byte 0xc3 at offset 3$"):
         model.encode(["Once", "upon", os.fsdecode(b"caf\xc3 time")])
     with pytest.raises(ValueError, match=r"^prompt is not valid UTF-8: lone surrogate U\+D800 at offset 6$"):
         model.generate("caf\u00e9 \ud800", 2, speculative=False)  # not from bytes: no byte to name
-    assert model.encode("caf\u00e9 \u00fcber")[0] == load_tokenizer(stories_dir)("caf\u00e9 \u00fcber")["input_ids"]
+    assert model.encode("caf\u00e9 \u00fcber")[0] == load_tokenizer(demo_target_dir)("caf\u00e9 \u00fcber")["input_ids"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
