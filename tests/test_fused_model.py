@@ -21,13 +21,12 @@ def _features(model, tokens, ops):
     return model(tokens, pos, cache, zero, zero, causal_mask(B, T, "cpu"), ops), cache
 
 
-@pytest.mark.shared_data
-def test_loaded_target_is_fused_and_keeps_the_hf_layout(stories_dir):
-    model = load_target(stories_dir, max_len=32)
+def test_loaded_target_is_fused_and_keeps_the_hf_layout(demo_target_dir):
+    model = load_target(demo_target_dir, max_len=32)
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     assert attn.fused and mlp.fused and not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj")
     assert attn.qkv_proj.out_features == (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim
-    hf = load_state_dict(stories_dir)
+    hf = load_state_dict(demo_target_dir)
     state = model.state_dict()
     with torch.device("meta"):
         unfused_keys = set(Transformer(model.cfg, 32).state_dict())
@@ -36,10 +35,9 @@ def test_loaded_target_is_fused_and_keeps_the_hf_layout(stories_dir):
         assert torch.equal(state[name], hf["model." + name].float()), name
 
 
-@pytest.mark.shared_data
 @pytest.mark.interpreter
-def test_fused_equals_unfused(stories_dir):
-    fused = load_target(stories_dir, max_len=32)
+def test_fused_equals_unfused(demo_target_dir):
+    fused = load_target(demo_target_dir, max_len=32)
     plain = Transformer(fused.cfg, 32).eval().requires_grad_(False)
     plain.load_state_dict(fused.state_dict())  # HF layout into separate projections
     assert not plain.layers[0].self_attn.fused
@@ -56,9 +54,8 @@ def test_fused_equals_unfused(stories_dir):
         torch.testing.assert_close(_features(fused, tokens, get_ops("torch"))[0], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.shared_data
-def test_fused_head_saves_in_the_published_layout(tmp_path, stories_dir):
-    target = load_target(stories_dir, max_len=32)
+def test_fused_head_saves_in_the_published_layout(tmp_path, demo_target_dir):
+    target = load_target(demo_target_dir, max_len=32)
     head = random_head(target, seed=3, std=0.1)
     assert head.layers[0].self_attn.fused and head.layers[0].input_layernorm is None
     save_head(head, tmp_path)
