@@ -26,8 +26,8 @@ def umask():
 
 
 @pytest.fixture(scope="module")
-def target(stories_dir):
-    return load_target(stories_dir, max_len=64)
+def target(demo_target_dir):
+    return load_target(demo_target_dir, max_len=64)
 
 
 def _mode(path) -> int:
@@ -76,7 +76,6 @@ def test_json_refuses_nan_before_touching_the_file(tmp_path):
     assert json.loads(path.read_text()) == {"tau": 1.5} and len(list(tmp_path.iterdir())) == 1
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 @pytest.mark.parametrize("safetensors", [False, True])
 def test_save_head_is_atomic_with_the_umask_mode(tmp_path, target, umask, monkeypatch, kind, safetensors):
@@ -133,9 +132,8 @@ def test_a_writer_that_replaces_the_temp_file_still_gets_the_umask_mode(tmp_path
     assert _mode(tmp_path / "f.bin") == 0o644 and (tmp_path / "f.bin").read_bytes() == b"data"
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("mask", [0o022, 0o077])
-def test_every_writer_gets_the_umask_mode(tmp_path, target, tokenizer, umask, mask):
+def test_every_writer_gets_the_umask_mode(tmp_path, target, demo_target_dir, umask, mask):
     """What goes through the atomic writer, file by file: a trainer's save (head, ``train_state.pt``,
     ``train_config.json``), the cost cache (``costs.json``), a trained target (weights, configs, tokenizer), a
     distilled corpus and a benchmark's results file all get 0666 less the umask, as the heads always did."""
@@ -146,6 +144,7 @@ def test_every_writer_gets_the_umask_mode(tmp_path, target, tokenizer, umask, ma
     from eagle_runtime.costs import CostModel, save_costs
     from eagle_runtime.train import TrainConfig
     from eagle_runtime.train.loop import _save
+    from eagle_runtime.text import load_tokenizer
     from eagle_runtime.train.target import save_hf
 
     from conftest import ROOT
@@ -154,7 +153,7 @@ def test_every_writer_gets_the_umask_mode(tmp_path, target, tokenizer, umask, ma
     head = EagleHead(head_config(target.cfg), 64)
     _save(head, torch.optim.AdamW(head.parameters()), 1, [{"step": 1}], tmp_path / "head", TrainConfig(steps=2))
     save_costs(CostModel({1: 1.0}, {1: 1.0}, {1: 0.1}, {1: 0.1}, key="k"), tmp_path / "cache")
-    save_hf(target, dict(target.cfg.raw), tokenizer, tmp_path / "target")
+    save_hf(target, dict(target.cfg.raw), load_tokenizer(demo_target_dir), tmp_path / "target")
     atomic_write_text(tmp_path / "corpus.jsonl", '{"input_ids": [1]}\n')  # what train.distill writes, its one call
     spec = importlib.util.spec_from_file_location("_bench_utils", ROOT / "benchmarks" / "_bench_utils.py")
     bench = importlib.util.module_from_spec(spec)
