@@ -45,12 +45,11 @@ SHARED_FIXTURES = {"stories_dir", "stories_moe_dir", "tokenizer", "trained_head_
 _current_test = None
 
 
-@pytest.fixture(autouse=True)
-def _note_current_test(request):
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Note the test before any of its fixtures is set up, module- and session-scoped ones included."""
     global _current_test
-    _current_test = request.node
-    yield
-    _current_test = None
+    _current_test = item
 
 
 def pytest_collection_modifyitems(config, items):

@@ -144,6 +144,7 @@ def _replicated_bytes(path: Path, vocab: str) -> tuple[int, int]:
     return total, rep
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_matches_single_process(reference, world, tmp_path):
     ranks = _launch(world, tmp_path)
