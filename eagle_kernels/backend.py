@@ -68,15 +68,35 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = (version.split("+")[0].split(".") + ["0"])[:2]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str:
+    """Why Triton's interpreter cannot run with these versions, or "".
+
+    Known bad pair: triton 3.6 (the GPU machine's) interprets every kernel with numpy calls that numpy 2.4 removed,
+    so all of them fail; triton 3.9 with numpy 2.4 works (this project's CI). Older triton is taken to fail too."""
+    if _major_minor(triton_version) <= (3, 6) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) fails every kernel with numpy "
+                f"{numpy_version}; install numpy<2.4 or triton>=3.9")
+    return ""
+
+
 def triton_available() -> tuple[bool, str]:
     """Whether Triton kernels can run here, and why not."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as e:  # pragma: no cover - triton ships with torch on Linux
         return False, f"triton is not importable ({e})"
+    import numpy
     import torch
 
-    if torch.cuda.is_available() or interpreter_enabled():
+    if interpreter_enabled():
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        return (False, problem) if problem else (True, "")
+    if torch.cuda.is_available():
         return True, ""
     return False, "no CUDA device and TRITON_INTERPRET is not set"
 

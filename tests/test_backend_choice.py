@@ -101,3 +101,25 @@ def test_cli_device_cpu_runs_with_cuda_present(cuda_reported, no_triton, capsys)
                "--total-tokens", "8", "--depth", "3", "--top-k-draft", "2", "--max-new-tokens", "6", "--json",
                "--prompt", "Once upon a time"])
     assert rc == 0, capsys.readouterr()
+
+
+@pytest.mark.parametrize("triton_v,numpy_v,bad", [("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False),
+                                                   ("3.5.1", "2.4.6", True), ("3.9.0", "2.4.6", False),
+                                                   ("3.6.0+git1a2b", "2.10.1", True), ("3.10.0", "2.4.0", False)])
+def test_interpreter_version_pairs(triton_v, numpy_v, bad):
+    """Triton 3.6's interpreter fails every kernel under numpy >= 2.4 (issue 24, item 9): that pair is one clear
+    reason, not a failure per kernel."""
+    why = B.interpreter_problem(triton_v, numpy_v)
+    assert bool(why) == bad and (not bad or ("numpy" in why and triton_v in why and "\n" not in why))
+
+
+def test_triton_backend_names_a_bad_interpreter_pair(monkeypatch):
+    import numpy
+    import triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.0")
+    assert B.triton_available() == (False, B.interpreter_problem("3.6.0", "2.4.0"))
+    with pytest.raises(BackendUnavailable, match="numpy<2.4"):
+        get_ops("triton", device="cpu")
