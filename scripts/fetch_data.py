@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))  # runs from a checkout even without the editable install
 
-from eagle_runtime.atomic import atomic_write  # noqa: E402
+from eagle_runtime.atomic import atomic_write, file_sha256 as sha256_file  # noqa: E402
 from eagle_runtime.datadir import fetched_data_dir  # noqa: E402
 
 BASE_URL_ENV = "EAGLE_DATA_BASE_URL"
@@ -102,14 +102,6 @@ def data_dir() -> Path:
     if os.environ.get("EAGLE_SHARED_DATA"):
         return Path(os.environ["EAGLE_SHARED_DATA"])
     return fetched_data_dir()  # where eagle_runtime.datadir looks last
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _progress(total: int | None, desc: str, enabled: bool):

@@ -11,6 +11,7 @@ read sets it, and a file another thread created in that moment would be world-wr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -59,6 +60,16 @@ def remove_orphans(path: str | Path) -> list[Path]:
     return removed
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (``hashlib.file_digest`` needs Python 3.11; the package
+    supports 3.10). Trainer saves record it per published file; ``scripts/fetch_data.py`` checks downloads by it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` to fill a temporary file beside ``path``, then make it ``path`` atomically.
 
@@ -96,4 +107,4 @@ def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "remove_orphans"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "file_sha256", "remove_orphans"]

@@ -20,7 +20,6 @@ from .loading import check_device
 from .text import check_utf8_prompts
 from .tree import DynamicTree, StaticTree
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _one_line_warning(message, *args, **kwargs) -> None:
@@ -56,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k-draft", type=int, default=None, help="dynamic tree branching (default 10)")
     g.add_argument("--backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each decode step as a CUDA graph (default: on where CUDA, backend triton and the "
@@ -96,7 +95,7 @@ def generate(a) -> int:
     else:  # --tree dynamic, or auto with an explicit tree shape: the tree the user described
         tree = DynamicTree(*(d if v is None else v for v, d in zip(sizes, (60, 6, 10))))
     model = EagleModel.from_pretrained(
-        a.base, a.draft, dtype=_DTYPES.get(a.dtype), device=device, tree=tree, backend=a.backend,
+        a.base, a.draft, dtype=a.dtype, device=device, tree=tree, backend=a.backend,
         max_len=a.max_len, cuda_graphs=a.cuda_graphs,
     )
     prompts = a.prompt if len(a.prompt) > 1 else a.prompt[0]

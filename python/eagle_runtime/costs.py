@@ -36,10 +36,14 @@ def cache_dir() -> Path:
     return Path(base) / "eagle_runtime"
 
 
+# coefficients of a residual fit per kind: a constant, levels, and (trees only; a chain's size is its depth) nodes
+N_RESIDUAL_FEATURES = {"chain": 2, "tree": 3}
+
+
 def _residual_features(tree: DynamicTree) -> tuple:
     """What a cycle's overhead over its parts grows with: levels, and (trees only; a chain's size is its depth)
     the nodes reranked, gathered and masked."""
-    return (1.0, float(tree.depth)) if fit_kind(tree) == "chain" else (1.0, float(tree.depth), float(tree.total_tokens))
+    return (1.0, float(tree.depth), float(tree.total_tokens))[:N_RESIDUAL_FEATURES[fit_kind(tree)]]
 
 
 def _least_squares(rows: list) -> list:
@@ -212,7 +216,7 @@ def _cycles(t, what: str) -> dict:
 
 def _fits(t) -> dict:
     """:attr:`CostModel.residual_fit`: one coefficient per feature of its kind, each finite and within MAX_MS."""
-    n_features = {"chain": 2, "tree": 3}
+    n_features = N_RESIDUAL_FEATURES
     if not isinstance(t, dict):
         raise ValueError("residual_fit is not a table")
     out = {}

@@ -9,7 +9,6 @@ a step boundary with a save.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_write, atomic_write_text, remove_orphans
+from ..atomic import atomic_write, atomic_write_text, file_sha256, remove_orphans
 from ..draft import save_head
 from ..loading import CheckpointError
 from .common import TrainConfig
@@ -151,14 +150,10 @@ STATE = "train_state.pt"
 
 
 def _sha256(path: Path) -> str | None:
-    h = hashlib.sha256()  # by hand: hashlib.file_digest needs Python 3.11, the package supports 3.10
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    except FileNotFoundError:
+        return file_sha256(path)
+    except FileNotFoundError:  # a published file a kill removed: it differs from any record
         return None
-    return h.hexdigest()
 
 
 def _remove_orphans(out: Path) -> None:
