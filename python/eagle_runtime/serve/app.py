@@ -2,8 +2,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both stream as Server-Sent Events in OpenAI's
 chunk format with ``"stream": true``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text),
-``GET /`` (the chat page). Request fields beyond OpenAI's: ``top_k`` and ``speculative`` (false: plain decoding
-for this request). Each chunk carries an ``eagle`` object: the text's runs by origin (``pieces``: accepted
+``GET /`` (the chat page). Request fields beyond OpenAI's: ``top_k``, ``speculative`` (false: plain decoding
+for this request) and ``ignore_eos`` (decode to ``max_tokens``, as vLLM's benchmarks do). Each chunk carries an ``eagle`` object: the text's runs by origin (``pieces``: accepted
 draft tokens or the target's own) and the step's token counts; the usage chunk adds tau and tokens/s.
 
 Bad input is HTTP 400 with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``, a full queue
@@ -146,6 +146,7 @@ def parse_settings(body: dict, has_head: bool) -> dict:
         "seed": _get(body, "seed", int, 0, lambda v: INT64_MIN <= v <= INT64_MAX, "a 64-bit integer"),
         "speculative": _get(body, "speculative", bool, has_head, None, "true or false"),
         "stream": _get(body, "stream", bool, False, None, "true or false"),
+        "ignore_eos": _get(body, "ignore_eos", bool, False, None, "true or false"),
     }
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -237,8 +238,7 @@ def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, 
             raise BadRequest("the body must be a JSON object")
         m = body.get("model")
         if m is not None and m != model_name:
-            raise BadRequest(f"unknown model {json.dumps(m)[:60]}; this server serves '{model_name}'", "model",
-                             status=404, kind="not_found_error")
+            raise BadRequest(f"unknown model {json.dumps(m)[:60]}; this server serves '{model_name}'", "model")
         return body
 
     def make_request(ids: list[int], s: dict, stop: list[str], deliver) -> Request:
@@ -253,7 +253,7 @@ def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, 
             raise BadRequest(f"max_tokens {mt} is past the cache: the prompt ({len(ids)} tokens) leaves room for "
                              f"{left}", "max_tokens")
         return Request(ids, mt, deliver, s["temperature"], s["top_p"], s["top_k"], s["seed"], s["speculative"],
-                       stop)
+                       stop, s["ignore_eos"])
 
     async def run(request: HTTPRequest, ids, s, stop, chat: bool):
         loop = asyncio.get_running_loop()

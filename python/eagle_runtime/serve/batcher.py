@@ -43,6 +43,7 @@ class Request:
     seed: int = 0
     speculative: bool = True
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # decode to the budget (benchmarks: every request the same length)
     cancelled: bool = False
     # filled by the scheduler
     stream: TextStream | None = None
@@ -148,6 +149,7 @@ class Scheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="eagle-scheduler", daemon=True)
         self.error: BaseException | None = None
+        self.peak_active = 0  # the most rows that decoded in one step (tests: requests did share a batch)
 
     def start(self) -> "Scheduler":
         self._thread.start()
@@ -171,7 +173,7 @@ class Scheduler:
         """Queue ``req``; it joins a batch at the next step boundary with a free row."""
         if req.speculative and True not in self.batches:
             raise ValueError("speculative decoding needs a draft head (the server was started without --draft)")
-        eos = self.model.target.cfg.eos_token_id
+        eos = [] if req.ignore_eos else self.model.target.cfg.eos_token_id
         req.stream = TextStream(self.model.tokenizer, req.ids, req.max_new_tokens, req.stop, eos)
         with self._cv:
             if self._stop:
@@ -232,6 +234,7 @@ class Scheduler:
                 batch.leave(i)
         if not batch.active:
             return
+        self.peak_active = max(self.peak_active, self.active)
         with self.model._lock:
             blocks, drafted = batch.step()
         live = []
