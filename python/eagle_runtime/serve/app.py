@@ -416,7 +416,9 @@ def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "eagle_runtime", "max_model_len": model.target.max_len}]}
+                                            "owned_by": "eagle_runtime", "max_model_len": model.target.max_len,
+                                            "eagle": {"tree": repr(tree), "max_batch": max_batch,
+                                                      "draft_head": model.head is not None}}]}
 
     @app.get("/health")
     async def health():

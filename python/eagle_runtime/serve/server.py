@@ -21,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="rows decoding at once (default 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a row; beyond it the server answers 429 (default 64)")
-    p.add_argument("--tree", choices=["dynamic", "static"], default="dynamic",
-                   help="the draft tree of every speculative row (auto's per-call choice does not apply to a "
+    p.add_argument("--tree", choices=["dynamic", "static"], default=None,
+                   help="the draft tree of every speculative row (default: the tree the demo pair was tuned for "
+                        "with --demo, else the dynamic EAGLE-2 tree; auto's per-call choice does not apply to a "
                         "batch that requests join and leave)")
     p.add_argument("--backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -52,13 +53,17 @@ def serve(a) -> int:
     if a.demo:
         from ..demo import demo_paths
 
+        from ..demo import demo_tree
+
         base, draft = demo_paths()
         name = a.model_name or "eagle-demo"
+        tree = a.tree or demo_tree()  # 5 nodes: the dynamic 60-node tree is slower than plain on a CPU
     else:
         base, draft = a.base, a.draft
         name = a.model_name or str(base).rstrip("/").split("/")[-1]
+        tree = a.tree or "dynamic"
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = EagleModel.from_pretrained(base, draft, dtype=a.dtype, device=device, tree=a.tree, backend=a.backend,
+    model = EagleModel.from_pretrained(base, draft, dtype=a.dtype, device=device, tree=tree, backend=a.backend,
                                        max_len=a.max_len, cuda_graphs=False)
     app = create_app(model, model_name=name, max_batch=a.max_batch, max_queue=a.max_queue)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="info",
