@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..graphs import bucket
 from ..state import DecodeState, Sampling
 from ..stream import StreamEvent, TextStream
 
@@ -88,7 +89,7 @@ class RowBatch:
         """Prefill ``req`` alone and copy it into a free row; returns its first token. A request that finds the
         batch empty takes row 0 and restarts the batch's random stream at its seed (as ``generate`` alone)."""
         alone = self.active == 0
-        slot = 0 if alone else self.free_slot()
+        slot = self.free_slot()  # the lowest: 0 when alone
         sp1 = Sampling.empty(1, self.dec.device).fill_(req.temperature, req.top_p, req.top_k, req.seed)
         one = self.dec.prefill([req.ids], sp1, self.speculative)
         if self.state is None:
@@ -116,14 +117,27 @@ class RowBatch:
 
     @torch.inference_mode()
     def step(self) -> tuple[list[list[int]], list[int]]:
-        """One step for every row: ``(tokens per row, drafted tokens per row)`` (finished rows' are dropped)."""
-        st, sp, dec = self.state, self.sp, self.dec
-        st.done.copy_(torch.tensor([r is None for r in self.slots], device=st.done.device))
+        """One step for every row: ``(tokens per row, drafted tokens per row)`` (finished rows' are dropped).
+
+        Only the rows up to the last busy one run (rounded up to a batch bucket): a lone request in a batch of 8
+        rows took 5.8 ms per plain step and 14.8 ms per cycle on the demo pair (2 CPU cores), 4.0 and 7.2 ms with
+        its row alone. New requests take the lowest free row, so the busy rows stay packed at the front."""
+        hi = max(i for i, r in enumerate(self.slots) if r is not None) + 1
+        hi = min(self.rows, bucket(hi))
+        full, sp_full = self.state, self.sp
+        st = DecodeState(full.cache[:, :hi], full.L[:hi], full.next_tok[:hi], full.done[:hi],
+                         full.d_cache[:, :hi] if full.d_cache is not None else None,
+                         full.d_hidden[:hi] if full.d_hidden is not None else None,
+                         full.d_logits[:hi] if full.d_logits is not None else None)
+        sp = Sampling(sp_full.temperature[:hi], sp_full.top_p[:hi], sp_full.top_k[:hi], sp_full.seed, sp_full.offset)
+        st.done.copy_(torch.tensor([r is None for r in self.slots[:hi]], device=st.done.device))
+        dec = self.dec
         o = dec.cycle(st, sp, self.tree) if self.speculative else dec.plain_step(st, sp)
         dec.commit(st, sp, o.update)
         em, n = o.emitted.tolist(), o.n_emit.tolist()
         drafted = [k - 1 for k in n] if self.speculative else [0] * len(n)
-        return [row[:k] for row, k in zip(em, n)], drafted
+        pad = [[]] * (self.rows - hi)
+        return [row[:k] for row, k in zip(em, n)] + pad, drafted + [0] * (self.rows - hi)
 
 
 class Scheduler:
