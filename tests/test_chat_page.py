@@ -275,8 +275,8 @@ def test_stop_aborts_mid_stream_and_keeps_the_partial_answer(page):
 
 
 def test_an_error_response_shows_its_message(page):
-    """The page shows the message of an OpenAI-style error body. The response is made in the browser (route), so
-    the test does not depend on which requests the server refuses."""
+    """The page shows the message of an OpenAI-style error body: first one made in the browser (route), a 429
+    that the server would give only under load, then the server's own 400."""
     pg = page
     error = {"error": {"message": "too many requests in flight, retry later", "type": "rate_limit_error",
                        "param": None, "code": None}}
@@ -297,3 +297,9 @@ def test_an_error_response_shows_its_message(page):
     assert _wait_state(pg, "done", "error", "stopped") == "done", pg.text_content("#error")
     sync_api.expect(pg.locator("#messages .msg.assistant")).to_have_count(1)
     sync_api.expect(pg.locator("#error")).to_be_empty()
+
+    # The server's own refusal (HTTP 400: top_p must lie in (0, 1]) shows the same way.
+    _set_inputs(pg, max_tokens=10, top_p=0)
+    _send(pg, "Hello again")
+    assert _wait_state(pg, "done", "error", "stopped") == "error"
+    sync_api.expect(pg.locator("#error")).to_contain_text("top_p")
