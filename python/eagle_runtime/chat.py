@@ -32,3 +32,19 @@ def encode_prompt(tokenizer, text: str, budget: int) -> tuple[list[int], bool]:
     if len(ids) <= budget:
         return ids, False
     return ids[:1] + ids[len(ids) - budget + 1 :], True
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, bool, list[str]]:
+    """An OpenAI-style conversation (``{"role", "content"}`` dicts, roles system/user/assistant) as prompt text
+    ending with the assistant's turn, whether the tokenizer should add its special tokens (BOS) to it, and the
+    stop strings the format needs. A chat template renders it (it writes BOS itself); without one the turns are
+    ``System:``/``User:``/``Assistant:`` lines, as :func:`make_prompt` writes them, and an answer ends where the
+    model starts the next ``User:`` turn."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, False, []
+    lines = []
+    for m in messages:
+        role = {"system": "System", "user": "User", "assistant": "Assistant"}[m["role"]]
+        lines.append(f"{role}: {m['content']}")
+    return "\n".join(lines) + "\nAssistant:", True, ["\nUser:"]

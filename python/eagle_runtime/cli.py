@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, default=None, help="KV cache length (default: min(config, 4096))")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     sub.add_parser("env", help="report torch, triton, CUDA and the native extension (built or not, and why)")
+    from .serve.server import add_arguments
+
+    add_arguments(sub.add_parser("serve", help="serve an OpenAI-compatible API and a chat page (needs [serve])"))
     return p
 
 
@@ -185,6 +188,10 @@ def main(argv=None) -> int:
         warnings.simplefilter("default")
         warnings.showwarning = _one_line_warning
         try:
+            if a.command == "serve":
+                from .serve.server import serve
+
+                return serve(a)
             return generate(a)
         except USER_ERRORS + (GraphsUnavailable,) as e:
             if not is_main_process():  # under torchrun every rank fails alike; rank 0 says why

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -29,6 +29,7 @@ from .graphs import BufferPool, GraphsUnavailable, StepGraphs, bucket, graphs_re
 from .loading import check_dtype, check_model_path, load_target
 from .model import Transformer
 from .state import DecodeState, Sampling
+from .stream import StreamEvent, TextStream
 from .text import check_utf8_prompts, continuation_text, load_tokenizer
 from .tree import DynamicTree, StaticTree, fit_kind, shape_key, tree_key
 
@@ -46,6 +47,7 @@ class GenerationResult:
     prefill_time_s: float
     speculative: bool
     tree: dict | None = None  # the trees used: {"mode", "steps" per tree key, "plain_fraction", ...}; None if plain
+    finish_reasons: list[str] | None = None  # per sequence: "stop" (EOS or a stop string) or "length"
 
     @property
     def num_new_tokens(self) -> int:
@@ -285,15 +287,84 @@ class EagleModel:
         seed: int = 0,
         speculative: bool = True,
         stop_on_eos: bool = True,
+        stop: str | list[str] | None = None,
+        streamer=None,
     ) -> GenerationResult:
         """Generate from one prompt or a batch (text or token ids). ``speculative=False`` is plain decoding
         in the same runtime. Temperature 0 is greedy; ``seed`` makes sampled output reproducible for a fixed
-        tree (under ``tree="auto"`` the trees chosen depend on measured time, see the class docstring)."""
+        tree (under ``tree="auto"`` the trees chosen depend on measured time, see the class docstring).
+
+        ``stop``: strings that end an output before them (cut exactly, see :mod:`eagle_runtime.stream`);
+        ``streamer``: an object with transformers' streamer protocol (``put(token_ids)``, ``end()``:
+        ``TextStreamer``, ``TextIteratorStreamer``), given the prompt first and then each step's new tokens
+        (one prompt only, as in transformers). Either makes each step read its tokens on the host."""
+        if streamer is not None and len(self.encode(prompts)) != 1:
+            raise ValueError("a streamer takes one prompt (as transformers' streamers do)")
+        run = self._run(prompts, max_new_tokens, temperature, top_p, top_k, seed, speculative, stop_on_eos, stop,
+                        watch=stop is not None or streamer is not None)
+        if streamer is not None:
+            streamer.put(torch.tensor([run.ids[0]]))
+        while True:
+            try:
+                events = next(run.steps)
+            except StopIteration as done:
+                if streamer is not None:
+                    streamer.end()
+                return done.value
+            if streamer is not None and events[0].tokens:
+                streamer.put(torch.tensor(events[0].tokens))
+
+    def stream(
+        self,
+        prompt,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        speculative: bool = True,
+        stop_on_eos: bool = True,
+        stop: str | list[str] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Generate from one prompt, yielding a :class:`~eagle_runtime.stream.StreamEvent` per decode step: the
+        text it adds, its token ids and how many came from the draft; the last event has ``finish_reason``
+        (``"stop"`` or ``"length"``). The tokens and text are :meth:`generate`'s for the same arguments.
+
+        Arguments are checked here, before the first event. The generator holds the model's lock until it is
+        exhausted or closed (``close()``, or leaving a ``with contextlib.closing(...)`` block).
+
+        Example::
+
+            for ev in model.stream("Once upon a time", 48, stop=["."]):
+                print(ev.text, end="", flush=True)
+        """
+        run = self._run(prompt, max_new_tokens, temperature, top_p, top_k, seed, speculative, stop_on_eos, stop,
+                        watch=True)
+        if len(run.ids) != 1:
+            raise ValueError("stream takes one prompt; use generate for a batch")
+        return self._stream_events(run)
+
+    @staticmethod
+    def _stream_events(run) -> Iterator[StreamEvent]:
+        while True:
+            try:
+                events = next(run.steps)
+            except StopIteration:
+                return
+            yield events[0]
+
+    def _run(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, speculative, stop_on_eos, stop,
+             watch: bool) -> "_Run":
+        """Check the arguments now; the decoding itself is ``_Run.steps``, a generator that yields a list of
+        :class:`StreamEvent` (one per prompt) after each step when ``watch``, and returns the result."""
         check_sampling(temperature, top_p, top_k, max_new_tokens, seed)
         if speculative and self.head is None:
             raise ValueError("speculative decoding needs a draft head (load one with draft=...)")
         ids = self.encode(prompts)
         B_user = len(ids)
+        eos = self.target.cfg.eos_token_id if stop_on_eos else []
+        streams = [TextStream(self.tokenizer, p, max_new_tokens, stop, eos) for p in ids] if watch else None
         if self.pool.static:  # pad to the batch bucket so one captured graph serves every batch size in it
             ids = ids + [ids[-1]] * (bucket(B_user) - B_user)
         need = self.cache_len_needed(ids, max_new_tokens, speculative)
@@ -303,25 +374,46 @@ class EagleModel:
                 f"needs {need} cache positions, which exceeds the cache of {self.target.max_len}; shorten them or "
                 f"load with max_len >= {need}"
             )
+        steps = self._steps(ids, B_user, max_new_tokens, temperature, top_p, top_k, seed, speculative, eos,
+                            streams)
+        return _Run(ids[:B_user], steps)
+
+    @torch.inference_mode()
+    def _steps(self, ids, B_user, max_new, temperature, top_p, top_k, seed, speculative, eos, streams):
         with self._lock:
             sp = self.decoder.sampling(len(ids), temperature, top_p, top_k, seed)
-            eos = self.target.cfg.eos_token_id if stop_on_eos else []
             sampled = bool(self.sampled_drafts and temperature >= GREEDY_TEMPERATURE)
             if speculative and isinstance(self.tree, AutoTree):
-                res, summary = self._generate_auto(ids, B_user, sp, max_new_tokens, eos, temperature, top_p, top_k,
-                                                   sampled)
+                loop = self._loop_auto(ids, B_user, sp, max_new, eos, temperature, top_p, top_k, sampled)
             else:
-                res, summary = self._generate_fixed(ids, B_user, sp, max_new_tokens, eos, speculative, sampled)
+                loop = self._loop_fixed(ids, B_user, sp, max_new, eos, speculative, sampled)
+            while True:
+                try:
+                    out, o = next(loop)
+                except StopIteration as done:
+                    res, summary = done.value
+                    break
+                if streams is not None:
+                    yield _feed(streams, out, o)
         res.tree = summary
+        if streams is not None:  # the cut outputs: no token after an EOS or a stop string
+            for b, ts in enumerate(streams):
+                ts.finish("stop" if ts.tokens and ts.tokens[-1] in eos else "length")
+                res.tokens[b] = ts.tokens
+                if res.text is not None:
+                    res.text[b] = ts.text
+            res.finish_reasons = [ts.finish_reason for ts in streams]
         return res
 
-    def _generate_fixed(self, ids, B_user, sp, max_new, eos, speculative, sampled):
-        """Plain decoding, or EAGLE with the one tree ``self.tree``: the same step every time (one graph)."""
+    def _loop_fixed(self, ids, B_user, sp, max_new, eos, speculative, sampled):
+        """Plain decoding, or EAGLE with the one tree ``self.tree``: the same step every time (one graph).
+        Yields ``(output so far, step output)`` after each step; returns ``(result, tree summary)``."""
         dec, dev, tree = self.decoder, self.decoder.device, self.tree
         t0 = time.perf_counter()
         state = dec.prefill(ids, sp, speculative)
         t_prefill = _elapsed(t0, dev)
         out = _Output(state, B_user, max_new, tree.max_depth + 1 if speculative else 1, eos)
+        yield out, None  # the prefill's first token
         if speculative:
             key = (state.batch, "cycle", shape_key(tree), sampled if fit_kind(tree) == "chain" else None)
             step = lambda: self.graphs.step(key, dec.cycle, state, sp, tree, sampled)  # noqa: E731
@@ -332,15 +424,17 @@ class EagleModel:
             o = step()
             dec.commit(state, sp, o.update)
             out.add(o.emitted, o.n_emit)
+            yield out, o
         wall = _elapsed(t0, dev)
         res = self._result(ids[:B_user], out, eos, wall, t_prefill, speculative)
         summary = {"mode": "fixed", "steps": {tree_key(tree): len(out.hist)}, "plain_fraction": 0.0} if speculative \
             else None
         return res, summary
 
-    def _generate_auto(self, ids, B_user, sp, max_new, eos, temperature, top_p, top_k, sampled):
+    def _loop_auto(self, ids, B_user, sp, max_new, eos, temperature, top_p, top_k, sampled):
         """``tree="auto"``: stretches of plain steps or single cycles, each picked by the controller and timed
-        as a whole (a host sync at each stretch's end, so the time is the device's on CUDA too)."""
+        as a whole (a host sync at each stretch's end, so the time is the device's on CUDA too). Yields and
+        returns as :meth:`_loop_fixed`."""
         dec, dev = self.decoder, self.decoder.device
         B = len(ids)
         # the cost model is measured (once, cached) before the clock
@@ -352,6 +446,7 @@ class EagleModel:
         state = dec.prefill(ids, sp, True, defer_head=defer)
         t_prefill = _elapsed(t0, dev)
         out = _Output(state, B_user, max_new, self.tree.max_depth + 1, eos)
+        yield out, None
         while not out.all_done():
             t_stretch = time.perf_counter()
             choice = ctrl.next_tree()
@@ -371,6 +466,7 @@ class EagleModel:
                 dec.commit(state, sp, o.update)
                 out.add(o.emitted, o.n_emit)
                 steps += 1
+                yield out, o
             # the head's catch-up after plain steps counts as the cycle's: leaving it out made marginal speculation
             # look cheaper than it is (stories260k: 0.92x -> 0.97-1.0x plain at temperature 0)
             wall_ms = 1e3 * (_elapsed(t_stretch, dev))
@@ -382,7 +478,7 @@ class EagleModel:
     def _result(self, ids, out: _Output, eos, wall, t_prefill, speculative) -> GenerationResult:
         out_l, len_l = out.out.tolist(), out.out_len.tolist()
         hist_l = torch.stack(out.hist, 1).tolist() if out.hist else [[] for _ in ids]
-        tokens, accepts = [], []
+        tokens, accepts, reasons = [], [], []
         for b in range(len(ids)):
             seq = out_l[b][: min(len_l[b], out.max_new)]
             for i, t in enumerate(seq):
@@ -391,10 +487,41 @@ class EagleModel:
                     break
             tokens.append(seq)
             accepts.append([n for n in hist_l[b] if n > 0])
+            reasons.append("stop" if seq and seq[-1] in eos else "length")
         text = None
         if self.tokenizer is not None:
             text = [continuation_text(self.tokenizer, p, t) for p, t in zip(ids, tokens)]
-        return GenerationResult(tokens, text, accepts, [len(p) for p in ids], wall, t_prefill, speculative)
+        return GenerationResult(tokens, text, accepts, [len(p) for p in ids], wall, t_prefill, speculative,
+                                finish_reasons=reasons)
+
+
+@dataclass
+class _Run:
+    """A checked generation: the prompts' ids and the generator of its steps (see :meth:`EagleModel._run`)."""
+
+    ids: list[list[int]]
+    steps: Iterator
+
+
+def _feed(streams: list[TextStream], out: _Output, o) -> list[StreamEvent]:
+    """Hand each output's new tokens to its :class:`TextStream` (``o=None``: the prefill's first token); a stream
+    that ends there (EOS, a stop string, the budget) finishes its row, so no later step adds to it."""
+    if o is None:
+        first = out.out[: len(streams), 0].tolist()
+        blocks, drafted = [[t] for t in first], [0] * len(streams)
+    else:
+        em, n = o.emitted[: len(streams)].tolist(), o.n_emit[: len(streams)].tolist()
+        cycle = getattr(o, "accept_len", None) is not None
+        blocks = [row[:k] for row, k in zip(em, n)]
+        drafted = [k - 1 if cycle else 0 for k in n]
+    events = []
+    for b, ts in enumerate(streams):
+        was_done = ts.finished
+        ev = ts.add(blocks[b], drafted[b]) if not was_done else StreamEvent("", [], 0, [], ts.finish_reason)
+        if ts.finished and not was_done:
+            out.finished[b] = True
+        events.append(ev)
+    return events
 
 
 def _elapsed(t0: float, dev: torch.device) -> float:
@@ -417,5 +544,5 @@ def _is_id(t) -> bool:
     return isinstance(t, torch.Tensor) and t.ndim == 0 and not t.is_floating_point() and t.dtype != torch.bool
 
 
-__all__ = ["EagleModel", "GenerationResult", "DynamicTree", "StaticTree", "GraphsUnavailable", "Sampling",
+__all__ = ["EagleModel", "GenerationResult", "StreamEvent", "DynamicTree", "StaticTree", "GraphsUnavailable", "Sampling",
            "causal_mask"]
