@@ -118,6 +118,112 @@ def trained_head_dir(tmp_path_factory) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Repo-only twins (issue 33): one test body on the embedded demo (every clone) and on stories260k (shared data).
+# A test asks for `lm` (or a fixture built on it) and runs once per model; the stories260k run carries the
+# shared_data marker, so a bare clone still runs the demo one. The stories fixtures are looked up by name only for
+# that param (request.getfixturevalue), so the demo run never lists a shared fixture and needs no marker.
+# ----------------------------------------------------------------------------------------------------------------
+LMS = ["demo", pytest.param("stories260k", marks=pytest.mark.shared_data)]
+# Story openings the demo target continues into its own training text (it was trained on TinyStories).
+DEMO_PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park", "One day, a bird",
+                "Lily had a big", "The sun was", "A boy named Tim", "In the forest there", "Mom said",
+                "The cat wanted to", "It was a rainy day", "Ben and his friend"]
+
+
+@pytest.fixture(scope="session", params=LMS)
+def lm(request) -> str:
+    """Which model a twinned test runs on: "demo" or "stories260k"."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def lm_dir(lm, request) -> Path:
+    """The target checkpoint of ``lm``."""
+    return request.getfixturevalue("demo_target_dir") if lm == "demo" else request.getfixturevalue("stories_dir")
+
+
+@pytest.fixture(scope="session")
+def lm_tokenizer(lm_dir):
+    from eagle_runtime.text import load_tokenizer
+
+    return load_tokenizer(lm_dir)
+
+
+@pytest.fixture(scope="session")
+def lm_head_dir(lm, request) -> Path:
+    """A trained EAGLE-1 head for ``lm``: the demo's committed head (trained by scripts/build_demo.py, tau 3.2 on its
+    tree) or the stories260k head trained at test time (trained_head_dir)."""
+    if lm == "demo":
+        from eagle_runtime.demo import demo_paths
+
+        return demo_paths("eagle1")[1]
+    return request.getfixturevalue("trained_head_dir")
+
+
+def fetch_data_module():
+    """scripts/fetch_data.py as a module (it builds the Mixtral copy: mixtral_from_llama, _write_model_dir)."""
+    import importlib.util
+    import sys
+
+    if "fetch_data" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fetch_data", ROOT / "scripts" / "fetch_data.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["fetch_data"] = mod  # dataclasses look their module up there while the module runs
+        spec.loader.exec_module(mod)
+    return sys.modules["fetch_data"]
+
+
+@pytest.fixture(scope="session")
+def demo_moe_dir(tmp_path_factory, demo_target_dir) -> Path:
+    """A MixtralForCausalLM built from the demo target the way stories260k-moe-hf is built from stories260k
+    (fetch_data.mixtral_from_llama: 4 experts, each the dense MLP, top-2 of a seeded router), so its logits equal
+    the dense model's and the demo head drafts for it. About 1 s."""
+    import json
+
+    from safetensors.torch import load_file
+
+    fd = fetch_data_module()
+    config = json.loads((demo_target_dir / "config.json").read_text())
+    sd = load_file(str(demo_target_dir / "model.safetensors"))
+    moe_cfg, moe_sd = fd.mixtral_from_llama(config, sd)
+    out = tmp_path_factory.mktemp("demo-moe-hf")
+    tok = json.loads((demo_target_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tok_cfg = json.loads((demo_target_dir / "tokenizer_config.json").read_text())
+    fd._write_model_dir(out, moe_cfg, moe_sd, tok, tok_cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lm_moe_dir(lm, request) -> Path:
+    """The Mixtral copy of ``lm``: built from the demo target here, or the shared stories260k-moe-hf."""
+    return request.getfixturevalue("demo_moe_dir") if lm == "demo" else request.getfixturevalue("stories_moe_dir")
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory, demo_target_dir) -> Path:
+    """Training text the demo target writes itself: 60 stories, one per blank-line-separated block, sampled (seed 0,
+    temperature 1, up to 100 tokens, stopping at EOS) from DEMO_PROMPTS. Like the first 60 TinyStories stories the
+    stories260k tests train on: a few thousand tokens, each story well under 400 tokens. About 5 s."""
+    from eagle_runtime import EagleModel, load_target
+    from eagle_runtime.text import load_tokenizer
+
+    tok = load_tokenizer(demo_target_dir)
+    model = EagleModel(load_target(demo_target_dir, max_len=160), None, tok, backend="torch")
+    prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(60)]
+    out = model.generate(prompts, 100, temperature=1.0, seed=0, speculative=False)
+    stories = [" ".join((p + tok.decode(t)).split()) for p, t in zip(prompts, out.tokens)]
+    path = tmp_path_factory.mktemp("demo-corpus") / "demo_stories.txt"
+    path.write_text("\n\n".join(stories), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lm_corpus(lm, request) -> Path:
+    """A training corpus for ``lm``: the demo target's own stories, or the shared TinyStories validation set."""
+    return request.getfixturevalue("demo_corpus") if lm == "demo" else require(CORPUS / "tinystories_val.txt")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """On the fake CUDA host a test that goes to the GPU (CLI and benchmark defaults pick ``cuda`` where it is
