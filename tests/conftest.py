@@ -224,6 +224,27 @@ def lm_corpus(lm, request) -> Path:
     return request.getfixturevalue("demo_corpus") if lm == "demo" else require(CORPUS / "tinystories_val.txt")
 
 
+@pytest.fixture(scope="session")
+def tiny_target_dir(tmp_path_factory, demo_target_dir) -> Path:
+    """A random-weight 2-layer LLaMA (width 64, 4 heads, 2 KV heads, the demo's 512-token tokenizer), seeded:
+    for mechanics where the weights do not matter and the interpreter's cost per layer does (about 1 s to build)."""
+    import json
+    import shutil
+
+    import transformers
+
+    cfg = json.loads((demo_target_dir / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    out = tmp_path_factory.mktemp("tiny-llama")
+    hf.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_target_dir / name, out / name)
+    return out
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """On the fake CUDA host a test that goes to the GPU (CLI and benchmark defaults pick ``cuda`` where it is
