@@ -42,7 +42,17 @@ CORPUS = SHARED / "corpus"
 # Fixtures that hand a test shared data; a test that asks for one must say so with the `shared_data` marker, so
 # `-m shared_data` lists exactly what a bare clone cannot run (checked at collection, and at run time by `require`).
 SHARED_FIXTURES = {"stories_dir", "stories_moe_dir", "tokenizer", "trained_head_dir"}
+# The shared-data run of a test that also runs on what the repository holds (issue 33's twins): the demo pair, the
+# Mixtral built from it, the text the demo target writes, a random tiny LLaMA. Where the shared data folder is
+# absent these runs are deselected, not skipped: their repo-only twins ran, so a bare clone's skips are only what
+# it cannot test at all (named with their reasons by -rs), not a second copy of what it did test.
+SHARED_TWIN = (pytest.mark.shared_data, pytest.mark.shared_twin)
 _current_test = None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "shared_twin: the shared-data run of a test that also runs on repo-only data "
+                                       "(deselected where the shared data folder is absent)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -57,6 +67,11 @@ def pytest_collection_modifyitems(config, items):
                 if SHARED_FIXTURES & set(getattr(it, "fixturenames", ())) and not it.get_closest_marker("shared_data")]
     if unmarked:
         raise pytest.UsageError("tests that use shared data without the shared_data marker: " + ", ".join(unmarked))
+    twins = [it for it in items if it.get_closest_marker("shared_twin")]
+    if twins and not SHARED.exists():
+        config.hook.pytest_deselected(items=twins)
+        items[:] = [it for it in items if not it.get_closest_marker("shared_twin")]
+        config._eagle_twins_deselected = len(twins)
     no_gpu = pytest.mark.skip(reason="fake CUDA host (EAGLE_FAKE_CUDA_HOST=1): needs a real CUDA GPU" if FAKE_CUDA_HOST
                               else "needs a CUDA GPU; none is present on this machine")
     no_interp = pytest.mark.skip(reason="runs Triton kernels on CPU tensors, which needs the Triton interpreter "
@@ -124,7 +139,7 @@ def trained_head_dir(tmp_path_factory) -> Path:
 # shared_data marker, so a bare clone still runs the demo one. The stories fixtures are looked up by name only for
 # that param (request.getfixturevalue), so the demo run never lists a shared fixture and needs no marker.
 # ----------------------------------------------------------------------------------------------------------------
-LMS = ["demo", pytest.param("stories260k", marks=pytest.mark.shared_data)]
+LMS = ["demo", pytest.param("stories260k", marks=SHARED_TWIN)]
 # Story openings the demo target continues into its own training text (it was trained on TinyStories).
 DEMO_PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park", "One day, a bird",
                 "Lily had a big", "The sun was", "A boy named Tim", "In the forest there", "Mom said",
@@ -243,6 +258,14 @@ def tiny_target_dir(tmp_path_factory, demo_target_dir) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_target_dir / name, out / name)
     return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not SHARED.exists():  # under xdist the workers deselect; the count is theirs, the line the controller's
+        n = getattr(config, "_eagle_twins_deselected", None)
+        terminalreporter.write_line(f"{'' if n is None else f'{n} '}shared-data twins (marker shared_twin) deselected: "
+                                    f"no shared data at {SHARED}; their repo-only runs ran (python scripts/fetch_data.py"
+                                    " fetches the data)")
 
 
 @pytest.hookimpl(hookwrapper=True)

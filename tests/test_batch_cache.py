@@ -14,6 +14,8 @@ from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_t
 from eagle_runtime.demo import demo_paths
 from eagle_runtime.text import load_tokenizer
 
+from conftest import SHARED_TWIN
+
 LILY = "Once upon a time there was a little girl named Lily. She"
 SMALL_TREE = DynamicTree(total_tokens=8, depth=3, top_k=2)
 
@@ -95,7 +97,7 @@ def test_finished_rows_do_not_touch_live_rows():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("which", ["tiny_target_dir", pytest.param("stories_dir", marks=pytest.mark.shared_data)])
+@pytest.mark.parametrize("which", ["tiny_target_dir", pytest.param("stories_dir", marks=SHARED_TWIN)])
 def test_mixed_batch_exact_cache_triton_sampled(which, request):
     """The Triton backend (interpreter on CPU) at the exact cache size, sampled, rows finishing apart. A random head
     drafts for any target: conftest's random 2-layer LLaMA in every clone (stories260k's 5 layers took 30 s here)."""

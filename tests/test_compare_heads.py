@@ -12,7 +12,7 @@ import torch
 from eagle_runtime.demo import DEMO_DIR
 from eagle_runtime.train import TrainConfig, pack, prepare_training, split_heldout
 
-from conftest import CORPUS, ROOT, require
+from conftest import CORPUS, ROOT, SHARED_TWIN, require
 
 
 def _bench():
@@ -69,7 +69,7 @@ def test_accept_by_depth():
     assert bench.accept_by_depth([1, 1], 2) == [0.0, None]
 
 
-@pytest.mark.parametrize("shared", [False, pytest.param(True, marks=pytest.mark.shared_data)],
+@pytest.mark.parametrize("shared", [False, pytest.param(True, marks=SHARED_TWIN)],
                          ids=["heldout", "heldout+stories+mtbench"])
 def test_compare_heads_writes_every_head_and_tree(tmp_path, shared):
     """Two held-out sets from token-id corpora (every clone), and with the shared data its story openings and

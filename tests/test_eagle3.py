@@ -15,7 +15,7 @@ from eagle_runtime.generate import causal_mask
 from eagle_runtime.text import load_tokenizer
 from eagle_runtime.loading import CheckpointError, load_state_dict
 
-from conftest import require
+from conftest import SHARED_TWIN, require
 from spec_helpers import chi2_pvalue, exact_joint, spec_counts
 from test_generate import PROMPTS
 
@@ -419,7 +419,7 @@ def test_best_head_is_the_faster_one(monkeypatch):
     assert demo.best_head() == "eagle1"
 
 
-@pytest.mark.parametrize("questions", ["builtin", pytest.param("mt_bench", marks=pytest.mark.shared_data)])
+@pytest.mark.parametrize("questions", ["builtin", pytest.param("mt_bench", marks=SHARED_TWIN)])
 def test_benchmark_names_the_head(tmp_path, questions):
     """On the benchmark's built-in questions (a bare clone) and on the shared MT-bench file."""
     from eagle_runtime.demo import DEMO_DIR, best_head
