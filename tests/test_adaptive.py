@@ -22,8 +22,8 @@ SCHEDULE = [None, DynamicTree(3, 2, 1), DynamicTree(8, 3, 2), None, None, Dynami
             DynamicTree(1, 0, 1), DynamicTree(60, 6, 10), None]
 
 
-def _model(path, head_dir, tree):
-    target = load_target(path, max_len=320)
+def _model(path, head_dir, tree, max_len=320):
+    target = load_target(path, max_len=max_len)
     head = load_head(head_dir, target) if head_dir else random_head(target, seed=1)
     return EagleModel(target, head, load_tokenizer(path), tree=tree, backend="cpu")
 
@@ -33,14 +33,13 @@ def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("EAGLE_RUNTIME_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_exact_when_the_tree_changes_every_step(stories_dir, trained_head_dir, batch):
+def test_greedy_exact_when_the_tree_changes_every_step(lm_dir, lm_head_dir, batch):
     auto = AutoTree(candidates=[t for t in SCHEDULE if t is not None and not isinstance(t, StaticTree)]
                     + [DynamicTree(8, 3, 2)], schedule=lambda step: SCHEDULE[step % len(SCHEDULE)])
     auto.max_depth = max(auto.max_depth, StaticTree().max_depth)
     auto.num_nodes = max(auto.num_nodes, StaticTree().num_nodes)
-    model = _model(stories_dir, trained_head_dir, auto)
+    model = _model(lm_dir, lm_head_dir, auto)
     plain = model.generate(PROMPTS[:batch], 40, speculative=False)
     spec = model.generate(PROMPTS[:batch], 40)
     assert spec.tokens == plain.tokens
@@ -49,9 +48,8 @@ def test_greedy_exact_when_the_tree_changes_every_step(stories_dir, trained_head
     assert max(max(a) for a in spec.accept_lengths) >= 3  # drafts got accepted across the changes
 
 
-@pytest.mark.shared_data
-def test_auto_default_is_exact_and_reports_its_choice(stories_dir, trained_head_dir, tmp_path):
-    model = _model(stories_dir, trained_head_dir, "auto")
+def test_auto_default_is_exact_and_reports_its_choice(lm_dir, lm_head_dir, tmp_path):
+    model = _model(lm_dir, lm_head_dir, "auto")
     assert isinstance(model.tree, AutoTree) and isinstance(make_tree("auto"), AutoTree)
     plain = model.generate(PROMPTS[:2], 32, speculative=False)
     spec = model.generate(PROMPTS[:2], 32)
@@ -83,13 +81,14 @@ def _sampling_joint(model, ids, n=3):
     return joint
 
 
-@pytest.mark.shared_data
-def test_sampling_with_changing_trees_follows_the_target(stories_dir, trained_head_dir):
+def test_sampling_with_changing_trees_follows_the_target(lm_dir, lm_head_dir):
     """Plain step, then a tree, then another: the first three tokens' joint law is the target's (chi-square)."""
     from scipy.stats import chisquare
 
     sched = [None, DynamicTree(8, 3, 2), DynamicTree(3, 2, 1)]
-    model = _model(stories_dir, trained_head_dir, AutoTree(candidates=sched[1:], schedule=lambda s: sched[s % 3]))
+    # 64 slots hold the prompt, 4 tokens and an 8-token tree; 2000 rows over 320 slots of the 16-layer demo target
+    # took 30 s on 2 cores (64: ~8 s)
+    model = _model(lm_dir, lm_head_dir, AutoTree(candidates=sched[1:], schedule=lambda s: sched[s % 3]), max_len=64)
     ids = model.encode("Once upon a time, there was a little")[0]
     joint = _sampling_joint(model, ids)
     n = 2000
@@ -107,9 +106,8 @@ def test_sampling_with_changing_trees_follows_the_target(stories_dir, trained_he
     assert p > 1e-3
 
 
-@pytest.mark.shared_data
-def test_cost_model_cache_round_trip(stories_dir, tmp_path, monkeypatch):
-    model = _model(stories_dir, None, "auto")
+def test_cost_model_cache_round_trip(lm_dir, tmp_path, monkeypatch):
+    model = _model(lm_dir, None, "auto")
     calls = []
     real = costs.measure_costs
     monkeypatch.setattr(costs, "measure_costs", lambda d, b, s: calls.append(b) or real(d, b, s, reps=1))
@@ -164,13 +162,12 @@ POISONED = {
 
 
 @pytest.fixture(scope="module")
-def auto_model_and_costs(stories_dir):
-    model = _model(stories_dir, None, "auto")
+def auto_model_and_costs(lm_dir):
+    model = _model(lm_dir, None, "auto")
     good = costs.measure_costs(model.decoder, 1, model.sampled_drafts, reps=1)
     return model, good.to_json(), model.generate(PROMPTS[0], 24, speculative=False).tokens
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("poison", list(POISONED))
 def test_a_poisoned_cost_entry_is_measured_again_and_replaced(auto_model_and_costs, tmp_path, monkeypatch, poison):
     """Issue 31, item 2: an entry that parses but holds empty or wrongly shaped tables, or NaN / infinite / huge /
@@ -193,11 +190,10 @@ def test_a_poisoned_cost_entry_is_measured_again_and_replaced(auto_model_and_cos
     assert json.loads((folder / "costs.json").read_text())[key] == good  # the bad entry replaced on disk
 
 
-@pytest.mark.shared_data
-def test_auto_costs_follow_the_drafting_mode(stories_dir, monkeypatch):
+def test_auto_costs_follow_the_drafting_mode(lm_dir, monkeypatch):
     """Toggling ``sampled_drafts`` between calls must not reuse the cost model timed in the other mode (its sampled
     chains' cycles differ, and ``cost_key`` names the mode)."""
-    model = _model(stories_dir, None, "auto")
+    model = _model(lm_dir, None, "auto")
     seen = []
     monkeypatch.setattr(adaptive, "get_costs", lambda d, b, s: seen.append(costs.cost_key(d, b, s)) or _costs(1.0, 0.1))
     auto = AutoTree()
@@ -320,11 +316,10 @@ def test_expected_tokens_and_observations():
     assert expected_tokens(DynamicTree(2, 1, 1), [[0.5], [0.2]]) == pytest.approx(1 + 0.5 + 0.1)
 
 
-@pytest.mark.shared_data
-def test_head_catches_up_after_plain_steps(stories_dir):
+def test_head_catches_up_after_plain_steps(lm_dir):
     """After plain steps the head reads what it missed: its prediction equals a fresh prefill's on the same text
     (a stale head would keep greedy output exact but draft badly, so exactness tests cannot see this)."""
-    model = _model(stories_dir, None, AutoTree(schedule=lambda s: None))
+    model = _model(lm_dir, None, AutoTree(schedule=lambda s: None))
     dec = model.decoder
     ids = model.encode("Once upon a time")[0]
 
@@ -345,13 +340,12 @@ def test_head_catches_up_after_plain_steps(stories_dir):
     torch.testing.assert_close(state.d_logits, fresh.d_logits, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.shared_data
-def test_cli_tree_auto_json(stories_dir, tmp_path, capsys):
+def test_cli_tree_auto_json(lm_dir, tmp_path, capsys):
     from eagle_runtime import save_head
     from eagle_runtime.cli import main
 
-    head_dir = save_head(random_head(load_target(stories_dir, max_len=128), seed=2), tmp_path / "head")
-    args = ["generate", "--base", str(stories_dir), "--draft", str(head_dir), "--prompt", "Once upon a time",
+    head_dir = save_head(random_head(load_target(lm_dir, max_len=128), seed=2), tmp_path / "head")
+    args = ["generate", "--base", str(lm_dir), "--draft", str(head_dir), "--prompt", "Once upon a time",
             "--max-new-tokens", "6", "--max-len", "128", "--device", "cpu"]
     assert main(args + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -360,10 +354,9 @@ def test_cli_tree_auto_json(stories_dir, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.shared_data
-def test_deferred_head_prefill_matches_the_eager_one(stories_dir):
+def test_deferred_head_prefill_matches_the_eager_one(lm_dir):
     """tree="auto" starting plain leaves the prompt to the head's catch-up: same head state as the prefill's."""
-    model = _model(stories_dir, None, AutoTree(schedule=lambda s: None))
+    model = _model(lm_dir, None, AutoTree(schedule=lambda s: None))
     dec = model.decoder
     ids = model.encode("Once upon a time, a cat")[0]
 
@@ -448,11 +441,10 @@ def test_timed_cycles_set_each_trees_cost():
     assert again.cycle_ms(chains[2], True) == pytest.approx(cm.cycle_ms(chains[2], True))
 
 
-@pytest.mark.shared_data
-def test_calibration_times_every_default_candidate(stories_dir):
+def test_calibration_times_every_default_candidate(lm_dir):
     """The measured cost model holds a real cycle of every default candidate, greedy and (chains, which draft by
     sampling then) at temperature 1, and predicts each timed cycle as measured; all of them on one set of caches."""
-    model = _model(stories_dir, None, "auto")
+    model = _model(lm_dir, None, "auto")
     taken = []
     pool_cache = model.pool.cache
     model.pool.cache = lambda name, B: taken.append(name) or pool_cache(name, B)

@@ -14,6 +14,8 @@ from eagle_runtime import DynamicTree, EagleModel, StaticTree, load_head, load_t
 from eagle_runtime.demo import demo_paths
 from eagle_runtime.text import load_tokenizer
 
+from conftest import SHARED_TWIN
+
 LILY = "Once upon a time there was a little girl named Lily. She"
 SMALL_TREE = DynamicTree(total_tokens=8, depth=3, top_k=2)
 
@@ -94,10 +96,12 @@ def test_finished_rows_do_not_touch_live_rows():
         assert model.generate([LILY] + other, 48, **kw).tokens[0] == alone
 
 
-@pytest.mark.shared_data
 @pytest.mark.interpreter
-def test_mixed_batch_exact_cache_triton_sampled(stories_dir):
-    """The Triton backend (interpreter on CPU) at the exact cache size, sampled, rows finishing apart."""
+@pytest.mark.parametrize("which", ["tiny_target_dir", pytest.param("stories_dir", marks=SHARED_TWIN)])
+def test_mixed_batch_exact_cache_triton_sampled(which, request):
+    """The Triton backend (interpreter on CPU) at the exact cache size, sampled, rows finishing apart. A random head
+    drafts for any target: conftest's random 2-layer LLaMA in every clone (stories260k's 5 layers took 30 s here)."""
+    target_dir = request.getfixturevalue(which)
     from eagle_kernels import triton_available
 
     ok, why = triton_available()
@@ -106,9 +110,9 @@ def test_mixed_batch_exact_cache_triton_sampled(stories_dir):
     from eagle_runtime import random_head
 
     rows = ["Once upon a time", _random_ids(random.Random(2), 9, 512)]
-    tok = load_tokenizer(stories_dir)
-    need = EagleModel(load_target(stories_dir, max_len=64), None, tok, tree=SMALL_TREE).cache_len_needed(rows, 8)
-    target = load_target(stories_dir, max_len=need)
+    tok = load_tokenizer(target_dir)
+    need = EagleModel(load_target(target_dir, max_len=64), None, tok, tree=SMALL_TREE).cache_len_needed(rows, 8)
+    target = load_target(target_dir, max_len=need)
     model = EagleModel(target, random_head(target, seed=1), tok, tree=SMALL_TREE, backend="triton")
     out = model.generate(rows, 8, temperature=1.0, seed=4, stop_on_eos=False)
     assert all(len(t) == 8 for t in out.tokens)

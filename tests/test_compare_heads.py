@@ -12,7 +12,7 @@ import torch
 from eagle_runtime.demo import DEMO_DIR
 from eagle_runtime.train import TrainConfig, pack, prepare_training, split_heldout
 
-from conftest import CORPUS, ROOT, require
+from conftest import CORPUS, ROOT, SHARED_TWIN, require
 
 
 def _bench():
@@ -69,20 +69,28 @@ def test_accept_by_depth():
     assert bench.accept_by_depth([1, 1], 2) == [0.0, None]
 
 
-@pytest.mark.shared_data
-def test_compare_heads_writes_every_head_and_tree(tmp_path):
-    require(CORPUS / "tinystories_extra.txt")
+@pytest.mark.parametrize("shared", [False, pytest.param(True, marks=SHARED_TWIN)],
+                         ids=["heldout", "heldout+stories+mtbench"])
+def test_compare_heads_writes_every_head_and_tree(tmp_path, shared):
+    """Two held-out sets from token-id corpora (every clone), and with the shared data its story openings and
+    MT-bench questions beside one of them."""
     bench = _bench()
-    require(bench.DEFAULT_QUESTIONS)
     _id_corpus(tmp_path / "c.jsonl", 40, seed=2)
+    if shared:
+        require(CORPUS / "tinystories_extra.txt")
+        require(bench.DEFAULT_QUESTIONS)
+        sets = [f"heldout:{tmp_path / 'c.jsonl'}", "stories", "mtbench"]
+    else:
+        _id_corpus(tmp_path / "d.jsonl", 40, seed=3)
+        sets = [f"heldout:{tmp_path / 'c.jsonl'}", f"heldout:{tmp_path / 'd.jsonl'}"]
     res = bench.main(["--base", str(DEMO_DIR / "target"), "--heads", f"a={DEMO_DIR / 'head'}",
-                      f"b={DEMO_DIR / 'head3'}", "--prompts", f"heldout:{tmp_path / 'c.jsonl'}", "stories",
-                      "mtbench", "--num-prompts", "2", "--trees", "6,5,1", "4,2,2", "--max-new-tokens", "12", "--threads", "1",
+                      f"b={DEMO_DIR / 'head3'}", "--prompts", *sets, "--num-prompts", "2", "--trees", "6,5,1", "4,2,2", "--max-new-tokens", "12", "--threads", "1",
                       "--out", str(tmp_path / "res")])
     (path,) = (tmp_path / "res").glob("compare_heads_*.json")
     assert json.loads(path.read_text()) == res
     assert res["head_types"] == {"a": "eagle1", "b": "eagle3"}
-    for s in (f"heldout:{tmp_path / 'c.jsonl'}", "stories", "mtbench"):
+    assert set(res["sets"]) == set(sets)
+    for s in sets:
         out = res["sets"][s]
         assert out["prompts"] == 2 and set(out["trees"]) == {"6,5,1", "4,2,2"}
         for spec, depth in (("6,5,1", 6), ("4,2,2", 3)):  # the deepest node: depth + 1 (DynamicTree.max_depth)

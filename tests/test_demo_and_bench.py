@@ -16,7 +16,7 @@ import torch
 from eagle_runtime import EagleModel, load_head, load_target
 from eagle_runtime.demo import build_info, demo_paths, demo_tree
 
-from conftest import CORPUS, ROOT, STORIES, require
+from conftest import CORPUS, ROOT, require
 
 BENCH = ROOT / "benchmarks" / "mtbench_speed.py"
 
@@ -71,16 +71,17 @@ def test_demo_speculation_is_exact_at_temperature_0():
 # ----------------------------------------------------------------------------------------------------------------
 # The target trainer
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.shared_data
-def test_train_target_writes_a_checkpoint_transformers_loads(tmp_path):
+def test_train_target_writes_a_checkpoint_transformers_loads(tmp_path, lm, lm_dir, lm_corpus):
+    """stories260k's tokenizer on the shared TinyStories files, or the demo's on its own 60 stories (the last 20
+    held out, the other 40 trained on: train_target drops held-out stories from the training files)."""
     from eagle_runtime.train.target import TargetConfig, train_target
 
-    require(STORIES)
-    val, extra = require(CORPUS / "tinystories_val.txt"), require(CORPUS / "tinystories_extra.txt")
+    val = lm_corpus
+    extra = require(CORPUS / "tinystories_extra.txt") if lm == "stories260k" else lm_corpus
     cfg = TargetConfig(dim=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_position_embeddings=64, seq_len=32,
                        batch_size=4, steps=6, warmup=2, eval_every=3, eval_tokens=256, heldout_stories=20,
                        train_files=[str(val)], heldout_file=str(extra))
-    m = train_target(cfg, tmp_path / "t", STORIES, progress=False)
+    m = train_target(cfg, tmp_path / "t", lm_dir, progress=False)
     assert m["steps_done"] == 6 and m["heldout_loss"] < 6.5  # below uniform over 512 tokens (6.24) + noise
     assert m["hf_max_abs_logit_diff"] < 1e-4
     names = {f.name for f in (tmp_path / "t").iterdir()}

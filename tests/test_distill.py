@@ -15,12 +15,11 @@ from eagle_runtime.drafter import head_config, init_head_
 from eagle_runtime.draft3 import new_eagle3_head, random_head3
 from eagle_runtime.train import Eagle3TrainConfig, TrainConfig, load_corpus, load_init, train_head, train_head3
 
-from conftest import CORPUS, require
 
 
 @pytest.fixture(scope="module")
-def target(stories_dir):
-    return load_target(stories_dir, max_len=256)
+def target(lm_dir):
+    return load_target(lm_dir, max_len=256)
 
 
 def _prompt_files(tmp_path):
@@ -47,8 +46,8 @@ def test_prompts_are_first_user_turns_and_block_openings(tmp_path):
         read_prompts(bad)
 
 
-@pytest.mark.shared_data
-def test_rows_are_the_targets_own_greedy_answers(tmp_path, target, tokenizer):
+def test_rows_are_the_targets_own_greedy_answers(tmp_path, target, lm_tokenizer):
+    tokenizer = lm_tokenizer
     q, t = _prompt_files(tmp_path)
     model = EagleModel(target, None, tokenizer, tree="dynamic", backend="torch")
     rows, summary = distill(model, [q, t], max_new_tokens=12, temperatures=(0.0,), batch_size=3, prompt_tokens=120,
@@ -72,8 +71,8 @@ def test_rows_are_the_targets_own_greedy_answers(tmp_path, target, tokenizer):
     assert any(r["input_ids"][: len(want)] == want and r["loss_mask"].index(1) == len(want) for r in first)
 
 
-@pytest.mark.shared_data
-def test_corpus_reads_token_id_rows_exactly(tmp_path, tokenizer):
+def test_corpus_reads_token_id_rows_exactly(tmp_path, lm_tokenizer):
+    tokenizer = lm_tokenizer
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps({"input_ids": [1, 5, 9, 7], "loss_mask": [0, 0, 1, 1]}) + "\n"
                  + json.dumps({"input_ids": [1, 8]}) + "\n")
@@ -86,11 +85,11 @@ def test_corpus_reads_token_id_rows_exactly(tmp_path, tokenizer):
             load_corpus(p, tokenizer)
 
 
-@pytest.mark.shared_data
-def test_distill_cli_writes_a_corpus_the_trainer_reads(tmp_path, stories_dir, tokenizer):
+def test_distill_cli_writes_a_corpus_the_trainer_reads(tmp_path, lm_dir, lm_tokenizer):
+    tokenizer = lm_tokenizer
     q, t = _prompt_files(tmp_path)
     out = tmp_path / "d.jsonl"
-    args = ["--base", str(stories_dir), "--prompts", str(q), str(t), "--out", str(out), "--max-new-tokens", "8",
+    args = ["--base", str(lm_dir), "--prompts", str(q), str(t), "--out", str(out), "--max-new-tokens", "8",
             "--temperatures", "0", "1", "--batch-size", "2", "--prompt-tokens", "32"]
     assert distill_main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -101,9 +100,8 @@ def test_distill_cli_writes_a_corpus_the_trainer_reads(tmp_path, stories_dir, to
     assert distill_main(args + ["--overwrite", "--max-new-tokens", "999"]) == 2  # past the target's context
 
 
-@pytest.mark.shared_data
-def test_init_starts_from_the_given_head(tmp_path, target, tokenizer):
-    corpus = require(CORPUS / "tinystories_val.txt")
+def test_init_starts_from_the_given_head(tmp_path, target, lm_tokenizer, lm_corpus):
+    tokenizer, corpus = lm_tokenizer, lm_corpus
     start = EagleHead(head_config(target.cfg), target.max_len)
     init_head_(start, seed=7, std=0.2)
     save_head(start, tmp_path / "start")
@@ -123,9 +121,8 @@ def test_init_starts_from_the_given_head(tmp_path, target, tokenizer):
         load_init(str(tmp_path / "h3"), target, EagleHead)
 
 
-@pytest.mark.shared_data
-def test_init_eagle3_keeps_its_vocabulary_and_taps(tmp_path, target, tokenizer):
-    corpus = require(CORPUS / "tinystories_val.txt")
+def test_init_eagle3_keeps_its_vocabulary_and_taps(tmp_path, target, lm_tokenizer, lm_corpus):
+    tokenizer, corpus = lm_tokenizer, lm_corpus
     vocab = torch.arange(3, 512, 5)[:90]
     start = new_eagle3_head(target, 90, (0, 2, 4), seed=3, std=0.1, vocab_ids=vocab)
     save_head(start, tmp_path / "start")

@@ -20,8 +20,8 @@ PROMPTS = [
 TREES = {"dynamic": DynamicTree(), "static": StaticTree(), "small": DynamicTree(total_tokens=12, depth=3, top_k=4)}
 
 
-def _model(path, head_dir=None, tree="dynamic"):
-    target = load_target(path, max_len=320)
+def _model(path, head_dir=None, tree="dynamic", max_len=320):
+    target = load_target(path, max_len=max_len)
     head = load_head(head_dir, target) if head_dir else random_head(target, seed=1)
     return EagleModel(target, head, load_tokenizer(path), tree=TREES[tree], backend="torch")
 
@@ -40,38 +40,36 @@ def _check_greedy(model, prompts, batch, n=48):
     return sum(taus) / len(taus)
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_exact_random_head(stories_dir, tree, batch):
-    model = _model(stories_dir, tree=tree)
-    _check_greedy(model, PROMPTS, batch, n=24)
+def test_greedy_exact_random_head(lm, lm_dir, tree, batch):
+    model = _model(lm_dir, tree=tree)
+    # the demo twin checks 10 of the 20 prompts: a random head accepts nothing, so every token is a full cycle of
+    # the 16-layer target (20 prompts one at a time took 17 s on 2 cores)
+    _check_greedy(model, PROMPTS if lm == "stories260k" else PROMPTS[:10], batch, n=24)
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_exact_trained_head(stories_dir, trained_head_dir, tree, batch):
-    model = _model(stories_dir, trained_head_dir, tree=tree)
+def test_greedy_exact_trained_head(lm_dir, lm_head_dir, tree, batch):
+    model = _model(lm_dir, lm_head_dir, tree=tree)
     tau = _check_greedy(model, PROMPTS, batch)
     floor = {"dynamic": 2.5, "static": 2.0}[tree]  # a random head gives 1.0
     assert tau > floor, f"the trained head should draft well, tau = {tau:.2f}"
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
-def test_greedy_exact_moe(stories_moe_dir, stories_dir, trained_head_dir, tree):
+def test_greedy_exact_moe(lm_moe_dir, lm_head_dir, tree):
     # the MoE model has the dense model's weights in every expert, so the dense model's head drafts well for it
-    model = _model(stories_moe_dir, trained_head_dir, tree=tree)
+    model = _model(lm_moe_dir, lm_head_dir, tree=tree)
     tau = _check_greedy(model, PROMPTS, 3, n=32)
     assert tau > 1.8
     model.head = random_head(model.target)
     _check_greedy(model, PROMPTS[:6], 3, n=16)
 
 
-@pytest.mark.shared_data
-def test_batch_rows_equal_their_own_runs(stories_dir, trained_head_dir):
-    model = _model(stories_dir, trained_head_dir, tree="small")
+def test_batch_rows_equal_their_own_runs(lm_dir, lm_head_dir):
+    model = _model(lm_dir, lm_head_dir, tree="small")
     prompts = ["Once upon a time there was a girl", "Hi", "The dog ran to the big tree and"]
     for temperature in (0.0, 1.0):
         batched = model.generate(prompts, 30, temperature=temperature, seed=5)
@@ -81,10 +79,9 @@ def test_batch_rows_equal_their_own_runs(stories_dir, trained_head_dir):
                 assert model.generate([p], 30).tokens[0] == toks
 
 
-@pytest.mark.shared_data
-def test_draft_attention_follows_the_tree(stories_dir, trained_head_dir):
+def test_draft_attention_follows_the_tree(lm_dir, lm_head_dir):
     """Each drafted node's head output equals running the head along the node's own root path as a chain."""
-    model = _model(stories_dir, trained_head_dir, tree="small")
+    model = _model(lm_dir, lm_head_dir, tree="small")
     tgt, head, ops = model.target, model.head, model.ops
     ids = model.encode(["Once upon a time, there was"])
     state = model.decoder.prefill(ids, model.decoder.sampling(1), True)
@@ -115,29 +112,32 @@ def test_draft_attention_follows_the_tree(stories_dir, trained_head_dir):
 
 
 SAMPLES = 3000
+# The demo twins draw 1000: the sampling test and its control cost ~0.02 s per sample on 2 cores (3000 took 58 s
+# for the pair), and at 1200 the broken rule already gave p = 5e-10 against the 1e-3 cut (the good rule p = 0.65).
+DEMO_SAMPLES = 1000
 
 
 @pytest.fixture(scope="module")
-def sampling_model(stories_dir, trained_head_dir):
-    model = _model(stories_dir, trained_head_dir, tree="small")
+def sampling_model(lm, lm_dir, lm_head_dir):
+    # 64 slots hold the 10-token prompt, 4 new tokens and a 12-token tree: the 3000-row batches then attend over 64
+    # slots, not 320 (on the 16-layer demo target this took the test from 50 s to ~15 s on 2 loaded cores)
+    model = _model(lm_dir, lm_head_dir, tree="small", max_len=64)
     prompt = model.encode("Once upon a time, there was a little")[0]
-    return model, prompt, _exact_joint(model, prompt, 1.0, 4)
+    return model, prompt, _exact_joint(model, prompt, 1.0, 4), DEMO_SAMPLES if lm == "demo" else SAMPLES
 
 
-@pytest.mark.shared_data
 def test_speculative_sampling_matches_target_distribution(sampling_model):
-    model, prompt, joint = sampling_model
-    counts, out = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
+    model, prompt, joint, samples = sampling_model
+    counts, out = _spec_counts(model, prompt, samples, 1.0, 4, seed=11)
     assert out.tau > 1.3, "the test must exercise accepted draft tokens"
-    p = _chi2_pvalue(counts, joint, SAMPLES)
+    p = _chi2_pvalue(counts, joint, samples)
     print(f"speculative sampling vs exact target joint of 3 tokens: chi-square p = {p:.3g}, tau {out.tau:.2f}")
     assert p > 1e-3, f"speculative sampling deviates from the target distribution: chi-square p = {p:.2e}"
 
 
-@pytest.mark.shared_data
 def test_broken_residual_rule_is_detected(sampling_model, monkeypatch):
     """Control: a rule that forgets to remove rejected draft tokens from the residual must fail the same test."""
-    model, prompt, joint = sampling_model
+    model, prompt, joint, samples = sampling_model
     original = reference.accept_tree
 
     def broken(target_logits, tree_tokens, parents, temperature, top_p, top_k, seed, offset):
@@ -153,15 +153,14 @@ def test_broken_residual_rule_is_detected(sampling_model, monkeypatch):
         return reference.AcceptOutput(res.accept_path, res.accept_len, nxt)
 
     monkeypatch.setattr(model, "ops", type(model.ops)(**{**model.ops.__dict__, "accept_tree": broken}))
-    counts, _ = _spec_counts(model, prompt, SAMPLES, 1.0, 4, seed=11)
-    p = _chi2_pvalue(counts, joint, SAMPLES)
+    counts, _ = _spec_counts(model, prompt, samples, 1.0, 4, seed=11)
+    p = _chi2_pvalue(counts, joint, samples)
     print(f"broken residual rule: chi-square p = {p:.3g}")
     assert p < 1e-3, f"the broken rule passes the test above (p = {p:.2e})"
 
 
-@pytest.mark.shared_data
-def test_bad_input_errors(stories_dir):
-    model = _model(stories_dir)
+def test_bad_input_errors(lm_dir):
+    model = _model(lm_dir)
     with pytest.raises(ValueError, match="empty prompt"):
         model.generate("", 4)
     with pytest.raises(ValueError, match="temperature"):
@@ -176,26 +175,26 @@ def test_bad_input_errors(stories_dir):
         model.generate([[1, 99999]], 4)
 
 
-@pytest.mark.shared_data
-def test_head_refused_when_it_does_not_fit(tmp_path, stories_dir, trained_head_dir):
+def test_head_refused_when_it_does_not_fit(tmp_path, lm_dir, lm_head_dir):
     import json
     import shutil
 
     from eagle_runtime.loading import CheckpointError
 
-    for key, val in (("hidden_size", 128), ("vocab_size", 1000)):
+    target = load_target(lm_dir, max_len=64)
+    # twice the target's width (stories260k: 64 -> 128, the demo: 128 -> 256) and a vocabulary it does not have
+    for key, val in (("hidden_size", 2 * target.cfg.hidden_size), ("vocab_size", 1000)):
         d = tmp_path / key
-        shutil.copytree(trained_head_dir, d)
+        shutil.copytree(lm_head_dir, d)
         cfg = json.loads((d / "config.json").read_text())
         cfg[key] = val
         (d / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match=key):
-            load_head(d, load_target(stories_dir, max_len=64))
+            load_head(d, target)
 
 
-@pytest.mark.shared_data
 @pytest.mark.interpreter
-def test_greedy_exact_triton_backend(stories_dir, trained_head_dir):
+def test_greedy_exact_triton_backend(lm_dir, lm_head_dir):
     """The runtime on the Triton kernels (the interpreter on CPU, compiled on a GPU) stays exact. On CPU one tree
     (2 prompts x 12 tokens, ~15 s interpreted on 2 cores); the kernel tests cover the static tree's shapes."""
     from eagle_kernels import triton_available
@@ -203,7 +202,7 @@ def test_greedy_exact_triton_backend(stories_dir, trained_head_dir):
     ok, why = triton_available()
     if not ok:
         pytest.skip(why)
-    model = _model(stories_dir, trained_head_dir, tree="small")
+    model = _model(lm_dir, lm_head_dir, tree="small")
     prompts = PROMPTS[:2]
     plain = model.generate(prompts, 12, speculative=False)
     model.set_backend("triton")

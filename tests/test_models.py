@@ -34,7 +34,9 @@ def _assert_close(ours, ref, what):
     assert err <= 1e-4 * scale + 1e-5, f"{what}: max abs error {err:.3e} vs logit scale {scale:.3e}"
 
 
-@pytest.mark.parametrize("which", ["demo_target_dir", pytest.param("stories_dir", marks=pytest.mark.shared_data),
+# demo_moe_dir: the Mixtral copy of the demo target (conftest), the repo-only twin of stories260k-moe-hf
+@pytest.mark.parametrize("which", ["demo_target_dir", "demo_moe_dir",
+                                   pytest.param("stories_dir", marks=pytest.mark.shared_data),
                                    pytest.param("stories_moe_dir", marks=pytest.mark.shared_data)])
 def test_shared_checkpoints_match_hf(which, request):
     path = request.getfixturevalue(which)

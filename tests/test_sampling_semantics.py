@@ -155,15 +155,14 @@ def _sample(model, ids, speculative, seed, samples=SAMPLES):
 
 
 @pytest.fixture(scope="module")
-def hf_model(stories_dir, trained_head_dir):
-    target = load_target(stories_dir, max_len=64)
-    model = EagleModel(target, load_head(trained_head_dir, target), load_tokenizer(stories_dir),
+def hf_model(lm_dir, lm_head_dir):
+    target = load_target(lm_dir, max_len=64)
+    model = EagleModel(target, load_head(lm_head_dir, target), load_tokenizer(lm_dir),
                        tree=DynamicTree(total_tokens=12, depth=3, top_k=4), backend="torch")
     ids = model.encode(PROMPT)[0]
     return model, ids, _joint(model, ids, _hf_probs)
 
 
-@pytest.mark.shared_data
 def test_broken_rule_is_far_from_transformers(hf_model):
     model, ids, joint = hf_model
     wrong = _joint(model, ids, _full_distribution_top_p)
@@ -172,7 +171,6 @@ def test_broken_rule_is_far_from_transformers(hf_model):
     assert outside > 0.1, "the end-to-end tests below could not tell the two rules apart"
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
 def test_sampling_matches_transformers_warpers(hf_model, speculative):
     model, ids, joint = hf_model
@@ -187,7 +185,6 @@ def test_sampling_matches_transformers_warpers(hf_model, speculative):
         assert out.tau > 1.3, "the test must exercise accepted draft tokens"
 
 
-@pytest.mark.shared_data
 def test_broken_top_p_rule_is_detected(hf_model, monkeypatch):
     """Control: the old rule (top-p over the full distribution) fails the test above."""
     model, ids, joint = hf_model
@@ -200,7 +197,6 @@ def test_broken_top_p_rule_is_detected(hf_model, monkeypatch):
     assert p < 1e-3, f"the broken rule passes the test above (p = {p:.2e})"
 
 
-@pytest.mark.shared_data
 def test_seed_range_and_high_bits(hf_model):
     model, ids, _ = hf_model
     with pytest.raises(ValueError, match="seed"):

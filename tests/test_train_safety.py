@@ -26,7 +26,7 @@ from eagle_runtime.train import Eagle3TrainConfig, TrainConfig, lr_factor, train
 from eagle_runtime.train.command import main
 from eagle_runtime.train.loop import _load_state, _save
 
-from conftest import CORPUS, ROOT, require
+from conftest import ROOT
 
 SMALL = dict(batch_size=2, seq_len=32, eval_batches=1, warmup=1)
 SMALL3 = dict(ttt_steps=2, draft_vocab=64)  # EAGLE-3 extras, kept tiny
@@ -42,17 +42,18 @@ def _trainer(kind: str, **cfg):
 
 
 @pytest.fixture
-def small_corpus(tmp_path) -> Path:
-    """The first 60 stories of the shared validation set (a few thousand tokens)."""
-    stories = require(CORPUS / "tinystories_val.txt").read_text(encoding="utf-8").split("\n\n")[:60]
+def small_corpus(tmp_path, lm_corpus) -> Path:
+    """The first 60 stories of the model's corpus (a few thousand tokens): the shared validation set for
+    stories260k, the demo target's own 60 stories for the demo."""
+    stories = lm_corpus.read_text(encoding="utf-8").split("\n\n")[:60]
     path = tmp_path / "stories.txt"
     path.write_text("\n\n".join(stories), encoding="utf-8")
     return path
 
 
 @pytest.fixture(scope="module")
-def stories(stories_dir):
-    return load_target(stories_dir, max_len=64), load_tokenizer(stories_dir)
+def stories(lm_dir):
+    return load_target(lm_dir, max_len=64), load_tokenizer(lm_dir)
 
 
 def _run_cli(argv, capsys) -> tuple[int, str]:
@@ -75,7 +76,6 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.shared_data
 def test_resume_never_unpickles_code(tmp_path, stories):
     target, _ = stories
     marker = tmp_path / "code_ran"
@@ -87,7 +87,6 @@ def test_resume_never_unpickles_code(tmp_path, stories):
     assert not marker.exists(), "loading train_state.pt ran code from the file"
 
 
-@pytest.mark.shared_data
 def test_saves_are_atomic(tmp_path, stories, monkeypatch):
     """A kill in the middle of any save leaves the previous head and state whole and loadable."""
     target, _ = stories
@@ -149,7 +148,6 @@ def _killed_save(out: Path, head, opt, step: int, cfg, kill_at: int, mid_write: 
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-@pytest.mark.shared_data
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill harness forks")
 def test_a_kill_anywhere_in_a_save_resumes_a_consistent_set(tmp_path, stories, monkeypatch):
     """Every point a SIGKILL can hit in a save (inside each file's write and between each pair of renames): the
@@ -189,11 +187,10 @@ def test_a_kill_anywhere_in_a_save_resumes_a_consistent_set(tmp_path, stories, m
     assert resumed == {1, 2}  # kills before the commit resume step 1, the last one (after it) step 2
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
-def test_sigterm_saves_and_exits_cleanly(tmp_path, stories_dir, small_corpus, kind):
+def test_sigterm_saves_and_exits_cleanly(tmp_path, lm_dir, small_corpus, kind):
     out = tmp_path / "head"
-    cmd = [sys.executable, "-m", "eagle_runtime.train", "--base", stories_dir, "--corpus", small_corpus, "--out", out,
+    cmd = [sys.executable, "-m", "eagle_runtime.train", "--base", lm_dir, "--corpus", small_corpus, "--out", out,
            "--steps", "100000", "--save-every", "2", "--eval-every", "1000", "--batch-size", "2", "--seq-len", "32",
            *HEAD_FLAGS[kind]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT)]))
@@ -207,19 +204,18 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, stories_dir, small_corpus, ki
     assert "Traceback" not in stderr and "SIGTERM: stopped at step" in stderr
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] >= 2 and json.loads(stdout)["steps"] == state["step"]
-    load_head(out, load_target(stories_dir, max_len=64))
+    load_head(out, load_target(lm_dir, max_len=64))
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
-def test_trained_head_is_not_overwritten_silently(tmp_path, stories_dir, small_corpus, capsys, kind):
+def test_trained_head_is_not_overwritten_silently(tmp_path, lm_dir, small_corpus, capsys, kind):
     out = tmp_path / "head"
     out.mkdir()
     (out / "pytorch_model.bin").write_bytes(b"a trained head")
     train, cfg = _trainer(kind, steps=1, **SMALL)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        train(stories_dir, small_corpus, out, cfg, progress=False)
-    common = ["--base", stories_dir, "--corpus", small_corpus, "--out", out, "--steps", 1, *HEAD_FLAGS[kind]]
+        train(lm_dir, small_corpus, out, cfg, progress=False)
+    common = ["--base", lm_dir, "--corpus", small_corpus, "--out", out, "--steps", 1, *HEAD_FLAGS[kind]]
     rc, err = _run_cli(common, capsys)
     assert rc == 2 and err.count("\n") == 1 and "--resume" in err and "--overwrite" in err
     assert (out / "pytorch_model.bin").read_bytes() == b"a trained head"
@@ -229,7 +225,6 @@ def test_trained_head_is_not_overwritten_silently(tmp_path, stories_dir, small_c
     assert rc == 0 and (out / "pytorch_model.bin").read_bytes() != b"a trained head"
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_resume_continues_the_saved_run(tmp_path, stories, small_corpus, capsys, kind):
     """Both heads resume from train_state.pt (weights only) with the step count, history and weights it holds."""
@@ -270,7 +265,6 @@ def test_eagle3_train_flags_rejected_in_one_line(tmp_path, flag, value, capsys):
     assert rc == 2 and err.count("\n") == 1 and flag in err, err
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_zero_warmup_eval_and_save_intervals_have_a_meaning(tmp_path, stories, small_corpus, kind):
     target, tok = stories
@@ -286,7 +280,6 @@ def test_zero_warmup_eval_and_save_intervals_have_a_meaning(tmp_path, stories, s
 # ----------------------------------------------------------------------------------------------------------------
 # Corpora
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_chat_corpus_without_assistant_turns_is_an_error(tmp_path, stories, kind):
     target, tok = stories
@@ -300,28 +293,26 @@ def test_chat_corpus_without_assistant_turns_is_an_error(tmp_path, stories, kind
     assert not (tmp_path / "h" / "pytorch_model.bin").exists()
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
-def test_too_small_names_the_held_out_split(tmp_path, stories_dir, small_corpus, capsys, kind):
+def test_too_small_names_the_held_out_split(tmp_path, lm_dir, small_corpus, capsys, kind):
     # the held-out 5% (3 stories, ~300 tokens) cannot fill 400
     train, cfg = _trainer(kind, steps=2, **{**SMALL, "seq_len": 400})
     with pytest.raises(ValueError, match="held-out split.*shorter than one sequence of 400 tokens"):
-        train(stories_dir, small_corpus, tmp_path / "h", cfg, progress=False)
+        train(lm_dir, small_corpus, tmp_path / "h", cfg, progress=False)
     one_doc = tmp_path / "one.txt"
     one_doc.write_text("Once upon a time there was a cat.")
-    rc, err = _run_cli(["--base", stories_dir, "--corpus", one_doc, "--out", tmp_path / "o", *HEAD_FLAGS[kind]], capsys)
+    rc, err = _run_cli(["--base", lm_dir, "--corpus", one_doc, "--out", tmp_path / "o", *HEAD_FLAGS[kind]], capsys)
     assert rc == 2 and err.count("\n") == 1 and "held-out split needs one of its own" in err, err
     assert not (tmp_path / "h").exists() and not (tmp_path / "o").exists()
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("bad_row", ['{"messages": [', '[1, 2]', '{"messages": "hi"}', '{"text": 3}',
                                      '{"question": "q", "answer": null}', '{"other": 1}'])
-def test_malformed_jsonl_names_file_and_line(tmp_path, stories_dir, bad_row, capsys):
+def test_malformed_jsonl_names_file_and_line(tmp_path, lm_dir, bad_row, capsys):
     path = tmp_path / "chat.jsonl"
     good = json.dumps({"question": "What is two and two?", "answer": "Four."})
     path.write_text("\n".join([good, good, bad_row, good]))
-    rc, err = _run_cli(["--base", stories_dir, "--corpus", path, "--out", tmp_path / "o"], capsys)
+    rc, err = _run_cli(["--base", lm_dir, "--corpus", path, "--out", tmp_path / "o"], capsys)
     assert rc == 2 and err.count("\n") == 1 and f"{path}:3:" in err, err
 
 
@@ -347,7 +338,6 @@ def test_cosine_follows_the_wall_clock_budget_when_it_ends_first():
 # ----------------------------------------------------------------------------------------------------------------
 # --cache-target
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
 def test_cached_target_outputs_train_the_same_head(tmp_path, stories, small_corpus, kind):
     """With --cache-target the target runs once over the training rows before the first step; every step then reads
@@ -367,18 +357,17 @@ def test_cached_target_outputs_train_the_same_head(tmp_path, stories, small_corp
         torch.testing.assert_close(w1[k], w0[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", HEADS)
-def test_cache_target_refused_when_it_would_not_fit(tmp_path, stories_dir, small_corpus, capsys, monkeypatch, kind):
+def test_cache_target_refused_when_it_would_not_fit(tmp_path, lm_dir, small_corpus, capsys, monkeypatch, kind):
     import eagle_runtime.train.loop as train_mod
 
     monkeypatch.setattr(train_mod, "_available_memory", lambda: 1 << 10)  # 1 KiB free: less than any row needs
-    rc, err = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", tmp_path / "o", "--steps", 1,
+    rc, err = _run_cli(["--base", lm_dir, "--corpus", small_corpus, "--out", tmp_path / "o", "--steps", 1,
                         "--batch-size", 2, "--seq-len", 32, "--cache-target", *HEAD_FLAGS[kind]], capsys)
     assert rc == 2 and err.count("\n") == 1 and "--cache-target" in err and "GiB" in err, err
     assert not (tmp_path / "o" / "train_state.pt").exists()
     monkeypatch.setattr(train_mod, "_available_memory", lambda: 1 << 40)
-    rc, err = _run_cli(["--base", stories_dir, "--corpus", small_corpus, "--out", tmp_path / "o", "--steps", 1,
+    rc, err = _run_cli(["--base", lm_dir, "--corpus", small_corpus, "--out", tmp_path / "o", "--steps", 1,
                         "--batch-size", 2, "--seq-len", 32, "--eval-batches", 1, "--cache-target", *HEAD_FLAGS[kind]],
                        capsys)
     assert rc == 0 and (tmp_path / "o" / "train_state.pt").exists(), err
