@@ -193,10 +193,13 @@ def parse_messages(body: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------ the app
-def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, max_queue: int = 64) -> FastAPI:
+def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, max_queue: int = 64,
+               scheduler_thread: bool = True) -> FastAPI:
     """The server's FastAPI app over ``model`` (an :class:`~eagle_runtime.generate.EagleModel`); ``tree``: the
     fixed tree of speculative rows (default: the model's, or the dynamic tree when the model's is ``"auto"``,
-    whose per-call choice does not apply to a batch that requests join and leave)."""
+    whose per-call choice does not apply to a batch that requests join and leave). With ``scheduler_thread``
+    the app's startup runs the decode loop in a thread; without, the caller runs ``app.state.scheduler.run()``
+    (the command line does, on the main thread)."""
     from ..adaptive import AutoTree, make_tree
 
     if tree is None:
@@ -205,11 +208,15 @@ def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, 
     state: dict = {}
     tok = model.tokenizer
 
+    sched = Scheduler(model, tree, max_batch, max_queue, on_step=metrics.on_step)
+    state["scheduler"] = sched
+
     @asynccontextmanager
     async def lifespan(app):
-        state["scheduler"] = Scheduler(model, tree, max_batch, max_queue, on_step=metrics.on_step).start()
+        if scheduler_thread:
+            sched.start()
         yield
-        state["scheduler"].close(timeout=30)
+        sched.close(timeout=30)
 
     app = FastAPI(title="eagle_runtime", lifespan=lifespan)
 
@@ -441,7 +448,7 @@ def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, 
             return error_response("the chat page is not installed", 404, kind="not_found_error")
         return HTMLResponse(html)
 
-    app.state.metrics, app.state.sched = metrics, state
+    app.state.metrics, app.state.sched, app.state.scheduler = metrics, state, sched
     return app
 
 

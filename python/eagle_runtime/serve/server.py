@@ -1,7 +1,8 @@
 """``python -m eagle_runtime serve``: load a model and run the HTTP server (uvicorn) until SIGTERM or Ctrl-C.
 
-SIGTERM (or SIGINT) stops accepting connections, lets in-flight requests finish for up to ``--drain-timeout``
-seconds (then cancels them: their rows are freed), stops the scheduler and exits 0.
+uvicorn serves HTTP from a thread; the decode loop runs on the main thread (:meth:`Scheduler.run`). SIGTERM (or
+SIGINT) stops accepting connections, lets in-flight requests finish for up to ``--drain-timeout`` seconds (then
+cancels them: their rows are freed), stops the decode loop and exits 0.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,16 +67,31 @@ def serve(a) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = EagleModel.from_pretrained(base, draft, dtype=a.dtype, device=device, tree=tree, backend=a.backend,
                                        max_len=a.max_len, cuda_graphs=False)
-    app = create_app(model, model_name=name, max_batch=a.max_batch, max_queue=a.max_queue)
+    app = create_app(model, model_name=name, max_batch=a.max_batch, max_queue=a.max_queue, scheduler_thread=False)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="info",
                             timeout_graceful_shutdown=a.drain_timeout)
-    server = uvicorn.Server(config)
-    # uvicorn drains, then raises the signal it caught again under the handler it found: ours makes SIGTERM's
-    # end (after the drain) a clean exit 0, as a service manager expects
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"serving {name} on http://{a.host}:{a.port} (max batch {a.max_batch}, queue {a.max_queue})",
+    server = uvicorn.Server(config)  # in a thread it installs no signal handlers: ours below
+    sched = app.state.scheduler
+
+    def http():
+        try:
+            server.run()
+        finally:
+            sched.close()  # after the drain (or a failed start): the decode loop below returns
+
+    def on_signal(*_):  # SIGTERM / Ctrl-C: uvicorn stops accepting, drains for --drain-timeout, then exits
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    th = threading.Thread(target=http, name="uvicorn", daemon=True)
+    th.start()
+    print(f"starting {name} on http://{a.host}:{a.port} (max batch {a.max_batch}, queue {a.max_queue})",
           file=sys.stderr, flush=True)
-    server.run()
+    sched.run()  # the decode loop on the main thread (see Scheduler.run)
+    th.join(a.drain_timeout + 10)
+    if not server.started:
+        raise ValueError(f"the server could not listen on {a.host}:{a.port} (see the log above)")
     return 0
 
 
