@@ -91,6 +91,14 @@ def run_level(url: str, n_clients: int, per_client: int, max_tokens: int, specul
             "cut": len(results) < n_clients * per_client}
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", help="target model (default: the embedded demo pair)")
@@ -158,11 +166,16 @@ def _run_all(a, url: str, clients: list[int], model_info: dict) -> int:
               f"ms  ITL p50 {q['itl_ms'][50]:6.2f} ms | {row['speedup']:.2f}x", flush=True)
     import torch
 
-    out = {"benchmark": "serve_load", "model": "demo pair" if not a.base else str(base),
-           "device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "max_tokens": a.max_tokens, "repeat": a.repeat, "requests_per_client": a.requests_per_client, "max_batch": a.max_batch,
-           "server": model_info, "levels": rows,
-           "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])}
+    record = {"device": f"{a.device} ({torch.get_num_threads()} torch threads)", "date": time.strftime("%Y-%m-%d"),
+              "code_commit": _commit(), "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+              "model": "demo pair" if not a.base else str(a.base), "torch": torch.__version__,
+              "max_tokens": a.max_tokens, "repeat": a.repeat, "requests_per_client": a.requests_per_client,
+              "max_batch": a.max_batch, "server": model_info, "levels": rows}
+    out = {"what": "the server under N concurrent streaming clients on loopback, EAGLE against plain decoding",
+           "devices": {record["device"]: "the machine the benchmark ran on"},
+           "note": "per level and mode the median of `repeat` interleaved rounds; ttft_ms and itl_ms are percentiles "
+                   "(50, 90, 99); itl is a chunk's gap divided by its tokens; speedup_per_round pairs each round",
+           "records": [record]}
     if a.out:
         atomic_write_json(Path(a.out), out)
     return 0

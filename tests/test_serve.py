@@ -333,3 +333,19 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
             proc.kill()
         out = proc.stdout.read()
     assert "127.0.0.1" in out and "Traceback" not in out
+
+
+def test_load_benchmark_runs_and_writes_its_table(tmp_path):
+    """``benchmarks/serve_load.py`` end to end at its smallest: the real server process, both modes, one JSON."""
+    out = tmp_path / "load.json"
+    r = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--clients", "1,2", "--requests-per-client", "1",
+                        "--max-tokens", "8", "--repeat", "1", "--backend", "cpu", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())["records"][0]
+    assert [lv["clients"] for lv in rec["levels"]] == [1, 2]
+    for lv in rec["levels"]:
+        for mode in ("eagle", "plain"):
+            assert lv[mode]["tokens"] == 8 * lv["clients"] and lv[mode]["tokens_per_s"] > 0
+        assert lv["speedup"] == round(lv["eagle"]["tokens_per_s"] / lv["plain"]["tokens_per_s"], 3)
