@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import eagle_runtime.decoder as G  # noqa: E402
 from eagle_runtime import DynamicTree, EagleModel, load_head, load_target  # noqa: E402
 from eagle_runtime.text import load_tokenizer  # noqa: E402
+from eagle_runtime.tree import step_room  # noqa: E402
 from mtbench_speed import DEFAULT_QUESTIONS, encode, load_questions, make_prompt, save_json  # noqa: E402
 
 PHASES = ["draft", "head_step", "topk_expand", "verify", "lm_head", "tree_buffers", "accept", "kv_compact"]
@@ -179,7 +180,7 @@ def run(args) -> dict:
     model = EagleModel(target, load_head(draft, target), tok, tree=tree, backend="cpu")
     questions, source = load_questions(Path(args.questions) if args.questions else
                                        (DEFAULT_QUESTIONS if DEFAULT_QUESTIONS.is_file() else None), args.num_questions)
-    budget = target.max_len - args.max_new_tokens - max(tree.num_nodes, tree.draft_slots()) - 2  # as mtbench_speed.py
+    budget = target.max_len - args.max_new_tokens - step_room(tree) - 2  # as mtbench_speed.py
     prompts = [encode(tok, make_prompt(tok, [(q["turns"][0], None)]), budget)[0] for q in questions]
     model.generate([prompts[0]], 16)  # warm-up (allocation, memos)
     model.generate([prompts[0]], 16, speculative=False)

@@ -56,6 +56,7 @@ from eagle_runtime.chat import encode_prompt as encode, make_prompt  # noqa: E40
 from eagle_runtime.datadir import shared_data_dir  # noqa: E402
 from eagle_runtime.errors import USER_ERRORS  # noqa: E402
 from eagle_runtime.parallel import is_main_process, shutdown_distributed, tensor_parallel_size  # noqa: E402
+from eagle_runtime.tree import step_room  # noqa: E402
 
 DEFAULT_QUESTIONS = shared_data_dir() / "bench" / "mt_bench.jsonl"
 CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
@@ -311,7 +312,7 @@ def run(args, questions: tuple[list[dict], str] | None = None) -> dict:
     methods = [m for m in METHODS if m in runners]
     qpath = Path(args.questions) if args.questions else (DEFAULT_QUESTIONS if DEFAULT_QUESTIONS.is_file() else None)
     questions, source = questions or load_questions(qpath, args.num_questions)
-    room = max(tree.num_nodes, tree.draft_slots()) + 2
+    room = step_room(tree) + 2
     budget = model.target.max_len - args.max_new_tokens - room
     if budget < 8:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {model.target.max_len} positions")

@@ -31,7 +31,7 @@ from .model import Transformer
 from .state import DecodeState, Sampling
 from .stream import StreamEvent, TextStream
 from .text import check_utf8_prompts, continuation_text, load_tokenizer
-from .tree import DynamicTree, StaticTree, fit_kind, shape_key, tree_key
+from .tree import DynamicTree, StaticTree, fit_kind, shape_key, step_room, tree_key
 
 
 @dataclass
@@ -271,8 +271,7 @@ class EagleModel:
         tokens, one tree (or one token when plain) and one spare slot. Load with ``max_len`` at least this."""
         check_max_new_tokens(max_new_tokens)
         ids = self.encode(prompts)
-        extra = max(self.tree.num_nodes, self.tree.draft_slots()) if speculative else 1
-        return max(len(p) for p in ids) + max_new_tokens + extra + 1
+        return max(len(p) for p in ids) + max_new_tokens + step_room(self.tree, speculative) + 1
 
     # ------------------------------------------------------------------------------------------------- generation
     @torch.inference_mode()
@@ -298,10 +297,10 @@ class EagleModel:
         ``streamer``: an object with transformers' streamer protocol (``put(token_ids)``, ``end()``:
         ``TextStreamer``, ``TextIteratorStreamer``), given the prompt first and then each step's new tokens
         (one prompt only, as in transformers). Either makes each step read its tokens on the host."""
-        if streamer is not None and len(self.encode(prompts)) != 1:
-            raise ValueError("a streamer takes one prompt (as transformers' streamers do)")
         run = self._run(prompts, max_new_tokens, temperature, top_p, top_k, seed, speculative, stop_on_eos, stop,
                         watch=stop is not None or streamer is not None)
+        if streamer is not None and len(run.ids) != 1:
+            raise ValueError("a streamer takes one prompt (as transformers' streamers do)")
         if streamer is not None:
             streamer.put(torch.tensor([run.ids[0]]))
         while True:
@@ -347,11 +346,7 @@ class EagleModel:
 
     @staticmethod
     def _stream_events(run) -> Iterator[StreamEvent]:
-        while True:
-            try:
-                events = next(run.steps)
-            except StopIteration:
-                return
+        for events in run.steps:
             yield events[0]
 
     def _run(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, speculative, stop_on_eos, stop,

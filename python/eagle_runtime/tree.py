@@ -231,6 +231,12 @@ class DynamicTree:
         return self._draft_chain(step, d_hidden, d_logits, root, L, None, sampler)
 
 
+def step_room(tree, speculative: bool = True) -> int:
+    """Cache positions one step may write past a row's committed length: the verified tree or the draft's slots
+    (whichever is larger), or one token for a plain step. ``tree``: any tree, or an ``AutoTree`` (its largest)."""
+    return max(tree.num_nodes, tree.draft_slots()) if speculative else 1
+
+
 def default_candidates() -> list[DynamicTree]:
     """Chains (``top_k = 1``) of 1-8 draft tokens and small/medium EAGLE-2 trees."""
     chains = [DynamicTree(c, c - 1, 1) for c in (1, 2, 3, 4, 5, 6, 8)]

@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 
 from ..chat import chat_prompt
 from ..checks import INT64_MAX, INT64_MIN
+from ..tree import step_room
 from .batcher import QueueFull, Request, Scheduler
 
 DEFAULT_MAX_TOKENS = 256  # when a request gives none (OpenAI's own default is "what fits"; 256 bounds a row's time)
@@ -62,11 +63,12 @@ class Metrics:
         self.recent: list[tuple[float, int]] = []  # (time, tokens) of the last steps, for tokens/s
         self.queue = self.active = 0
 
-    def on_step(self, speculative: bool, rows: list[tuple[int, int, int]]) -> None:
+    def on_step(self, speculative: bool, rows: list[tuple[int, int]]) -> None:
+        """One step's ``(tokens emitted, drafts accepted)`` per busy row."""
         mode = "eagle" if speculative else "plain"
         now = time.perf_counter()
         with self.lock:
-            for emitted, _, accepted in rows:
+            for emitted, accepted in rows:
                 self.steps[mode] += 1
                 self.step_tokens[mode] += emitted
                 for d in range(1, min(accepted, len(self.accepted_at_depth) - 1) + 1):
@@ -125,14 +127,10 @@ def _get(body: dict, name: str, kind, default, check=None, what: str = ""):
     v = body.get(name, default)
     if v is None:
         v = default
-    ok = isinstance(v, kind) and not (isinstance(v, bool) and kind is not bool and bool not in _tuple(kind))
+    ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))  # JSON true is no number here
     if not ok or (check is not None and not check(v)):
         raise BadRequest(f"'{name}' must be {what}, got {json.dumps(v)[:60]}", name)
     return v
-
-
-def _tuple(kind):
-    return kind if isinstance(kind, tuple) else (kind,)
 
 
 def parse_settings(body: dict, has_head: bool) -> dict:
@@ -220,9 +218,8 @@ def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, 
 
     app = FastAPI(title="eagle_runtime", lifespan=lifespan)
 
-    def room(n_prompt: int, speculative: bool) -> int:
-        extra = max(tree.num_nodes, tree.draft_slots()) if speculative else 1
-        return model.target.max_len - n_prompt - extra - 1
+    def room(n_prompt: int, speculative: bool) -> int:  # new tokens that fit: as EagleModel.cache_len_needed
+        return model.target.max_len - n_prompt - step_room(tree, speculative) - 1
 
     def encode_text(text: str, add_special: bool) -> list[int]:
         if tok is None:
@@ -277,7 +274,7 @@ def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, 
             metrics.prompt_tokens += len(ids)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if s["stream"]:
-            gen = sse(request, req, q, rid, s, chat)
+            gen = sse(req, q, rid, s, chat)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await whole(request, req, q, rid, s, chat)
 
@@ -312,7 +309,7 @@ def create_app(model, tree=None, model_name: str = "eagle", max_batch: int = 8, 
                           "draft_tokens": ev.draft_tokens}
         return c
 
-    async def sse(request, req: Request, q: asyncio.Queue, rid, s, chat):
+    async def sse(req: Request, q: asyncio.Queue, rid, s, chat):
         def line(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 

@@ -125,12 +125,12 @@ class RowBatch:
         hi = max(i for i, r in enumerate(self.slots) if r is not None) + 1
         hi = min(self.rows, bucket(hi))
         full, sp_full = self.state, self.sp
+        # ``done`` needs no refill: join clears a row's flag, leave sets it, every other row starts set
         st = DecodeState(full.cache[:, :hi], full.L[:hi], full.next_tok[:hi], full.done[:hi],
                          full.d_cache[:, :hi] if full.d_cache is not None else None,
                          full.d_hidden[:hi] if full.d_hidden is not None else None,
                          full.d_logits[:hi] if full.d_logits is not None else None)
         sp = Sampling(sp_full.temperature[:hi], sp_full.top_p[:hi], sp_full.top_k[:hi], sp_full.seed, sp_full.offset)
-        st.done.copy_(torch.tensor([r is None for r in self.slots[:hi]], device=st.done.device))
         dec = self.dec
         o = dec.cycle(st, sp, self.tree) if self.speculative else dec.plain_step(st, sp)
         dec.commit(st, sp, o.update)
@@ -148,7 +148,8 @@ class Scheduler:
         tree: the fixed draft tree every speculative row uses.
         max_batch: rows decoding at once (speculative and plain together).
         max_queue: requests that may wait for a row; :meth:`submit` raises :class:`QueueFull` beyond it.
-        on_step: called after each step with ``(speculative, rows, tokens, drafted)`` (the server's metrics).
+        on_step: called after each step with ``(speculative, [(tokens emitted, drafts accepted) per busy row])``
+            (the server's metrics).
     """
 
     def __init__(self, model, tree, max_batch: int = 8, max_queue: int = 64, on_step: Callable | None = None):
@@ -267,7 +268,7 @@ class Scheduler:
                 continue
             r.steps += 1
             ev = r.stream.add(blocks[i], drafted[i])
-            live.append((len(ev.tokens), ev.draft_tokens, drafted[i]))
+            live.append((len(ev.tokens), drafted[i]))
             r.deliver(ev)
             if r.stream.finished:
                 batch.leave(i)
